@@ -1,0 +1,1 @@
+"""Tokenizers, chat templates, datasets and synthetic tasks."""

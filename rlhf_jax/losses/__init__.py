@@ -1,0 +1,11 @@
+"""Pure-function losses over arrays, and the name registry configs use.
+
+`get(name)` returns a loss function; `names(family=None)` lists registered
+names (families: "preference", "policy_gradient", "reward_model").
+"""
+
+from rlhf_jax.losses.registry import REGISTRY, get, names, register
+from rlhf_jax.losses.common import masked_mean, masked_sum
+
+# Importing the modules registers their functions.
+# pylint: disable=g-bad-import-order,unused-import

@@ -1,0 +1,1 @@
+"""Flax decoder models, heads, and weight I/O."""

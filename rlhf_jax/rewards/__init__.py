@@ -1,0 +1,1 @@
+"""Reward functions, verifiers and reward shaping."""

@@ -1,0 +1,1 @@
+"""Training loops: one online (fused RL step), one offline (SFT / preference / RM)."""
