@@ -1,1 +1,26 @@
 """Flax decoder models, heads, and weight I/O."""
+
+from rlhf_jax.models.axes import logical_axes
+from rlhf_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    DecoderConfig,
+    config_from_hf,
+    config_to_hf,
+)
+from rlhf_jax.models.decoder import Decoder, KVCache
+from rlhf_jax.models.hf_io import load_hf, save_hf
+from rlhf_jax.models.gguf import load_gguf
+from rlhf_jax.models.logps import token_logps
+from rlhf_jax.models.model import (
+    Model,
+    RewardModel,
+    ValueModel,
+    check_token_ids,
+    from_config,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
+    "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
+    "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "logical_axes",
+]

@@ -1,1 +1,12 @@
-"""Reward functions, verifiers and reward shaping."""
+"""Reward functions, verifiers and reward shaping.
+
+A reward function is `fn(prompt_ids [N, P], completion_ids [N, T],
+completion_mask [N, T], batch_extras) -> [N]` (or `[N, K]`); see `base`.
+Submodules: `verifiers` (pure-jnp), `callback` (Python checks via
+`jax.pure_callback`), `judge` (prompted LM judge), `ensemble`, `shaping`,
+`shaping_state`, `starc`.
+"""
+
+from rlhf_jax.rewards.base import RewardFn, combine, from_model  # noqa: F401
+from rlhf_jax.rewards import ensemble, shaping, shaping_state, starc, verifiers  # noqa: F401
+from rlhf_jax.rewards import callback, judge  # noqa: F401

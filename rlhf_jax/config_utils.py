@@ -1,0 +1,157 @@
+"""Config validation: unknown keys, wrong types, incompatible settings.
+
+A schema is a (nested) dict — or ml_collections.ConfigDict — whose values are
+either defaults (the expected type is the default's type; None accepts any
+value) or types / tuples of types. Dotted names address nested keys.
+
+  validate_config(config, {"lr": 1e-4, "model": {"hidden_size": 64}})
+  require_divisible(config, "batch_size", "group_size")
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping, Sequence
+
+_MISSING = object()
+
+
+def _as_dict(x) -> Any:
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return x
+
+
+def _type_name(t) -> str:
+  if isinstance(t, tuple):
+    return " or ".join(_type_name(a) for a in t)
+  return "None" if t is type(None) else getattr(t, "__name__", str(t))
+
+
+def _expected_types(spec) -> tuple | None:
+  """Types allowed by a schema entry; None means anything."""
+  if spec is None:
+    return None
+  if isinstance(spec, type):
+    return (spec,)
+  if isinstance(spec, tuple) and spec and all(isinstance(t, type) for t in spec):
+    return spec
+  if isinstance(spec, bool):
+    return (bool,)
+  if isinstance(spec, int):
+    return (int,)
+  if isinstance(spec, float):
+    return (float, int)
+  if isinstance(spec, (list, tuple)):
+    return (list, tuple)
+  return (type(spec),)
+
+
+def _type_ok(value, types: tuple) -> bool:
+  if isinstance(value, bool) and bool not in types:
+    return False  # bool is an int subclass; do not accept it for int/float
+  if float in types and isinstance(value, int) and not isinstance(value, bool):
+    return True
+  return isinstance(value, types)
+
+
+def validate_config(config: Mapping | Any, schema_or_defaults: Mapping | Any, *,
+                    allow_missing: bool = True, _prefix: str = "") -> dict:
+  """Checks keys and types of `config` against a schema; returns merged dict.
+
+  Raises:
+    KeyError: for an unknown key, naming it and suggesting the closest known.
+    TypeError: for a wrong type, naming the key, expected and got.
+    KeyError: for a missing key when `allow_missing` is False.
+
+  Returns:
+    A plain dict: schema defaults (non-type entries) overridden by `config`.
+  """
+  config = _as_dict(config)
+  schema = _as_dict(schema_or_defaults)
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config{' ' + _prefix.rstrip('.') if _prefix else ''} must "
+                    f"be a dict/ConfigDict, got {type(config).__name__}.")
+  known = list(schema)
+  out: dict = {}
+  for k, spec in schema.items():
+    if not isinstance(spec, type) and not (isinstance(spec, tuple) and spec and
+                                           all(isinstance(t, type) for t in spec)):
+      out[k] = spec
+  for k, v in config.items():
+    name = _prefix + str(k)
+    if k not in schema:
+      close = difflib.get_close_matches(str(k), [str(x) for x in known], n=1, cutoff=0.6)
+      hint = f" Did you mean {_prefix + close[0]!r}?" if close else ""
+      raise KeyError(f"unknown config key {name!r}.{hint} Known keys: "
+                     f"{sorted(_prefix + str(x) for x in known)}.")
+    spec = _as_dict(schema[k])
+    if isinstance(spec, Mapping):
+      if not isinstance(_as_dict(v), Mapping):
+        raise TypeError(f"config key {name!r}: expected a dict (section), "
+                        f"got {type(v).__name__} {v!r}.")
+      out[k] = validate_config(v, spec, allow_missing=allow_missing,
+                               _prefix=name + ".")
+      continue
+    types = _expected_types(spec)
+    if types is not None and not _type_ok(v, types):
+      raise TypeError(f"config key {name!r}: expected {_type_name(types)}, "
+                      f"got {type(v).__name__} {v!r}.")
+    out[k] = v
+  if not allow_missing:
+    missing = [_prefix + str(k) for k in schema if k not in config]
+    if missing:
+      raise KeyError(f"missing config keys: {missing}; set them explicitly.")
+  return out
+
+
+def get_key(config: Mapping | Any, key: str, default=_MISSING):
+  """Reads a dotted key; KeyError names the key when absent and no default."""
+  cur = _as_dict(config)
+  for part in key.split("."):
+    cur = _as_dict(cur)
+    if not isinstance(cur, Mapping) or part not in cur:
+      if default is _MISSING:
+        raise KeyError(f"config key {key!r} is missing; set it.")
+      return default
+    cur = cur[part]
+  return cur
+
+
+def require_divisible(config: Mapping | Any, numerator: str, denominator: str) -> None:
+  """Raises ValueError unless config[numerator] % config[denominator] == 0."""
+  a, b = get_key(config, numerator), get_key(config, denominator)
+  if not isinstance(b, int) or b <= 0:
+    raise ValueError(f"config key {denominator!r} must be a positive int, got {b!r}.")
+  if a % b:
+    lo, hi = (a // b) * b, (a // b + 1) * b
+    fixes = f"{hi}" if lo == 0 else f"{lo} or {hi}"
+    raise ValueError(
+        f"config {numerator!r}={a} must be divisible by {denominator!r}={b}; "
+        f"set {numerator} to a multiple of {b} (e.g. {fixes}) or change {denominator}.")
+
+
+def require_positive(config: Mapping | Any, *keys: str, allow_zero: bool = False) -> None:
+  """Raises ValueError naming each key whose value is not > 0 (or >= 0)."""
+  for key in keys:
+    v = get_key(config, key)
+    if v is None or (v < 0 if allow_zero else v <= 0):
+      bound = ">= 0" if allow_zero else "> 0"
+      raise ValueError(f"config key {key!r}={v!r} must be {bound}.")
+
+
+def require_in(config: Mapping | Any, key: str, choices: Sequence) -> None:
+  """Raises ValueError when config[key] is not one of `choices`."""
+  v = get_key(config, key)
+  if v not in choices:
+    close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"config key {key!r}={v!r} must be one of {list(choices)}.{hint}")
+
+
+def require_le(config: Mapping | Any, smaller: str, larger: str) -> None:
+  """Raises ValueError unless config[smaller] <= config[larger]."""
+  a, b = get_key(config, smaller), get_key(config, larger)
+  if a > b:
+    raise ValueError(f"config {smaller!r}={a} must be <= {larger!r}={b}; "
+                     f"lower {smaller} or raise {larger}.")

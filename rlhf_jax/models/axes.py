@@ -1,0 +1,50 @@
+"""Logical axis names for every parameter (consumed by sharding rules)."""
+
+from __future__ import annotations
+
+import jax
+
+_LEAF_AXES = {
+    "embed": ("vocab", "embed"),
+    "pos_embed": (None, "embed"),
+    "lm_head": ("embed", "vocab"),
+    "score": ("embed", None),
+    "scale": ("norm",),
+    "bias": ("norm",),
+    "q_kernel": ("embed", "heads", "head_dim"),
+    "k_kernel": ("embed", "kv_heads", "head_dim"),
+    "v_kernel": ("embed", "kv_heads", "head_dim"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "o_kernel": ("heads", "head_dim", "embed"),
+    "o_bias": ("embed",),
+    "gate_kernel": ("embed", "mlp"),
+    "up_kernel": ("embed", "mlp"),
+    "down_kernel": ("mlp", "embed"),
+    "gate_bias": ("mlp",),
+    "up_bias": ("mlp",),
+    "down_bias": ("embed",),
+}
+
+
+def logical_axes(model, params=None):
+  """Pytree like `params` whose leaves are tuples of logical axis names.
+
+  Names: "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
+  "norm", None. Per-layer parameters lead with "layers".
+  """
+  if params is None:
+    params = jax.eval_shape(model.init, jax.random.key(0))
+
+  def leaf(path, x):
+    keys = [getattr(p, "key", None) for p in path]
+    axes = _LEAF_AXES[keys[-1]]
+    if keys[0] == "layers":
+      axes = ("layers",) + axes
+    if len(axes) != len(x.shape):
+      raise ValueError(f"logical_axes: {'/'.join(map(str, keys))} has shape {x.shape}, "
+                       f"axes {axes}.")
+    return axes
+
+  return jax.tree_util.tree_map_with_path(leaf, params)

@@ -1,0 +1,283 @@
+"""One Flax linen decoder for Llama, Qwen2, Gemma and GPT-2 (selected by config flags).
+
+Layers are stacked with `nn.scan` (leading layer axis on every per-layer
+parameter) and optionally rematerialised. Attention uses
+`jax.nn.dot_product_attention` with an explicit boolean mask, so XLA may pick a
+fused implementation. The same layer code serves full-sequence forward passes
+and KV-cache decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import DecoderConfig, default_init_std
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value cache: k, v of shape [L, B, S, Hkv, Dh]."""
+  k: jax.Array
+  v: jax.Array
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
+  """Inverse frequencies (float32, [Dh/2]) incl. linear and llama3 scaling."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv = inv.astype(np.float32)
+  sc = cfg.rope_scaling_dict
+  kind = sc.get("rope_type", "default")
+  if kind == "linear":
+    inv = inv / np.float32(sc["factor"])
+  elif kind == "llama3":
+    factor = sc["factor"]
+    low, high = sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    low_wavelen = old_len / low
+    high_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv
+    inv_l = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, inv_l).astype(np.float32)
+  return inv
+
+
+def rope_cos_sin(cfg: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables [B, T, Dh] (float32) for integer positions [B, T]."""
+  inv = jnp.asarray(rope_inv_freq(cfg))
+  freqs = positions.astype(jnp.float32)[..., None] * inv
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on x [B, T, H, Dh]."""
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rot * sin
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _param(mod: nn.Module, name: str, shape, std: float | None, param_dtype):
+  init = nn.initializers.zeros if std is None else nn.initializers.normal(std)
+  return mod.param(name, init, shape, param_dtype)
+
+
+class Norm(nn.Module):
+  cfg: DecoderConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    if cfg.norm_kind == "layer":
+      scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+      bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+      mean = xf.mean(-1, keepdims=True)
+      var = jnp.square(xf - mean).mean(-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_kind == "rms_plus1":
+      scale = self.param("scale", nn.initializers.zeros, (d,), self.param_dtype)
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  cfg: DecoderConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, layer_cache, write_index):
+    cfg = self.cfg
+    d, h, kh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std = default_init_std(cfg)
+    pd, dt = self.param_dtype, self.dtype
+
+    def proj(name, heads, use_bias):
+      w = _param(self, f"{name}_kernel", (d, heads, hd), std, pd)
+      y = jnp.einsum("btd,dhk->bthk", x, w.astype(dt))
+      if use_bias:
+        y = y + _param(self, f"{name}_bias", (heads, hd), None, pd).astype(dt)
+      return y
+
+    q, k, v = proj("q", h, cfg.qkv_bias), proj("k", kh, cfg.qkv_bias), proj("v", kh, cfg.qkv_bias)
+    if cfg.position_kind == "rope":
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_cache = None
+    if layer_cache is not None:
+      ck, cv = layer_cache
+      idx = (0, write_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+      new_cache = (ck, cv)
+      k, v = ck.astype(dt), cv.astype(dt)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+    wo = _param(self, "o_kernel", (h, hd, d), std, pd)
+    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    if cfg.o_bias:
+      y = y + _param(self, "o_bias", (d,), None, pd).astype(dt)
+    return y, new_cache
+
+
+class Mlp(nn.Module):
+  cfg: DecoderConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    std = default_init_std(cfg)
+    pd, dt = self.param_dtype, self.dtype
+
+    def dense(name, din, dout, inp):
+      y = inp @ _param(self, f"{name}_kernel", (din, dout), std, pd).astype(dt)
+      if cfg.mlp_bias:
+        y = y + _param(self, f"{name}_bias", (dout,), None, pd).astype(dt)
+      return y
+
+    up = dense("up", d, f, x)
+    if cfg.mlp_kind == "gelu":
+      act = jax.nn.gelu(up, approximate=True)
+    else:
+      gate = dense("gate", d, f, x)
+      if cfg.mlp_kind == "swiglu":
+        act = jax.nn.silu(gate) * up
+      else:
+        act = jax.nn.gelu(gate, approximate=True) * up
+    return dense("down", f, d, act)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer layer; scanned over layers. Carry = hidden states."""
+  cfg: DecoderConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, layer_cache, ctx):
+    kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
+    a, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
+        Norm(**kw, name="attn_norm")(h), ctx["cos"], ctx["sin"], ctx["mask"],
+        layer_cache, ctx["write_index"])
+    h = h + a
+    h = h + Mlp(**kw, dtype=self.dtype, name="mlp")(Norm(**kw, name="mlp_norm")(h))
+    return h, new_cache
+
+
+class Decoder(nn.Module):
+  """Embeddings -> scanned layers -> final norm; plus LM and scalar heads.
+
+  head: "lm" (logits), "value" (per-token scalar) or "reward" (scalar at last token).
+  """
+  cfg: DecoderConfig
+  head: str = "lm"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    cfg = self.cfg
+    std = default_init_std(cfg)
+    self.embed = self.param("embed", nn.initializers.normal(std),
+                            (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+    if cfg.position_kind == "learned":
+      self.pos_embed = self.param("pos_embed", nn.initializers.normal(std),
+                                  (cfg.max_position_embeddings, cfg.hidden_size),
+                                  self.param_dtype)
+    block = Block
+    if self.remat:
+      block = nn.remat(Block, prevent_cse=False)
+    self.layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast), length=cfg.num_layers)(
+            cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.final_norm = Norm(cfg=cfg, param_dtype=self.param_dtype)
+    if self.head == "lm":
+      if not cfg.tie_embeddings:
+        self.lm_head = self.param("lm_head", nn.initializers.normal(std),
+                                  (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
+    else:
+      self.score = self.param("score", nn.initializers.normal(1.0 / math.sqrt(cfg.hidden_size + 1)),
+                              (cfg.hidden_size, 1), self.param_dtype)
+
+  def _run(self, input_ids, positions, mask, cache, write_index):
+    cfg = self.cfg
+    x = jnp.take(self.embed, input_ids, axis=0).astype(self.dtype)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+    cos = sin = None
+    if cfg.position_kind == "learned":
+      x = x + jnp.take(self.pos_embed, positions, axis=0).astype(self.dtype)
+    else:
+      cos, sin = rope_cos_sin(cfg, positions)
+    ctx = dict(cos=cos, sin=sin, mask=mask, write_index=write_index)
+    layer_cache = None if cache is None else (cache.k, cache.v)
+    h, new = self.layers(x, layer_cache, ctx)
+    h = self.final_norm(h)
+    return h, (None if new is None else KVCache(*new))
+
+  def hidden(self, input_ids, attention_mask):
+    mask = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    t = input_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    full = causal[None, None] & mask[:, None, None, :]
+    h, _ = self._run(input_ids, positions, full, None, 0)
+    return h
+
+  def logits_from_hidden(self, h):
+    if self.head != "lm":
+      raise ValueError(f"logits_from_hidden needs head='lm', this model has head={self.head!r}.")
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("btd,vd->btv", h, self.embed.astype(h.dtype))
+    return h @ self.lm_head.astype(h.dtype)
+
+  def scores_from_hidden(self, h):
+    return (h @ self.score.astype(h.dtype))[..., 0]
+
+  def head_output(self, h, attention_mask):
+    if self.head == "lm":
+      return self.logits_from_hidden(h)
+    values = self.scores_from_hidden(h)
+    if self.head == "value":
+      return values
+    t = attention_mask.shape[1]
+    last = jnp.argmax(jnp.arange(t) * attention_mask.astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+
+  def __call__(self, input_ids, attention_mask):
+    return self.head_output(self.hidden(input_ids, attention_mask), attention_mask)
+
+  def decode(self, input_ids, positions, cache, write_index, kv_mask):
+    t = input_ids.shape[1]
+    s = cache.k.shape[2]
+    q_slot = write_index + jnp.arange(t)
+    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [t, S]
+    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+    h, cache = self._run(input_ids, positions, mask, cache, write_index)
+    if self.head == "lm":
+      return self.logits_from_hidden(h), cache
+    return self.scores_from_hidden(h), cache

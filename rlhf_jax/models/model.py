@@ -1,0 +1,215 @@
+"""`Model`: a small hashable handle (config + linen module) with a functional API.
+
+  model = from_config(hf_config_dict, dtype=jnp.float32)
+  params = model.init(rng)                     # plain nested dict, no boxes
+  logits = model.apply(params, input_ids, attention_mask=mask)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import DecoderConfig, config_from_hf, default_init_std
+from rlhf_jax.models.decoder import Decoder, KVCache
+
+HEADS = ("lm", "value", "reward")
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def check_token_ids(input_ids, vocab_size: int, *, name: str = "input_ids") -> None:
+  """Raises ValueError if concrete `input_ids` contain ids outside [0, vocab_size).
+
+  Tracers are skipped (nothing to check at trace time).
+  """
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(input_ids)
+  if ids.size == 0:
+    return
+  hi, lo = int(ids.max()), int(ids.min())
+  if hi >= vocab_size or lo < 0:
+    bad = hi if hi >= vocab_size else lo
+    raise ValueError(
+        f"{name} contains token id {bad} outside the model vocabulary "
+        f"[0, {vocab_size}); vocab_size={vocab_size}. Check the tokenizer matches "
+        f"the model (or resize the embeddings).")
+
+
+def _check_ids_mask(input_ids, attention_mask):
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must have shape [B, T], got {input_ids.shape}.")
+  if attention_mask is not None and attention_mask.shape != input_ids.shape:
+    raise ValueError(
+        f"attention_mask shape {attention_mask.shape} must equal input_ids shape "
+        f"{input_ids.shape}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """Hashable model handle; all methods are pure functions of `params`."""
+
+  config: DecoderConfig
+  head: str = "lm"
+  dtype_name: str = "float32"
+  param_dtype_name: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.head not in HEADS:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.dtype_name)
+
+  @property
+  def param_dtype(self):
+    return jnp.dtype(self.param_dtype_name)
+
+  @property
+  def module(self) -> Decoder:
+    return Decoder(cfg=self.config, head=self.head, dtype=self.dtype,
+                   param_dtype=self.param_dtype, remat=self.remat)
+
+  def with_head(self, head: str) -> "Model":
+    return dataclasses.replace(self, head=head)
+
+  # -- parameters -----------------------------------------------------------
+  def init(self, rng: jax.Array) -> dict:
+    """Fresh parameters: a plain nested dict (leading layer axis on per-layer leaves)."""
+    return _jit_init(self, rng)
+
+  def init_score(self, rng: jax.Array) -> jax.Array:
+    """A fresh scalar-head kernel [D, 1] (same initialiser as `init`)."""
+    d = self.config.hidden_size
+    return (jax.random.normal(rng, (d, 1), jnp.float32) / math.sqrt(d + 1)).astype(
+        self.param_dtype)
+
+  def _call(self, params, *args, method):
+    return _jit_call(self, method.__name__, params, *args)
+
+  # -- forward --------------------------------------------------------------
+  def apply(self, params, input_ids, attention_mask=None):
+    """LM head: logits [B,T,V]; value head: values [B,T]; reward head: rewards [B]."""
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask)
+    _check_ids_mask(input_ids, attention_mask)
+    check_token_ids(input_ids, self.config.vocab_size)
+    return self._call(params, input_ids, attention_mask, method=Decoder.__call__)
+
+  __call__ = apply
+
+  def hidden(self, params, input_ids, attention_mask=None):
+    """Final-norm hidden states [B,T,D]."""
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    _check_ids_mask(input_ids, jnp.asarray(attention_mask))
+    check_token_ids(input_ids, self.config.vocab_size)
+    return self._call(params, input_ids, jnp.asarray(attention_mask), method=Decoder.hidden)
+
+  def logits_from_hidden(self, params, h):
+    return self._call(params, h, method=Decoder.logits_from_hidden)
+
+  def scores_from_hidden(self, params, h):
+    """Per-token scalar head output [B,T] (value/reward heads)."""
+    return self._call(params, h, method=Decoder.scores_from_hidden)
+
+  # -- KV cache decoding ------------------------------------------------------
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    cfg = self.config
+    dt = self.dtype if dtype is None else jnp.dtype(dtype)
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+  def decode(self, params, input_ids, positions, cache: KVCache, *, write_index, kv_mask):
+    """Writes K/V of `input_ids` [B,t] at slots write_index..write_index+t-1.
+
+    Each query attends to slots s with kv_mask[b, s] and s <= its own slot.
+    Returns (logits [B,t,V] (or scores [B,t] for scalar heads), new cache).
+    """
+    if input_ids.ndim != 2 or positions.shape != input_ids.shape:
+      raise ValueError(f"decode: input_ids {input_ids.shape} and positions "
+                       f"{positions.shape} must both be [B, t].")
+    if kv_mask.shape != cache.k.shape[1:3]:
+      raise ValueError(f"decode: kv_mask shape {kv_mask.shape} must be [B, S] = "
+                       f"{cache.k.shape[1:3]}.")
+    check_token_ids(input_ids, self.config.vocab_size)
+    write_index = jnp.asarray(write_index, jnp.int32)
+    return self._call(params, input_ids, positions.astype(jnp.int32), cache,
+                      write_index, kv_mask, method=Decoder.decode)
+
+  # -- sharding ---------------------------------------------------------------
+  def logical_axes(self, params=None):
+    from rlhf_jax.models.axes import logical_axes
+    return logical_axes(self, params)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jit_init(model: Model, rng):
+  """Initialises every leaf from one random draw (cheap to compile).
+
+  Kernels/embeddings ~ N(0, initializer_range^2); norm scales 1 (0 for Gemma's
+  (1 + w) form); biases 0; the scalar head ~ N(0, 1/(D+1)).
+  """
+  ids = jnp.zeros((1, 2), jnp.int32)
+  shapes = jax.eval_shape(model.module.init, jax.random.key(0), ids, ids)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  total = sum(math.prod(x.shape) for _, x in leaves)
+  noise = jax.random.normal(rng, (total,), jnp.float32)
+  std = default_init_std(model.config)
+  out, offset = [], 0
+  for path, x in leaves:
+    name = path[-1].key
+    n = math.prod(x.shape)
+    if name == "scale":
+      v = jnp.full(x.shape, 0.0 if model.config.norm_kind == "rms_plus1" else 1.0)
+    elif name.endswith("bias"):
+      v = jnp.zeros(x.shape)
+    else:
+      scale = 1.0 / math.sqrt(model.config.hidden_size + 1) if name == "score" else std
+      v = noise[offset:offset + n].reshape(x.shape) * scale
+    offset += n
+    out.append(v.astype(x.dtype))
+  return _plain(jax.tree_util.tree_unflatten(treedef, out))
+
+
+def _plain(tree):
+  if hasattr(tree, "items"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_call(model: Model, method_name: str, params, *args):
+  return model.module.apply({"params": params}, *args, method=getattr(Decoder, method_name))
+
+
+def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                remat: bool = False, head: str = "lm") -> Model:
+  """Builds a `Model` from a transformers config dict (or a `DecoderConfig`)."""
+  cfg = hf_config if isinstance(hf_config, DecoderConfig) else config_from_hf(hf_config)
+  return Model(config=cfg, head=head, dtype_name=_dtype_name(dtype),
+               param_dtype_name=_dtype_name(param_dtype), remat=remat)
+
+
+def ValueModel(hf_config: Any, **kw) -> Model:  # noqa: N802
+  """A decoder with a per-token scalar value head (values [B,T])."""
+  return from_config(hf_config, head="value", **kw)
+
+
+def RewardModel(hf_config: Any, **kw) -> Model:  # noqa: N802
+  """A decoder with a sequence reward head scored at the last non-pad token (rewards [B])."""
+  return from_config(hf_config, head="reward", **kw)

@@ -1,0 +1,111 @@
+"""Static sampling configuration and the sampler's output / loop-state containers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax.struct
+import jax
+
+from rlhf_jax.sampling import methods
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static (hashable) sampling settings.
+
+  Attributes:
+    max_new_tokens: completion length T (number of decode steps at most).
+    temperature: 0 for greedy (arg-max) decoding, > 0 for sampling.
+    top_k: keep the k most likely tokens (None: no top-k truncation).
+    top_p: nucleus mass in (0, 1] (None or 1.0: no top-p truncation).
+    eos_ids: token ids that end a sequence (the EOS token is part of the completion).
+    pad_id: token written after a sequence has finished.
+    num_samples: group size G; every prompt is sampled G times, rows i*G .. i*G+G-1 come
+      from prompt i.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  eos_ids: Tuple[int, ...] = ()
+  pad_id: int = 0
+  num_samples: int = 1
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+    if not isinstance(self.num_samples, int) or self.num_samples < 1:
+      raise ValueError(f"SamplingConfig.num_samples (group size) must be a positive int, "
+                       f"got {self.num_samples!r}")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if isinstance(self.eos_ids, int):
+      object.__setattr__(self, "eos_ids", (self.eos_ids,))
+    if not isinstance(self.eos_ids, tuple):
+      object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+    if not all(isinstance(e, int) and e >= 0 for e in self.eos_ids):
+      raise ValueError(f"SamplingConfig.eos_ids must be a tuple of non-negative ints, got {self.eos_ids!r}")
+    if not isinstance(self.pad_id, int) or self.pad_id < 0:
+      raise ValueError(f"SamplingConfig.pad_id must be a non-negative int, got {self.pad_id!r}")
+    self.method()  # validates temperature / top_k / top_p
+
+  def method(self):
+    """The token-selection method (`Greedy` or `Truncated`) this config describes."""
+    return methods.make_method(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Result of `sample` (N = B * G rows, P prompt length, T = max_new_tokens).
+
+  Attributes:
+    prompt_ids: int32 [N, P] prompts repeated G times, normalised to LEFT padding, so that
+      `concat([prompt_ids, completion_ids], 1)` is a valid sequence for the trainer.
+    prompt_mask: bool [N, P] matching `prompt_ids`.
+    completion_ids: int32 [N, T] sampled tokens; `pad_id` after a sequence finished.
+    completion_mask: bool [N, T] true up to and including the first EOS.
+    logps: float32 [N, T] log pi(token | prefix) at temperature 1 with no truncation (what
+      the trainer computes); 0 where masked.
+    sampling_logps: float32 [N, T] log q(token | prefix) under the distribution actually
+      sampled from (temperature / top-k / top-p, renormalised; 0 for greedy); 0 where masked.
+    lengths: int32 [N] number of completion tokens (sum of completion_mask).
+    finished: bool [N] whether the sequence produced an EOS within T tokens.
+  """
+
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  completion_ids: jax.Array
+  completion_mask: jax.Array
+  logps: jax.Array
+  sampling_logps: jax.Array
+  lengths: jax.Array
+  finished: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """`lax.while_loop` carry of the decode loop (N rows, T = max_new_tokens, V vocab).
+
+  Attributes:
+    step: int32 [] index of the next completion token to choose.
+    logits: float32 [N, V] next-token logits for position `step`.
+    cache: the model's KV cache pytree (k, v: [L, N, S, Hkv, Dh]).
+    positions: int32 [N] position id of the token chosen at `step`.
+    tokens: int32 [N, T] chosen tokens so far.
+    mask: bool [N, T] completion mask so far.
+    logps: float32 [N, T]; sampling_logps: float32 [N, T].
+    done: bool [N] whether the row already emitted an EOS.
+  """
+
+  step: jax.Array
+  logits: jax.Array
+  cache: Any
+  positions: jax.Array
+  tokens: jax.Array
+  mask: jax.Array
+  logps: jax.Array
+  sampling_logps: jax.Array
+  done: jax.Array

@@ -1,0 +1,127 @@
+"""Token-selection methods: greedy and truncated (temperature / top-k / top-p) sampling.
+
+Each method is a small frozen object with `get_next_tokens(logits, rng)` returning the
+chosen tokens and their log-probability under the distribution actually sampled from
+(the temperature-scaled, truncated and renormalised one). These are pure functions of
+their inputs and run unchanged under `jit`, `vmap` and sharded batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_logits(logits: jax.Array) -> None:
+  if logits.ndim != 2:
+    raise ValueError(f"`logits` must have shape [B, V], got shape {logits.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+  """Arg-max decoding. The sampled distribution is a point mass, so its log-prob is 0."""
+
+  def log_probs(self, logits: jax.Array) -> jax.Array:
+    """Log of the point mass at the arg-max: 0 there, -inf elsewhere. Shape [B, V]."""
+    _check_logits(logits)
+    best = jnp.argmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(best, logits.shape[-1], dtype=bool)
+    return jnp.where(onehot, 0.0, -jnp.inf).astype(jnp.float32)
+
+  def get_next_tokens(self, logits: jax.Array, rng: Optional[jax.Array] = None
+                      ) -> Tuple[jax.Array, jax.Array]:
+    """`(tokens [B] int32, sampling_logps [B] = 0)`; `rng` is ignored."""
+    del rng
+    _check_logits(logits)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, jnp.zeros(tokens.shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncated:
+  """Sample from softmax(logits / temperature) restricted to top-k, then top-p, renormalised.
+
+  Order (as in transformers' logits warpers): scale by 1/temperature; keep the `top_k`
+  highest-scoring tokens (ties broken by token id, lowest first); of those, keep the
+  smallest prefix (by decreasing probability under the renormalised top-k distribution)
+  whose probability mass reaches `top_p` -- i.e. token j of the sorted list is kept iff
+  the mass of the tokens ranked before it is < top_p (the first is always kept).
+  The sampled distribution is
+
+    q(v) = exp(l_v / tau) 1[v in S] / sum_{u in S} exp(l_u / tau),
+
+  and `sampling_logps` are log q(chosen token). `top_k=None` and `top_p=None` (or 1.0)
+  disable the respective truncation.
+
+  `rng` is either one key (used for the whole batch) or a batch of keys [B] (one per row,
+  so that each row's draw does not depend on the other rows).
+  """
+
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"`temperature` must be > 0 for sampling (use Greedy / temperature=0 "
+                       f"for arg-max), got {self.temperature}")
+    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+      raise ValueError(f"`top_k` must be a positive int or None (no truncation), got {self.top_k!r}")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"`top_p` must be in (0, 1] or None (no truncation), got {self.top_p!r}")
+
+  def _sorted_log_probs(self, logits: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
+    """Log q over the candidate tokens: `(logq [B, K], token_ids [B, K] or None for all V)`."""
+    _check_logits(logits)
+    vocab = logits.shape[-1]
+    scaled = logits.astype(jnp.float32) / jnp.float32(self.temperature)
+    use_top_p = self.top_p is not None and self.top_p < 1.0
+    k = vocab if self.top_k is None else min(self.top_k, vocab)
+    if k == vocab and not use_top_p:
+      return jax.nn.log_softmax(scaled, axis=-1), None
+    # lax.top_k returns values sorted in decreasing order; equal values keep index order.
+    vals, ids = jax.lax.top_k(scaled, k)
+    logq = jax.nn.log_softmax(vals, axis=-1)
+    if use_top_p:
+      probs = jnp.exp(logq)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      keep = mass_before < jnp.float32(self.top_p)
+      keep = keep.at[:, 0].set(True)
+      logq = jax.nn.log_softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    return logq, ids.astype(jnp.int32)
+
+  def log_probs(self, logits: jax.Array) -> jax.Array:
+    """Log of the sampled distribution q over the full vocabulary (-inf outside S). [B, V]."""
+    logq, ids = self._sorted_log_probs(logits)
+    if ids is None:
+      return logq
+    out = jnp.full(logits.shape, -jnp.inf, jnp.float32)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return out.at[rows, ids].set(logq)
+
+  def get_next_tokens(self, logits: jax.Array, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Draw one token per row: `(tokens [B] int32, sampling_logps [B] float32)`."""
+    logq, ids = self._sorted_log_probs(logits)
+    batch = logits.shape[0]
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (0 if typed else 1):
+      choice = jax.random.categorical(rng, logq, axis=-1)
+    else:
+      if rng.shape[0] != batch:
+        raise ValueError(f"`rng` must be one key or one key per row ({batch}), got shape {rng.shape}")
+      choice = jax.vmap(jax.random.categorical)(rng, logq)
+    choice = choice.astype(jnp.int32)
+    slogp = jnp.take_along_axis(logq, choice[:, None], axis=-1)[:, 0]
+    tokens = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return tokens, slogp
+
+
+def make_method(*, temperature: float, top_k: Optional[int] = None,
+                top_p: Optional[float] = None):
+  """`Greedy()` when `temperature == 0`, else `Truncated(temperature, top_k, top_p)`."""
+  if temperature == 0:
+    return Greedy()
+  return Truncated(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -1,0 +1,69 @@
+"""Host-side metric output: progress bar, JSONL, TensorBoard events, PNG curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Writes metrics to `<workdir>/metrics.jsonl`, TensorBoard and a progress bar.
+
+  `plot(keys)` draws the recorded curves to `<workdir>/<name>.png`.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, desc: str = "train",
+               show: Sequence[str] = ("reward_mean", "kl"), progress: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.workdir = workdir
+    self.history: List[Dict[str, float]] = []
+    self._show = tuple(show)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._bar = None
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True)
+
+  def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+    row = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
+    row["step"] = int(step)
+    self.history.append(row)
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+    if self._bar is not None and not prefix:
+      self._bar.set_postfix({k: f"{row[k]:.3f}" for k in self._show if k in row})
+      self._bar.update(1)
+
+  def plot(self, keys: Sequence[str], name: str = "curves") -> Optional[str]:
+    """Draws each key against step into one PNG; returns its path."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    keys = [k for k in keys if any(k in r for r in self.history)]
+    if not keys:
+      return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+      pts = [(r["step"], r[k]) for r in self.history if k in r]
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+      ax.set_title(k)
+      ax.set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(self.workdir, f"{name}.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    self._tb.close()
+    self._jsonl.close()

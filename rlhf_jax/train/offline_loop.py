@@ -1,0 +1,208 @@
+"""The offline loop: SFT, preference optimisation or reward-model training from a config.
+
+`train(config) -> summary`. Data comes from `config.data.source`:
+- "synthetic": `config.task` (e.g. the preference task with a known reward; the eval
+  pairs are generated without label noise, so eval accuracies are against true labels);
+- "jsonl": `config.data.path` (and optional `config.data.eval_path`; default: the first
+  10% of the training records), `config.data.format`, `config.data.skip_invalid`;
+- "tfds": `config.data.name` / `split` / `eval_split` via `tfds.data_source`, with
+  `config.data.fields` mapping record fields to TFDS features (e.g.
+  `{"prompt": "question", "completion": "answer"}`).
+A preference loss with an unpaired signature (KTO) trains on unpaired batches: pairs
+are split into (prompt, chosen, True) and (prompt, rejected, False) records, or "kto"
+JSONL records are used as they are. `config.precompute_ref=True` computes the
+reference log-probs of every train and eval example once, saves them to
+`<workdir>/ref_logps_*.npz` and feeds them through the batch (the reference
+parameters are then not kept in the training state).
+The per-step work is the jitted `offline.make_step`; evaluation, checkpoints,
+resume and preemption are handled here and by `runner.Runner`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses as losses_lib
+from rlhf_jax.train import build, offline, optim
+from rlhf_jax.train import offline_data as od
+from rlhf_jax.train.metrics_io import MetricsWriter
+from rlhf_jax.train.runner import Runner
+
+SOURCES = od.SOURCES
+
+
+def _arrays(batch) -> Dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()
+          if isinstance(v, np.ndarray) and v.dtype != object}
+
+
+def load_records(config):
+  """(train records, eval records) from `config.data`."""
+  return od.load_records(config, build_task=build.build_task)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(paradigm: str, model, loss: str, loss_kwargs: str, optim_cfg: str, packed: bool):
+  """Jitted (step, eval, ref_logps) shared by runs with the same settings (compiled once)."""
+  loss_fn = losses_lib.get(loss) if loss else None
+  kw = json.loads(loss_kwargs)
+  optimizer = optim.make_optimizer(json.loads(optim_cfg))
+  step = offline.make_step(paradigm, model, loss_fn, optimizer, loss_kwargs=kw, packed=packed)
+  evaluate = offline.make_eval(paradigm, model, loss_fn, loss_kwargs=kw, packed=packed)
+  unpaired = offline.is_unpaired_loss(loss_fn)
+  ref = offline.make_ref_logps(model, unpaired=unpaired) if paradigm == "preference" else None
+  eval_ref = offline.make_ref_logps(model) if paradigm == "preference" else None
+  return optimizer, step, evaluate, ref, eval_ref
+
+
+def _check_config(config, paradigm: str) -> None:
+  if paradigm not in offline.PARADIGMS:
+    raise ValueError(f"config.paradigm={paradigm!r} is unknown; use one of "
+                     f"{offline.PARADIGMS}")
+  if paradigm != "sft" and not config.get("loss"):
+    raise ValueError(f"config.loss is required for paradigm {paradigm!r}; one of "
+                     f"{losses_lib.names(paradigm)}")
+  if paradigm == "sft" and config.get("loss"):
+    raise ValueError("config.loss is not used by paradigm 'sft' (masked NLL); leave it empty")
+  if config.data.get("packing") and paradigm != "sft":
+    raise ValueError("config.data.packing=True applies to paradigm 'sft' only")
+  if config.get("precompute_ref") and paradigm != "preference":
+    raise ValueError("config.precompute_ref=True applies to paradigm 'preference' only")
+  if config.get("precompute_ref") and config.get("reference_free"):
+    raise ValueError("config.precompute_ref and config.reference_free are exclusive")
+
+
+def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records, tok):
+  """(train iterator, eval-iterator factory, train example_fn/collate) for the paradigm."""
+  d = config.data
+  kind = "sft" if paradigm == "sft" else ("unpaired" if unpaired else "preference")
+  precompute = bool(config.get("precompute_ref"))
+  passthrough = (od.INDEX_KEY,) if precompute else ()
+  if paradigm == "sft":
+    train_records, eval_records = od.to_sft(train_records), od.to_sft(eval_records)
+  train_src = od.to_unpaired(train_records) if unpaired else train_records
+  if precompute:
+    train_src = od.with_index(train_src)
+  train_fns = od.batch_fns(kind, tok, d, passthrough=passthrough)
+  seed = int(config.seed)
+  pack = int(d.max_length) if d.get("packing") else None
+  batches = od.iterator(train_src, *train_fns, batch_size=int(config.train.batch_size),
+                        seed=seed, train=True, pack_max_length=pack, pad_id=tok.pad_id)
+  eval_kind = "sft" if paradigm == "sft" else "preference"
+  eval_src = od.with_index(eval_records) if precompute else eval_records
+  eval_fns = od.batch_fns(eval_kind, tok, d, passthrough=passthrough)
+  eval_bs = int(d.get("eval_batch_size") or config.train.batch_size)
+  make_eval_iter = lambda: od.iterator(eval_src, *eval_fns, batch_size=eval_bs,  # noqa: E731
+                                       seed=seed, train=False)
+  return batches, make_eval_iter, (train_src, train_fns), (eval_src, eval_fns, eval_bs)
+
+
+def _ref_tables(config, ref_fn, eval_ref_fn, ref_params, train, evals, batch_size: int):
+  """Reference log-probs for the train and eval sets, cached in the workdir."""
+  key = od.fingerprint(od._plain(config.model), od._plain(config.data),  # pylint: disable=protected-access
+                       od._plain(config.get("task")), config.get("tokenizer", "char"),  # pylint: disable=protected-access
+                       int(config.seed), config.get("loss"), len(train[0]), len(evals[0]))
+  out = []
+  for name, (src, (fn, collate)), f, bs in (("train", train, ref_fn, batch_size),
+                                            ("eval", evals[:2], eval_ref_fn, evals[2])):
+    path = os.path.join(config.workdir, f"ref_logps_{name}_{key}.npz")
+    run = lambda b, f=f: jax.device_get(f(ref_params, _arrays(b)))  # noqa: E731
+    out.append(od.RefTable.build(path, src, fn, collate, run, batch_size=bs))
+  return out
+
+
+def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]:
+  """Mean of the eval metrics over one pass of the eval records (full batches)."""
+  rows = []
+  for batch in make_eval_iter():
+    if table is not None:
+      batch = table.lookup(batch)
+    rows.append(jax.device_get(evaluate_fn(state, _arrays(batch))))
+  if not rows:
+    raise ValueError("the eval set is smaller than one batch; add records or lower "
+                     "data.eval_batch_size")
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def train(config) -> Dict[str, Any]:
+  """Runs the configured offline experiment; returns a summary dict."""
+  t_start = time.time()
+  paradigm = config.paradigm
+  _check_config(config, paradigm)
+  tok = build.build_tokenizer(config)
+  head = "reward" if paradigm == "reward_model" else "lm"
+  model, params = build.build_model(config.model, tok, head=head)
+  loss = config.get("loss") or ""
+  loss_fn = losses_lib.get(loss) if loss else None
+  if loss:
+    family = losses_lib.names(paradigm)
+    if loss not in family:
+      raise ValueError(f"config.loss={loss!r} is not a {paradigm!r} loss; use one of {family}")
+  unpaired = offline.is_unpaired_loss(loss_fn)
+  optimizer, step_fn, eval_fn, ref_fn, eval_ref_fn = _compiled(
+      paradigm, model, loss, json.dumps(od._plain(config.get("loss_kwargs")), sort_keys=True),  # pylint: disable=protected-access
+      json.dumps(od._plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
+  precompute = bool(config.get("precompute_ref"))
+  keep_ref = paradigm == "preference" and not config.get("reference_free", False)
+  train_records, eval_records = load_records(config)
+  batches, make_eval_iter, train_parts, eval_parts = _sources(
+      config, paradigm, unpaired, train_records, eval_records, tok)
+  if config.data.get("precheck", True):
+    info = batches.precheck()
+    if info["skipped"]:
+      logging.warning("%d of %d training records will be skipped (truncation=%r)",
+                      info["skipped"], info["records"], config.data.get("truncation"))
+  eval_table = None
+  if precompute:
+    train_table, eval_table = _ref_tables(config, ref_fn, eval_ref_fn, params, train_parts,
+                                          eval_parts, int(config.train.batch_size))
+    batches = od.WithRef(batches, train_table)
+  ref = jax.tree.map(jnp.copy, params) if keep_ref and not precompute else None
+  state = offline.init_state(params, optimizer, ref_params=ref,
+                             rng=jax.random.PRNGKey(int(config.seed)))
+  steps = int(config.train.steps)
+  eval_every = int(config.train.get("eval_every", 0) or 0)
+  writer = MetricsWriter(config.workdir, total_steps=steps, desc=paradigm,
+                         show=("loss",), progress=config.get("progress", True))
+  run = Runner(config, state, batches)
+  state = run.state
+  do_eval = lambda s: evaluate(eval_fn, s, make_eval_iter, eval_table)  # noqa: E731
+  summary: Dict[str, Any] = {"start_step": run.start_step}
+  if run.start_step == 0:
+    summary["eval_before"] = do_eval(state)
+  t_first, last_loss = None, None
+  for step in range(run.start_step, steps):
+    state, metrics = step_fn(state, _arrays(next(batches)))
+    metrics = dict(jax.device_get(metrics))
+    last_loss = float(metrics["loss"])
+    if t_first is None:
+      t_first = time.time()
+    metrics["bad_steps_in_a_row"] = int(jax.device_get(state.guard.consecutive))
+    writer.write(step + 1, metrics)
+    if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+      writer.write(step + 1, do_eval(state), prefix="eval/")
+    if run.after_step(step + 1, state, metrics):
+      writer.close()
+      return dict(summary, stopped_at=step + 1, state=state)
+  summary["eval_after"] = do_eval(state)
+  writer.write(steps, summary["eval_after"], prefix="eval/")
+  summary["final_train_loss"] = last_loss
+  summary["plot"] = writer.plot(["loss", "eval/loss"], name="loss_curve")
+  run.finish(steps, state)
+  writer.close()
+  summary["skipped_records"] = int(batches.get_state().get("skipped", 0))
+  summary["train_seconds"] = time.time() - (t_first or time.time())
+  summary["total_seconds"] = time.time() - t_start
+  summary["state"] = state
+  logging.info("offline %s done: %s", paradigm, summary["eval_after"])
+  return summary
+

@@ -1,0 +1,304 @@
+"""The fused online RL step: sample, score and optimise in ONE jitted program.
+
+    update = make_update(model, reward_fns, optimizer, settings, sampling_config)
+    state, metrics = update(state, prompt_batch, rng)
+
+Data flow (all inside one `jax.jit`, state donated):
+prompts -> G samples per prompt (KV-cache sampler, policy params) -> rewards
+(reward functions, weighted) and reference log-probs -> advantages (any
+registered estimator) -> `epochs` x `num_minibatches` optimiser updates of the
+surrogate + KL + entropy (+ value) loss, each accumulated over `micro_batches`
+with a global normaliser so the update does not depend on the split.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import advantages as advantages_lib
+from rlhf_jax import losses as losses_lib
+from rlhf_jax import models as models_lib
+from rlhf_jax import sampling as sampling_lib
+from rlhf_jax.losses import aggregate as aggregate_lib
+from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.losses import policy_gradient as pg_lib
+from rlhf_jax.train.rl_config import RLSettings
+
+RewardFn = Callable[..., jax.Array]
+
+
+@flax.struct.dataclass
+class RLState:
+  """Everything one RL update reads and writes (a pytree; donated to the step).
+
+  ref_params: the frozen reference policy (or a lagged / EMA copy).
+  value_params / value_opt_state: the PPO value model (None without one).
+  kl_state: the KL controller state (`rlhf_jax.losses.kl` controllers).
+  adv_state: estimator state such as BNPO moments (None when stateless).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ref_params: Any
+  kl_state: Any
+  rng: jax.Array
+  value_params: Any = None
+  value_opt_state: Any = None
+  adv_state: Any = None
+
+
+def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
+               settings: RLSettings, *, ref_params=None, value_params=None,
+               value_optimizer: Optional[optax.GradientTransformation] = None,
+               adv_state=None) -> RLState:
+  """Builds the initial `RLState`; the reference defaults to a copy of `params`."""
+  kl_controller = settings.kl_controller()
+  ref = jax.tree.map(jnp.copy, params) if ref_params is None else ref_params
+  vopt = None
+  if value_params is not None:
+    if value_optimizer is None:
+      raise ValueError("value_params were given without a value_optimizer")
+    vopt = value_optimizer.init(value_params)
+  return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                 ref_params=ref, kl_state=kl_controller.init(), rng=rng,
+                 value_params=value_params, value_opt_state=vopt, adv_state=adv_state)
+
+
+def state_shardings(state: RLState, model, mesh, rules=None):
+  """NamedShardings for an `RLState` on `mesh`.
+
+  Policy and reference params (and any optimiser-state subtree shaped like
+  them, e.g. Adam moments) follow the model's logical axes under `rules`
+  (`rlhf_jax.sharding.DEFAULT_RULES` by default); everything else is replicated.
+  """
+  from rlhf_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def like(params):
+    if params is None:
+      return None, None
+    sh = sharding_lib.logical_to_sharding(model.logical_axes(params), mesh, rules,
+                                          shapes=params)
+    return jax.tree.structure(params), sh
+
+  structs = [like(state.params)]
+  if state.value_params is not None:
+    structs.append(like(state.value_params))
+
+  def is_params(x):
+    return any(st is not None and jax.tree.structure(x) == st for st, _ in structs)
+
+  def pick(x):
+    for st, sh in structs:
+      if st is not None and jax.tree.structure(x) == st:
+        return sh
+    return replicated
+  return jax.tree.map(pick, state, is_leaf=is_params)
+
+
+def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, completion_ids,
+          completion_mask, extras: Mapping[str, jax.Array]):
+  """Weighted sum of reward functions: returns (total [N], each [N, K])."""
+  cols = []
+  for fn in reward_fns:
+    r = jnp.asarray(fn(prompt_ids, completion_ids, completion_mask, extras), jnp.float32)
+    cols.append(r[:, None] if r.ndim == 1 else r)
+  each = jnp.concatenate(cols, axis=1)
+  if len(weights) != each.shape[1]:
+    raise ValueError(f"rl.reward_weights has {len(weights)} entries but the reward functions "
+                     f"return {each.shape[1]} rewards; give one weight per reward")
+  return each @ jnp.asarray(weights, jnp.float32), each
+
+
+def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_rewards=None,
+                       values=None, adv_state=None, extras=None):
+  """Calls the configured estimator with the inputs its signature asks for.
+
+  Returns (advantages [N] or [N, T], new adv_state).
+  """
+  fn = advantages_lib.get(settings.advantage)
+  family = advantages_lib.REGISTRY.family(settings.advantage)
+  kwargs = dict(settings.advantage_kwargs)
+  available = {"group_size": settings.group_size, "mask": mask, "lengths": lengths,
+               "values": values, "state": adv_state}
+  available.update(extras or {})
+  params = inspect.signature(fn).parameters
+  for name, p in params.items():
+    if name == "rewards" or name in kwargs or p.kind != p.KEYWORD_ONLY:
+      continue
+    if name in available and available[name] is not None:
+      kwargs[name] = available[name]
+    elif p.default is inspect.Parameter.empty:
+      raise ValueError(f"advantage estimator {settings.advantage!r} needs {name!r}, which the "
+                       f"RL step does not provide; pass it in rl.advantage_kwargs or the batch")
+  first = token_rewards if family == "token" else rewards
+  out = fn(first, **kwargs)
+  if isinstance(out, tuple):  # (advantages, new_state) for stateful estimators
+    return out[0], out[1]
+  return out, adv_state
+
+
+def _sequence_batch(out, prompt_len: int):
+  """Concatenates prompts and completions into the trainer's teacher-forced input."""
+  ids = jnp.concatenate([out.prompt_ids, out.completion_ids], axis=1)
+  attn = jnp.concatenate([out.prompt_mask.astype(bool), out.completion_mask.astype(bool)], axis=1)
+  return ids, attn
+
+
+def _completion_logps(model, params, ids, attn, prompt_len: int):
+  lp, ent = models_lib.token_logps(model, params, ids, attn)
+  return lp[:, prompt_len:], ent[:, prompt_len:]
+
+
+def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.GradientTransformation,
+                settings: RLSettings, sampling_config, *, value_model=None, value_optimizer: Optional[optax.GradientTransformation] = None,
+                jit: bool = True, donate: bool = True, out_shardings=None):
+  """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
+
+  prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
+  extras are repeated G times and handed to every reward function.
+  """
+  kl_controller = settings.kl_controller()
+  weights = settings.reward_weights or (1.0,) * len(reward_fns)
+  surrogate = losses_lib.get(settings.surrogate)
+  surrogate_kwargs = dict(settings.surrogate_kwargs)
+  kl_fn = losses_lib.get(settings.kl_estimator)
+  g = settings.group_size
+  if getattr(sampling_config, "num_samples", g) != g:
+    raise ValueError(f"sampling.num_samples={sampling_config.num_samples} differs from "
+                     f"rl.group_size={g}; set them equal")
+  if not reward_fns:
+    raise ValueError("make_update needs at least one reward function")
+
+  def policy_loss(params, value_params, mb, normalizer, beta):
+    lp, ent = _completion_logps(model, params, mb["ids"], mb["attn"], mb["prompt_len"])
+    mask = mb["mask"]
+    pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **surrogate_kwargs)
+    per_token = pg
+    kl = kl_fn(lp, mb["ref_logps"], mask)
+    if not settings.kl_in_reward:
+      per_token = per_token + beta * kl
+    if settings.entropy_coef:
+      per_token = per_token - settings.entropy_coef * ent
+    agg = lambda x: aggregate_lib.aggregate(x, mask, mode=settings.aggregation,
+                                            normalizer=normalizer)
+    loss = agg(per_token)
+    aux = {"pg_loss": agg(pg), "kl": agg(jax.lax.stop_gradient(kl)),
+           "entropy": agg(jax.lax.stop_gradient(ent)),
+           "clip_fraction": agg(extras.clipped.astype(jnp.float32))}
+    if value_model is not None:
+      values = value_model.apply(value_params, mb["ids"], attention_mask=mb["attn"])
+      values = values[:, mb["prompt_len"] - 1:-1]
+      vl, _ = pg_lib.value_loss(
+          values, mb["old_values"], mb["returns"], mask, clip_range=settings.value_clip)
+      aux["value_loss"] = agg(vl)
+      loss = loss + settings.value_coef * aux["value_loss"]
+    return loss, aux
+
+  grad_fn = jax.grad(policy_loss, argnums=(0, 1), has_aux=True)
+
+  def minibatch_update(carry, mb):
+    params, value_params, opt_state, value_opt_state, beta = carry
+    normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+    k = settings.micro_batches
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]),
+                         {kk: v for kk, v in mb.items() if kk != "prompt_len"})
+
+    def accumulate(acc, m):
+      m = dict(m, prompt_len=mb["prompt_len"])
+      (gp, gv), aux = grad_fn(params, value_params, m, normalizer, beta)
+      return jax.tree.map(jnp.add, acc, (gp, gv, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (params, value_params))
+    aux0 = jax.eval_shape(lambda: grad_fn(params, value_params,
+                                          dict(jax.tree.map(lambda x: x[0], micro),
+                                               prompt_len=mb["prompt_len"]),
+                                          normalizer, beta)[1])
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    (gp, gv, aux), _ = jax.lax.scan(accumulate, (*zeros, aux0), micro)
+    updates, opt_state = optimizer.update(gp, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    aux["grad_norm"] = optax.global_norm(gp)
+    if value_model is not None:
+      vupdates, value_opt_state = value_optimizer.update(gv, value_opt_state, value_params)
+      value_params = optax.apply_updates(value_params, vupdates)
+    return (params, value_params, opt_state, value_opt_state, beta), aux
+
+  def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    rng_sample, rng_perm = jax.random.split(rng)
+    prompt_ids, prompt_mask = prompt_batch["prompt_ids"], prompt_batch["prompt_mask"]
+    num_prompts, prompt_len = prompt_ids.shape
+    settings.check_batch(num_prompts)
+    out = sampling_lib.sample(model, state.params, prompt_ids, prompt_mask, rng_sample,
+                              sampling_config)
+    out = jax.tree.map(jax.lax.stop_gradient, out)
+    mask = out.completion_mask.astype(jnp.float32)
+    lengths = jnp.sum(mask, axis=1)
+    extras = {k: jnp.repeat(v, g, axis=0) for k, v in prompt_batch.items()
+              if k not in ("prompt_ids", "prompt_mask")}
+    rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
+                          out.completion_mask, extras)
+    ids, attn = _sequence_batch(out, prompt_len)
+    ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len)
+    old_logps = out.logps
+    beta = state.kl_state.beta
+    kl_tok = kl_lib.k1(old_logps, ref_logps, mask)
+    token_rewards = kl_lib.kl_in_reward(rewards, kl_tok, mask,
+                                        beta=beta if settings.kl_in_reward else 0.0)
+    mb_extra = {}
+    values = None
+    if value_model is not None:
+      v = value_model.apply(state.value_params, ids, attention_mask=attn)
+      values = v[:, prompt_len - 1:-1] * mask
+    adv, adv_state = compute_advantages(settings, rewards, mask=mask, lengths=lengths,
+                                        token_rewards=token_rewards, values=values,
+                                        adv_state=state.adv_state)
+    if value_model is not None:
+      adv_tok = adv if adv.ndim == 2 else adv[:, None] * mask
+      mb_extra = {"old_values": values, "returns": (adv_tok + values) * mask}
+    data = {"ids": ids, "attn": attn, "mask": mask, "old_logps": old_logps,
+            "ref_logps": ref_logps, "advantages": adv, **mb_extra}
+    n = ids.shape[0]
+    nmb = settings.num_minibatches
+
+    def epoch(carry, e):
+      perm = (jnp.arange(n) if nmb == 1 else
+              jax.random.permutation(jax.random.fold_in(rng_perm, e), n))
+      shuffled = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
+      carry, aux = jax.lax.scan(
+          lambda c, mb: minibatch_update(c, dict(mb, prompt_len=prompt_len)), carry, shuffled)
+      return carry, aux
+
+    carry = (state.params, state.value_params, state.opt_state, state.value_opt_state, beta)
+    carry, aux = jax.lax.scan(epoch, carry, jnp.arange(settings.epochs))
+    params, value_params, opt_state, value_opt_state, _ = carry
+    seq_kl = jnp.mean(jnp.sum(kl_tok, axis=1))
+    kl_state = kl_controller.update(state.kl_state, seq_kl, n)
+    grouped = rewards.reshape(-1, g)
+    metrics = {k: jnp.mean(v) for k, v in aux.items()}
+    metrics.update({
+        "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
+        "response_length": jnp.mean(lengths), "seq_kl": seq_kl, "kl_beta": kl_state.beta,
+        "zero_variance_groups": jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1)),
+        "finished_fraction": jnp.mean(out.finished.astype(jnp.float32)),
+        "num_tokens": jnp.sum(lengths),
+    })
+    for i in range(each.shape[1]):
+      metrics[f"reward_{i}_mean"] = jnp.mean(each[:, i])
+      metrics[f"reward_{i}_std"] = jnp.std(each[:, i])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              value_params=value_params, value_opt_state=value_opt_state,
+                              kl_state=kl_state, adv_state=adv_state)
+    return new_state, metrics
+
+  if not jit:
+    return update
+  return jax.jit(update, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)

@@ -1,0 +1,78 @@
+"""Optax optimisers built from a config block.
+
+config keys (all optional but `learning_rate`):
+  name: "adamw" | "adam" | "sgd" | "lion" (default "adamw")
+  learning_rate: peak learning rate
+  schedule: "constant" | "cosine" | "linear" (decay after warm-up; default "constant")
+  warmup_steps, total_steps: schedule lengths in optimiser updates
+  weight_decay, b1, b2, eps: optimiser hyper-parameters
+  max_grad_norm: global-norm clipping (0 or None disables)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+_KNOWN = {"name", "learning_rate", "schedule", "warmup_steps", "total_steps",
+          "weight_decay", "b1", "b2", "eps", "max_grad_norm", "end_value_ratio"}
+
+
+def _get(cfg: Mapping[str, Any], key: str, default):
+  value = cfg.get(key, default)
+  return default if value is None else value
+
+
+def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
+  """Warm-up then constant / cosine / linear decay, from `cfg`."""
+  lr = float(cfg["learning_rate"])
+  warmup = int(_get(cfg, "warmup_steps", 0))
+  kind = _get(cfg, "schedule", "constant")
+  total = int(_get(cfg, "total_steps", 0))
+  end = lr * float(_get(cfg, "end_value_ratio", 0.0))
+  if kind == "constant":
+    decay = optax.constant_schedule(lr)
+  elif kind in ("cosine", "linear"):
+    if total <= warmup:
+      raise ValueError(
+          f"optim.total_steps={total} must exceed optim.warmup_steps={warmup} for "
+          f"the {kind!r} schedule; set optim.total_steps to the number of updates")
+    if kind == "cosine":
+      decay = optax.cosine_decay_schedule(lr, total - warmup, alpha=end / lr if lr else 0.0)
+    else:
+      decay = optax.linear_schedule(lr, end, total - warmup)
+  else:
+    raise ValueError(f"optim.schedule={kind!r} is unknown; use 'constant', 'cosine' or 'linear'")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Builds clip-by-global-norm + the named optimiser with its schedule."""
+  cfg = dict(cfg)
+  unknown = set(cfg) - _KNOWN
+  if unknown:
+    raise ValueError(f"unknown optim keys {sorted(unknown)}; known keys: {sorted(_KNOWN)}")
+  if "learning_rate" not in cfg:
+    raise ValueError("optim.learning_rate is required")
+  sched = make_schedule(cfg)
+  name = _get(cfg, "name", "adamw")
+  wd = float(_get(cfg, "weight_decay", 0.0))
+  b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
+  eps = float(_get(cfg, "eps", 1e-8))
+  if name == "adamw":
+    opt = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+  elif name == "adam":
+    opt = optax.adam(sched, b1=b1, b2=b2, eps=eps)
+  elif name == "sgd":
+    opt = optax.sgd(sched)
+  elif name == "lion":
+    opt = optax.lion(sched, b1=b1, b2=b2 if cfg.get("b2") is not None else 0.99, weight_decay=wd)
+  else:
+    raise ValueError(f"optim.name={name!r} is unknown; use 'adamw', 'adam', 'sgd' or 'lion'")
+  clip = _get(cfg, "max_grad_norm", 0.0)
+  if clip and float(clip) > 0:
+    opt = optax.chain(optax.clip_by_global_norm(float(clip)), opt)
+  return opt

@@ -1,0 +1,128 @@
+"""The static (hashable) settings of the fused RL step, read from a config block.
+
+`RLSettings.from_config(config.rl)` validates every key, so a typo or an
+incompatible combination fails before anything is compiled, with a message
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping, Optional, Tuple
+
+from rlhf_jax import advantages as advantages_lib
+from rlhf_jax import losses as losses_lib
+from rlhf_jax.losses import aggregate as aggregate_lib
+from rlhf_jax.losses import kl as kl_lib
+
+
+def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
+  return tuple(sorted(dict(d or {}).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+  """Hashable settings of one RL update (closed over by `jax.jit`).
+
+  group_size: samples per prompt (G).
+  advantage / advantage_kwargs: a name from `rlhf_jax.advantages.names()`.
+  surrogate / surrogate_kwargs: a policy-gradient loss from `rlhf_jax.losses`.
+  kl_coef, kl_estimator ("k1", "k2", "k3", "low_var_kl", "abs_kl"), kl_in_reward:
+    the KL penalty to the reference, in the loss (default) or in the reward.
+  kl_target, kl_horizon: when kl_target is set, β adapts (Ziegler et al.) from
+    kl_coef towards the target sequence KL; otherwise β = kl_coef is fixed.
+  entropy_coef: weight of the entropy bonus (subtracted from the loss).
+  aggregation: a mode of `rlhf_jax.losses.aggregate.aggregate`.
+  epochs, num_minibatches, micro_batches: μ passes over the sampled batch, split
+    into minibatches (one optimiser update each), each accumulated over
+    micro-batches (a memory knob: the update does not depend on it).
+  value_coef, value_clip: PPO value loss (only with a value model).
+  reward_weights: one weight per reward function (default all 1).
+  """
+  group_size: int = 4
+  advantage: str = "grpo"
+  advantage_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  surrogate: str = "ppo_clip"
+  surrogate_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  kl_coef: float = 0.0
+  kl_estimator: str = "k3"
+  kl_in_reward: bool = False
+  kl_target: Optional[float] = None
+  kl_horizon: float = 10000.0
+  entropy_coef: float = 0.0
+  aggregation: str = "token_mean"
+  epochs: int = 1
+  num_minibatches: int = 1
+  micro_batches: int = 1
+  value_coef: float = 0.5
+  value_clip: Optional[float] = 0.2
+  reward_weights: Tuple[float, ...] = ()
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
+    cfg = dict(cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+      raise ValueError(f"unknown rl config keys {unknown}; known keys: {sorted(fields)}")
+    for key in ("advantage_kwargs", "surrogate_kwargs"):
+      if key in cfg:
+        cfg[key] = _freeze(cfg[key])
+    if "reward_weights" in cfg:
+      cfg["reward_weights"] = tuple(float(w) for w in cfg["reward_weights"])
+    settings = cls(**cfg)
+    settings.validate()
+    return settings
+
+  def validate(self) -> None:
+    """Raises ValueError naming the offending key."""
+    if self.group_size < 1:
+      raise ValueError(f"rl.group_size must be >= 1, got {self.group_size}")
+    if self.advantage not in advantages_lib.REGISTRY:
+      raise ValueError(f"rl.advantage={self.advantage!r} is unknown; choose one of "
+                       f"{', '.join(advantages_lib.names())}")
+    fam = losses_lib.REGISTRY.family(self.surrogate) if self.surrogate in losses_lib.REGISTRY else None
+    if fam != "policy_gradient":
+      raise ValueError(f"rl.surrogate={self.surrogate!r} is not a policy-gradient loss; choose "
+                       f"one of {', '.join(losses_lib.names('policy_gradient'))}")
+    if self.kl_estimator not in losses_lib.names("kl"):
+      raise ValueError(f"rl.kl_estimator={self.kl_estimator!r} is unknown; choose one of "
+                       f"{', '.join(losses_lib.names('kl'))}")
+    if self.aggregation not in aggregate_lib.MODES:
+      raise ValueError(f"rl.aggregation={self.aggregation!r} is unknown; choose one of "
+                       f"{', '.join(aggregate_lib.MODES)}")
+    for key in ("epochs", "num_minibatches", "micro_batches"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+    fn = advantages_lib.get(self.advantage)
+    params = inspect.signature(fn).parameters
+    for k, _ in self.advantage_kwargs:
+      if k not in params:
+        raise ValueError(f"rl.advantage_kwargs has {k!r}, which {self.advantage!r} does not "
+                         f"take; it takes {sorted(p for p in params if p != 'rewards')}")
+    sparams = inspect.signature(losses_lib.get(self.surrogate)).parameters
+    for k, _ in self.surrogate_kwargs:
+      if k not in sparams:
+        raise ValueError(f"rl.surrogate_kwargs has {k!r}, which {self.surrogate!r} does not "
+                         f"take; it takes {sorted(sparams)[4:] if len(sparams) > 4 else []}")
+
+  def kl_controller(self):
+    """The `(init, update)` KL controller these settings describe."""
+    if self.kl_target is None:
+      return kl_lib.fixed_kl_controller(beta=self.kl_coef)
+    return kl_lib.adaptive_kl_controller(init_beta=self.kl_coef, target=self.kl_target,
+                                         horizon=self.kl_horizon)
+
+  def check_batch(self, num_prompts: int) -> None:
+    """Checks that the sampled batch splits into minibatches and micro-batches."""
+    n = num_prompts * self.group_size
+    if n % self.num_minibatches:
+      raise ValueError(
+          f"rl.num_minibatches={self.num_minibatches} does not divide the {n} samples "
+          f"(prompts_per_step={num_prompts} x group_size={self.group_size}); pick a divisor")
+    per_mb = n // self.num_minibatches
+    if per_mb % self.micro_batches:
+      raise ValueError(
+          f"rl.micro_batches={self.micro_batches} does not divide the {per_mb} samples of a "
+          f"minibatch; pick a divisor")

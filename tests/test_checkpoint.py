@@ -1,0 +1,245 @@
+"""Tests for rlhf_jax.checkpoint: roundtrip, retention, corruption, reshard."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlhf_jax import checkpoint as C
+from rlhf_jax import sharding as S
+
+CONFIG = {"model": {"hidden_size": 8, "num_layers": 2}, "lr": 1e-3,
+          "run": {"name": "t", "betas": (0.9, 0.99)}}
+TX = optax.adam(1e-2)
+
+
+def make_state(seed: int = 0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  params = {"w": jax.random.normal(k[0], (8, 4)), "b": jax.random.normal(k[1], (4,))}
+  opt = TX.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, opt = TX.update(grads, opt, params)  # non-trivial moments and count
+  return {"params": params, "opt": opt, "ref": jax.tree.map(lambda x: x * 2, params),
+          "rng": k[2], "step": jnp.asarray(seed, jnp.int32)}
+
+
+def assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+
+  def eq(x, y):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      assert jnp.issubdtype(y.dtype, jax.dtypes.prng_key)
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  jax.tree.map(eq, a, b)
+
+
+def abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def test_roundtrip_exact_state_data_config(tmp_path):
+  ck = C.Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  state = make_state(1)
+  data_state = {"next_index": 17, "epoch": 2, "blob": b"\x00\x01grain"}
+  assert ck.save(5, state, data_state=data_state, config=CONFIG)
+  assert ck.latest_step() == 5
+  out, ds, cfg, step = ck.restore(abstract(make_state(0)))
+  assert step == 5
+  assert_tree_equal(out, state)
+  assert isinstance(out["opt"][0], optax.ScaleByAdamState)
+  assert ds == data_state
+  assert cfg == C.to_json_dict(CONFIG)
+  assert cfg["run"]["betas"] == [0.9, 0.99]
+  # Restored key is a usable typed key giving the same draws.
+  np.testing.assert_array_equal(jax.random.normal(out["rng"], (3,)),
+                                jax.random.normal(state["rng"], (3,)))
+  # Without a target the raw tree comes back, keys rewrapped.
+  raw, _, _, _ = ck.restore(None)
+  assert jnp.issubdtype(raw["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(raw["params"]["w"], state["params"]["w"])
+  # ConfigDict configs are stored as their JSON dict.
+  ck.save(6, state, config=ml_collections.ConfigDict(CONFIG))
+  assert ck.restore(abstract(state))[2] == cfg
+  # Saving the same step again is a no-op, not an error.
+  assert not ck.save(5, state, data_state=data_state, config=CONFIG, force=True)
+
+
+def test_intervals_and_keep_k(tmp_path):
+  ck = C.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=2, async_save=False)
+  state = make_state()
+  saved = [s for s in range(1, 9) if ck.save(s, state, data_state={}, config=CONFIG)]
+  assert saved == [2, 4, 6, 8]
+  assert ck.all_steps() == [6, 8]
+  assert sorted(os.listdir(tmp_path)) == ["6", "8"]
+  assert ck.save(9, state, config=CONFIG, force=True)
+  assert ck.all_steps() == [8, 9]
+  timed = C.Checkpointer(tmp_path / "m", save_interval_steps=1000,
+                         save_interval_minutes=0.0, async_save=False)
+  assert timed.save(3, state, config=CONFIG)  # due by time, not by step
+
+
+def _data_files(step_dir):
+  return [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+          if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_metadata"])
+def test_corruption_detected_and_fallback(tmp_path, damage):
+  ck = C.Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  s1, s2 = make_state(1), make_state(2)
+  ck.save(1, s1, data_state={"i": 1}, config=CONFIG)
+  ck.save(2, s2, data_state={"i": 2}, config=CONFIG)
+  d2 = ck.step_dir(2)
+  if damage == "delete_metadata":
+    os.remove(os.path.join(d2, "_CHECKPOINT_METADATA"))
+  else:
+    for f in _data_files(d2):
+      with open(f, "rb") as fh:
+        data = fh.read()
+      with open(f, "wb") as fh:
+        fh.write(data[: len(data) // 2] if damage == "truncate" else
+                 bytes(b ^ 0xFF for b in data))
+  if damage != "delete_metadata":
+    with pytest.raises(C.CheckpointError, match="checkpoint step 2.*(truncated|sha256)"):
+      ck.restore(abstract(s1), step=2)
+  with pytest.warns(RuntimeWarning, match="checkpoint step 2"):
+    out, ds, _, step = ck.restore_latest_valid(abstract(s1))
+  assert step == 1 and ds == {"i": 1}
+  assert_tree_equal(out, s1)
+
+
+# Orbax leaves an unawaited read coroutine behind when a read fails.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_orbax_detects_truncation_without_manifest(tmp_path):
+  # Even if the integrity manifest is gone, Orbax's own read fails loudly.
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  ck.save(1, make_state(1), config=CONFIG)
+  ck.save(2, make_state(2), config=CONFIG)
+  os.remove(os.path.join(ck.step_dir(2), C.INTEGRITY_FILE))
+  for f in _data_files(ck.step_dir(2)):
+    os.truncate(f, os.path.getsize(f) // 2)
+  with pytest.raises(C.CheckpointError, match="checkpoint step 2 .*could not be restored"):
+    ck.restore(abstract(make_state()), step=2)
+  with pytest.warns(RuntimeWarning):
+    assert ck.restore_latest_valid(abstract(make_state()))[3] == 1
+
+
+def test_interrupted_save_is_never_latest(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  s1 = make_state(1)
+  ck.save(1, s1, config=CONFIG)
+  # A crash mid-save leaves Orbax's temporary directory, or (copy tools) a
+  # step directory without its commit metadata.
+  os.makedirs(tmp_path / "2.orbax-checkpoint-tmp-1234" / "state")
+  os.makedirs(tmp_path / "3" / "state")
+  ck2 = C.Checkpointer(tmp_path, async_save=False)
+  assert ck2.all_steps() == [1]
+  assert ck2.latest_step() == 1
+  out, _, _, step = ck2.restore(abstract(s1))
+  assert step == 1
+  assert_tree_equal(out, s1)
+  with pytest.raises(C.CheckpointError, match="step 3 .*_CHECKPOINT_METADATA"):
+    ck2.restore(abstract(s1), step=3)
+  # Resuming and saving the same step again sets the partial dir aside.
+  with pytest.warns(RuntimeWarning, match="step 3 .*incomplete"):
+    assert ck2.save(3, make_state(3), config=CONFIG)
+  assert ck2.all_steps() == [1, 3]
+  assert_tree_equal(ck2.restore(abstract(s1))[0], make_state(3))
+
+
+def test_async_save_completes(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=True, max_to_keep=2)
+  states = [make_state(i) for i in range(3)]
+  for i, s in enumerate(states):
+    ck.save(i + 1, s, data_state={"i": i}, config=CONFIG)
+  ck.wait()
+  assert ck.all_steps() == [2, 3]
+  for s in (2, 3):  # manifests written once committed
+    assert os.path.exists(os.path.join(ck.step_dir(s), C.INTEGRITY_FILE))
+  out, ds, _, step = ck.restore(abstract(states[0]))
+  assert step == 3 and ds == {"i": 2}
+  assert_tree_equal(out, states[2])
+  ck.close()
+
+
+def test_restore_single_device_checkpoint_onto_8_device_mesh(tmp_path):
+  state = jax.device_put(make_state(3), jax.devices()[0])
+  assert len(state["params"]["w"].sharding.device_set) == 1
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  ck.save(7, state, config=CONFIG)
+  mesh = S.make_mesh(2, 2, 2)
+  repl = NamedSharding(mesh, P())
+  shardings = jax.tree.map(lambda _: repl, abstract(state))
+  shardings["params"] = {"w": NamedSharding(mesh, P("fsdp", "tensor")),
+                         "b": NamedSharding(mesh, P("tensor"))}
+  out, _, _, _ = ck.restore(abstract(state), shardings=shardings)
+  assert out["params"]["w"].sharding == shardings["params"]["w"]
+  assert len(out["params"]["w"].sharding.device_set) == 8
+  assert {sh.data.shape for sh in out["params"]["w"].addressable_shards} == {(4, 2)}
+  assert_tree_equal(out, state)
+  # And the concrete-target form: shardings taken from the target's arrays.
+  target = jax.device_put(make_state(0), shardings)
+  out2, _, _, _ = ck.restore(target)
+  assert out2["params"]["b"].sharding == shardings["params"]["b"]
+  assert_tree_equal(out2, state)
+
+
+def test_config_mismatch_names_keys(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  ck.save(1, make_state(), config=CONFIG)
+  other = {**CONFIG, "model": {"hidden_size": 16, "num_layers": 2, "vocab": 5},
+           "lr": 5.0}
+  with pytest.raises(ValueError) as e:
+    ck.restore(abstract(make_state()), config=other)
+  msg = str(e.value)
+  assert "model.hidden_size: checkpoint=8 current=16" in msg
+  assert "model.vocab: checkpoint=<absent> current=5" in msg
+  assert "lr" not in msg  # learning rate may change on resume
+  # Matching on more keys is opt-in.
+  with pytest.raises(ValueError, match="lr: checkpoint=0.001 current=5.0"):
+    C.check_config_compatible(CONFIG, {**CONFIG, "lr": 5.0}, must_match=("lr",))
+  ck.restore(abstract(make_state()), config={**CONFIG, "lr": 5.0})
+
+
+def test_restore_errors(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+    ck.restore(abstract(make_state()))
+  with pytest.raises(FileNotFoundError):
+    ck.restore_latest_valid(abstract(make_state()))
+  with pytest.raises(ValueError, match="save_interval_steps"):
+    C.Checkpointer(tmp_path, save_interval_steps=0)
+  ck.save(1, make_state(), config=CONFIG)
+  wrong = abstract(make_state())
+  wrong["params"]["w"] = jax.ShapeDtypeStruct((3, 3), jnp.float32)
+  with pytest.raises(C.CheckpointError, match="checkpoint step 1"):
+    ck.restore(wrong)
+
+
+def test_preemption_handler_records_signal():
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    flag = C.install_preemption_handler()
+    flag.clear()
+    assert not C.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.should_stop() and C.should_stop()
+    assert flag.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # second Ctrl-C aborts
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    C._FLAG.clear()
+    for s, h in old.items():
+      signal.signal(s, h)

@@ -1,0 +1,206 @@
+"""The fused online RL step: one program, sharding-, micro-batch- and host-invariant."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.rewards import verifiers
+from rlhf_jax.sampling.config import SamplingConfig
+from rlhf_jax.train import online, optim
+from rlhf_jax.train.rl_config import RLSettings
+
+HF = dict(model_type="llama", vocab_size=16, hidden_size=16, num_hidden_layers=1,
+          num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+          max_position_embeddings=32, tie_word_embeddings=True)
+EOS, PAD = 2, 0
+
+
+def setup(micro_batches=1, num_minibatches=1, epochs=1, surrogate="ppo_clip", **rl):
+  model = models.from_config(HF)
+  params = model.init(jax.random.PRNGKey(0))
+  settings = RLSettings.from_config(dict(
+      group_size=4, kl_coef=0.05, entropy_coef=0.01, micro_batches=micro_batches,
+      num_minibatches=num_minibatches, epochs=epochs, surrogate=surrogate, **rl))
+  sc = SamplingConfig(max_new_tokens=4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD,
+                      num_samples=4)
+  opt = optim.make_optimizer(dict(learning_rate=1e-2, max_grad_norm=1.0))
+  rewards = [verifiers.exact_match(pad_id=PAD, eos_id=EOS), verifiers.terminated(EOS)]
+  state = online.init_state(params, opt, jax.random.PRNGKey(1), settings)
+  return model, settings, sc, opt, rewards, state
+
+
+def prompts(n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, 16, size=(n, 5)).astype(np.int32)
+  mask = np.ones((n, 5), bool)
+  mask[0, :2] = False  # a left-padded prompt
+  ids[0, :2] = PAD
+  ans = rng.integers(3, 16, size=(n, 2)).astype(np.int32)
+  return {"prompt_ids": ids, "prompt_mask": mask, "answer_ids": ans,
+          "answer_mask": np.ones_like(ans, bool)}
+
+
+def run_steps(update, state, batch, n, rng=jax.random.PRNGKey(7)):
+  out = []
+  for _ in range(n):
+    state, m = update(state, batch, rng)
+    out.append(jax.device_get(m))
+  return state, out
+
+
+def test_metrics_and_learning_signal():
+  model, settings, sc, opt, rewards, state = setup()
+  update = online.make_update(model, rewards, opt, settings, sc)
+  state, ms = run_steps(update, state, prompts(), 2)
+  m = ms[-1]
+  for key in ("reward_mean", "reward_std", "reward_0_mean", "reward_1_mean", "kl", "entropy",
+              "clip_fraction", "response_length", "zero_variance_groups", "grad_norm",
+              "num_tokens", "pg_loss"):
+    assert key in m and np.isfinite(m[key]), key
+  assert int(state.step) == 2
+  assert m["grad_norm"] > 0
+
+
+def test_one_compilation_and_no_host_transfer():
+  model, settings, sc, opt, rewards, state = setup()
+  update = online.make_update(model, rewards, opt, settings, sc)
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in prompts().items()})
+  rng = jax.device_put(jax.random.PRNGKey(3))
+  state, _ = update(state, batch, rng)
+  state, _ = update(state, batch, rng)
+  jax.block_until_ready(state)
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  with jax.transfer_guard("disallow"):
+    state, m = update(state, batch, rng)
+    jax.block_until_ready((state, m))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _params_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def test_micro_batch_invariance():
+  batch = prompts()
+  results = []
+  for k in (1, 4):
+    model, settings, sc, opt, rewards, state = setup(micro_batches=k)
+    update = online.make_update(model, rewards, opt, settings, sc, donate=False)
+    new, _ = update(state, batch, jax.random.PRNGKey(3))
+    results.append(new.params)
+  _params_close(results[0], results[1], atol=1e-6)
+
+
+def test_minibatches_and_epochs_run():
+  model, settings, sc, opt, rewards, state = setup(num_minibatches=2, epochs=2)
+  update = online.make_update(model, rewards, opt, settings, sc)
+  state, ms = run_steps(update, state, prompts(), 1)
+  assert np.isfinite(ms[0]["pg_loss"])
+
+
+def test_sharded_equals_unsharded():
+  batch = prompts(n=4)
+  model, settings, sc, opt, rewards, state = setup()
+  update = online.make_update(model, rewards, opt, settings, sc, donate=False)
+  ref_state, ref_ms = run_steps(update, state, batch, 3)
+
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  model, settings, sc, opt, rewards, state = setup()
+  sh = online.state_shardings(state, model, mesh)
+  state = jax.device_put(state, sh)
+  assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(state.params))
+  update = online.make_update(model, rewards, opt, settings, sc, out_shardings=(sh, None))
+  sbatch = sharding_lib.shard_batch({k: jnp.asarray(v) for k, v in batch.items()}, mesh)
+  new_state, ms = run_steps(update, state, sbatch, 3)
+  _params_close(ref_state.params, new_state.params, atol=1e-5)
+  for a, b in zip(ref_ms, ms):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_bad_settings_are_named():
+  with pytest.raises(ValueError, match="rl.advantage"):
+    RLSettings.from_config(dict(advantage="grpoo"))
+  with pytest.raises(ValueError, match="unknown rl config keys"):
+    RLSettings.from_config(dict(group_sise=4))
+  with pytest.raises(ValueError, match="rl.surrogate"):
+    RLSettings.from_config(dict(surrogate="dpo"))
+  with pytest.raises(ValueError, match="num_minibatches"):
+    RLSettings.from_config(dict(group_size=4, num_minibatches=3)).check_batch(4)
+  model, settings, sc, opt, rewards, state = setup()
+  with pytest.raises(ValueError, match="num_samples"):
+    online.make_update(model, rewards, opt, settings,
+                       SamplingConfig(max_new_tokens=4, num_samples=2))
+
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys
+    port, pid, nproc, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if nproc > 1:
+      jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    sys.path.insert(0, os.path.dirname(out))
+    import numpy as np, jax.numpy as jnp
+    from rlhf_jax import sharding as sharding_lib
+    from rlhf_jax.train import online
+    import test_online as t
+    model, settings, sc, opt, rewards, state = t.setup()
+    mesh = sharding_lib.make_mesh(data=2, fsdp=1, tensor=1)
+    sh = online.state_shardings(state, model, mesh)
+    state = jax.device_put(state, sh)
+    update = online.make_update(model, rewards, opt, settings, sc, out_shardings=(sh, None))
+    batch = t.prompts(n=4)
+    bsh = sharding_lib.batch_sharding
+    gb = {k: jax.make_array_from_callback(v.shape, bsh(mesh, v.ndim), lambda i, v=v: v[i])
+          for k, v in batch.items()}
+    for _ in range(2):
+      state, m = update(state, gb, jax.random.PRNGKey(7))
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if pid == 0:
+      flat = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(params)]
+      json.dump({"params": flat, "reward": float(m["reward_mean"])}, open(out, "w"))
+""")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_multi_host_equals_single_process(tmp_path):
+  here = os.path.dirname(os.path.abspath(__file__))
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=here + os.pathsep +
+             os.environ.get("PYTHONPATH", ""))
+  results = {}
+  for nproc, devices in ((1, 2), (2, 1)):
+    out = tmp_path / f"out{nproc}.json"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc), str(out)],
+                              env=env, cwd=here, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(nproc)]
+    for p in procs:
+      stdout, _ = p.communicate(timeout=300)
+      assert p.returncode == 0, stdout.decode()[-3000:]
+    results[nproc] = json.loads(out.read_text())
+  a, b = results[1], results[2]
+  assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+  for x, y in zip(a["params"], b["params"]):
+    np.testing.assert_allclose(x, y, atol=1e-5)

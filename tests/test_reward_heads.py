@@ -1,0 +1,94 @@
+"""Reward heads (ArmoRM, GPM, ensembles, VPL) and ensemble combination."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import reward_model_latent as rml
+from rlhf_jax.models import reward_heads as rh
+from rlhf_jax.rewards import ensemble
+
+RNG = np.random.default_rng(1)
+H = jnp.asarray(RNG.normal(size=(4, 8)), jnp.float32)
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(autouse=True)
+def _strict_ranks():
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
+
+def test_ensemble_combinations_reference():
+  r = RNG.normal(size=(5, 3))
+  rj = jnp.asarray(r, jnp.float32)
+  np.testing.assert_allclose(jax.jit(ensemble.mean)(rj), r.mean(1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(ensemble.wco)(rj), r.min(1), rtol=1e-5, atol=1e-6)
+  uwo = jax.jit(ensemble.uwo, static_argnames=("coef", "unbiased"))
+  np.testing.assert_allclose(uwo(rj, coef=0.5), r.mean(1) - 0.5 * r.var(1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(uwo(rj, coef=0.5, unbiased=True),
+                             r.mean(1) - 0.5 * r.var(1, ddof=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(uwo(rj, coef=0.0), ensemble.mean(rj), rtol=1e-6)
+  with pytest.raises(ValueError, match="rewards"):
+    ensemble.wco(jnp.ones(3))
+
+
+def test_armorm_head():
+  head = rh.ArmoRMHead(num_objectives=3, gate_hidden=(5,))
+  params = jax.jit(head.init)(KEY, H)
+  score, r, g = jax.jit(head.apply)(params, H)
+  assert score.shape == (4,) and r.shape == g.shape == (4, 3)
+  np.testing.assert_allclose(g.sum(1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(score, params["params"]["scale"] * (g * r).sum(1), rtol=1e-5)
+  # Verbosity decorrelation r'_i = r_i − λ_i r_v.
+  vh = rh.ArmoRMHead(num_objectives=3, gate_hidden=(5,), verbosity_index=2,
+                     verbosity_coefs=(0.5, 0.2, 0.0))
+  _, r2, _ = jax.jit(vh.apply)(params, H)
+  np.testing.assert_allclose(r2, r - jnp.array([[0.5, 0.2, 0.0]]) * r[:, 2:3], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_ridge_regression_recovers_linear_map():
+  x = RNG.normal(size=(50, 4))
+  w = RNG.normal(size=(4, 2))
+  y = x @ w + 0.3
+  kw, b = rh.ridge_regression(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), l2=1e-6)
+  np.testing.assert_allclose(kw, w, atol=1e-3)
+  np.testing.assert_allclose(b, [0.3, 0.3], atol=1e-3)
+
+
+def test_gpm_head_and_ensemble_head():
+  head = rh.GPMHead(num_blocks=2)
+  params = jax.jit(head.init)(KEY, H)
+  v, lam = jax.jit(head.apply)(params, H)
+  assert v.shape == (4, 4) and lam.shape == (4, 2)
+  np.testing.assert_allclose(jnp.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(lam.sum(1), 2.0, rtol=1e-5)
+  ens = rh.EnsembleHead(num_members=3, hidden=(6,))
+  p = jax.jit(ens.init)(KEY, H)
+  out = jax.jit(ens.apply)(p, H)
+  assert out.shape == (4, 3)
+  assert float(jnp.std(out, axis=1).mean()) > 0  # members are initialised independently
+
+
+def test_vpl_modules():
+  enc = rh.VPLEncoder(latent_dim=2, hidden=8)
+  c = jnp.asarray(RNG.normal(size=(3, 5, 8)), jnp.float32)
+  r = jnp.asarray(RNG.normal(size=(3, 5, 8)), jnp.float32)
+  mask = jnp.array([[1, 1, 1, 0, 0]] * 3, bool)
+  p = jax.jit(enc.init)(KEY, c, r, mask)
+  apply = jax.jit(enc.apply)
+  mu, lv = apply(p, c, r, mask)
+  assert mu.shape == lv.shape == (3, 2)
+  # Masked context pairs do not change the posterior.
+  mu2, _ = apply(p, c.at[:, 3:].set(9.0), r, mask)
+  np.testing.assert_allclose(mu, mu2, rtol=1e-5, atol=1e-6)
+  z = rml.reparameterize(KEY, mu, lv)
+  head = rh.VPLRewardHead(hidden=(8,))
+  hp = jax.jit(head.init)(KEY, H[:3], z)
+  assert jax.jit(head.apply)(hp, H[:3], z).shape == (3,)
+  with pytest.raises(ValueError, match="z must be"):
+    head.apply(hp, H[:3], z[:2])
