@@ -23,6 +23,7 @@ from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.train import build, offline, online, optim
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.rl_config import RLSettings
+from rlhf_jax.train.runner import Runner
 
 
 def _arrays(batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -100,14 +101,6 @@ def train(config) -> Dict[str, Any]:
                          progress=config.get("progress", True))
   evaluate = make_evaluator(model, tok, task, eval_ex, prompt_length=plen, max_new_tokens=alen)
   summary: Dict[str, Any] = {}
-  if config.get("sft") and int(config.sft.steps) > 0:
-    t0 = time.time()
-    params = sft_warmup(config, model, params, tok, train_ex, writer=writer)
-    summary["sft_seconds"] = time.time() - t0
-  summary["accuracy_before"] = evaluate(params)
-  writer.write(0, {"accuracy": summary["accuracy_before"]}, prefix="eval/")
-  logging.info("held-out accuracy before RL: %.3f", summary["accuracy_before"])
-
   optimizer = optim.make_optimizer(config.optim)
   sampling_cfg = SamplingConfig(
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
@@ -116,18 +109,31 @@ def train(config) -> Dict[str, Any]:
   reward_fns = build.build_reward_fns(list(config.rewards), tok)
   rng = jax.random.PRNGKey(int(config.seed))
   state = online.init_state(params, optimizer, jax.random.fold_in(rng, 1), settings)
-  update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg)
   batches = prompt_iterator(tok, train_ex, batch_size=nprompts, prompt_length=plen,
                             answer_length=alen, seed=int(config.seed))
+  run = Runner(config, state, batches)
+  if run.start_step == 0:
+    if config.get("sft") and int(config.sft.steps) > 0:
+      t0 = time.time()
+      params = sft_warmup(config, model, params, tok, train_ex, writer=writer)
+      summary["sft_seconds"] = time.time() - t0
+      state = online.init_state(params, optimizer, jax.random.fold_in(rng, 1), settings)
+    summary["accuracy_before"] = evaluate(state.params)
+    writer.write(0, {"accuracy": summary["accuracy_before"]}, prefix="eval/")
+    logging.info("held-out accuracy before RL: %.3f", summary["accuracy_before"])
+  else:
+    state = run.state
+    summary["resumed_from"] = run.start_step
+  update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
-  for i in range(steps):
+  for i in range(run.start_step, steps):
     batch = {k: jnp.asarray(v) for k, v in _arrays(next(batches)).items()}
     t0 = time.time()
     state, metrics = update(state, batch, rng)
     metrics = jax.device_get(metrics)
     dt = time.time() - t0
-    if i == 0:
+    if i == run.start_step:
       summary["first_step_seconds"] = dt
     else:
       step_times.append(dt)
@@ -135,11 +141,16 @@ def train(config) -> Dict[str, Any]:
     writer.write(i + 1, metrics)
     if eval_every and (i + 1) % eval_every == 0 and i + 1 < steps:
       writer.write(i + 1, {"accuracy": evaluate(state.params)}, prefix="eval/")
+    if run.after_step(i + 1, state, metrics):
+      writer.close()
+      return dict(summary, stopped_at=i + 1, state=state)
   summary["accuracy_after"] = evaluate(state.params)
   writer.write(steps, {"accuracy": summary["accuracy_after"]}, prefix="eval/")
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
   summary["plot"] = writer.plot(["reward_mean", "eval/accuracy", "kl", "response_length"],
                                 name="reward_curve")
+  run.finish(steps, state)
   summary["total_seconds"] = time.time() - t_start
+  summary["state"] = state
   writer.close()
   return summary
