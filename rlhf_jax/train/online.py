@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages as advantages_lib
+from rlhf_jax import guards
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
@@ -41,6 +42,7 @@ class RLState:
   value_params / value_opt_state: the PPO value model (None without one).
   kl_state: the KL controller state (`rlhf_jax.losses.kl` controllers).
   adv_state: estimator state such as BNPO moments (None when stateless).
+  guard: `guards.NonFiniteState` counting skipped (non-finite) updates.
   """
   step: jax.Array
   params: Any
@@ -51,6 +53,7 @@ class RLState:
   value_params: Any = None
   value_opt_state: Any = None
   adv_state: Any = None
+  guard: Any = None
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -67,7 +70,9 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
     vopt = value_optimizer.init(value_params)
   return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                  ref_params=ref, kl_state=kl_controller.init(), rng=rng,
-                 value_params=value_params, value_opt_state=vopt, adv_state=adv_state)
+                 value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
+                 guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
+  # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
 
 def state_shardings(state: RLState, model, mesh, rules=None):
@@ -118,8 +123,11 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, 
 
 
 def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_rewards=None,
-                       values=None, adv_state=None, extras=None):
+                       each_rewards=None, values=None, adv_state=None, extras=None):
   """Calls the configured estimator with the inputs its signature asks for.
+
+  Group estimators get `rewards [N]`; token estimators (gae, reinforce_pp) the
+  token rewards; multi-reward estimators (gdpo) the unweighted `[N, K]` rewards.
 
   Returns (advantages [N] or [N, T], new adv_state).
   """
@@ -138,7 +146,7 @@ def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_re
     elif p.default is inspect.Parameter.empty:
       raise ValueError(f"advantage estimator {settings.advantage!r} needs {name!r}, which the "
                        f"RL step does not provide; pass it in rl.advantage_kwargs or the batch")
-  first = token_rewards if family == "token" else rewards
+  first = {"token": token_rewards, "multi_reward": each_rewards}.get(family, rewards)
   out = fn(first, **kwargs)
   if isinstance(out, tuple):  # (advantages, new_state) for stateful estimators
     return out[0], out[1]
@@ -150,6 +158,11 @@ def _sequence_batch(out, prompt_len: int):
   ids = jnp.concatenate([out.prompt_ids, out.completion_ids], axis=1)
   attn = jnp.concatenate([out.prompt_mask.astype(bool), out.completion_mask.astype(bool)], axis=1)
   return ids, attn
+
+
+def _masked_mean_length(lengths, select):
+  select = select.astype(lengths.dtype)
+  return jnp.sum(lengths * select) / jnp.maximum(jnp.sum(select), 1.0)
 
 
 def _completion_logps(model, params, ids, attn, prompt_len: int):
@@ -259,7 +272,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       v = value_model.apply(state.value_params, ids, attention_mask=attn)
       values = v[:, prompt_len - 1:-1] * mask
     adv, adv_state = compute_advantages(settings, rewards, mask=mask, lengths=lengths,
-                                        token_rewards=token_rewards, values=values,
+                                        token_rewards=token_rewards, each_rewards=each,
+                                        values=values,
                                         adv_state=state.adv_state)
     if value_model is not None:
       adv_tok = adv if adv.ndim == 2 else adv[:, None] * mask
@@ -290,13 +304,26 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
         "zero_variance_groups": jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1)),
         "finished_fraction": jnp.mean(out.finished.astype(jnp.float32)),
         "num_tokens": jnp.sum(lengths),
+        # Mean length of wrong (reward <= 0.5) and correct samples; 0 when there are none.
+        "wrong_response_length": _masked_mean_length(lengths, rewards <= 0.5),
+        "correct_response_length": _masked_mean_length(lengths, rewards > 0.5),
     })
     for i in range(each.shape[1]):
       metrics[f"reward_{i}_mean"] = jnp.mean(each[:, i])
       metrics[f"reward_{i}_std"] = jnp.std(each[:, i])
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              value_params=value_params, value_opt_state=value_opt_state,
-                              kl_state=kl_state, adv_state=adv_state)
+    guard = guards.nonfinite_init(window=1) if state.guard is None else state.guard
+    kept = state.replace(step=state.step + 1, guard=guard)
+    new_state = kept.replace(params=params, opt_state=opt_state, value_params=value_params,
+                             value_opt_state=value_opt_state, kl_state=kl_state,
+                             adv_state=adv_state)
+    # A non-finite loss, reward or update keeps the previous state (step still advances).
+    new_state, skipped = guards.apply_if_finite(new_state, kept, (aux, rewards),
+                                                (params, value_params))
+    guard = guards.nonfinite_update(guard, metrics["pg_loss"], skipped)
+    new_state = new_state.replace(guard=guard)
+    metrics["skipped"] = skipped.astype(jnp.float32)
+    metrics["skipped_total"] = guard.total
+    metrics["bad_steps_in_a_row"] = guard.consecutive
     return new_state, metrics
 
   if not jit:
