@@ -24,9 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# hf_io's name/layout tables and converters (shared with `load_hf`)
-from rlhf_jax.models.hf_io import (  # pylint: disable=protected-access
-    _hf_shape, _leaf_paths, _mapping, _set, _to_param)
+from rlhf_jax.models.hf_io import params_from_tensors
 from rlhf_jax.models.model import Model, from_config
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -292,13 +290,9 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
 
 def _params_from_state_dict(model: Model, tensors: Mapping[str, np.ndarray],
                             param_dtype) -> dict:
-  """Transformers-named tensors -> params, through `hf_io`'s name/layout tables."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
-  pd = np.dtype(jnp.dtype(param_dtype))
-  params: dict = {}
+  """Transformers-named tensors -> params, through `hf_io.params_from_tensors`."""
 
-  def fetch(template: str, i: int | None, hf_shape) -> np.ndarray:
-    name = template.format(i=i)
+  def fetch(name: str, hf_shape) -> np.ndarray:
     if name not in tensors:
       raise KeyError(f"GGUF file has no tensor for {name!r}.")
     x = tensors[name]
@@ -307,12 +301,4 @@ def _params_from_state_dict(model: Model, tensors: Mapping[str, np.ndarray],
                        f"metadata implies {tuple(hf_shape)}.")
     return x
 
-  for ppath, leaf in _leaf_paths(shapes):
-    template, kind, n_in, is_layer = _mapping(model, ppath)
-    pshape = leaf.shape[1:] if is_layer else leaf.shape
-    hshape = _hf_shape(pshape, kind, n_in)
-    idx = range(model.config.num_layers) if is_layer else [None]
-    parts = [_to_param(fetch(template, i, hshape), pshape, kind, n_in) for i in idx]
-    arr = np.stack(parts) if is_layer else parts[0]
-    _set(params, ppath, jnp.asarray(arr.astype(pd)))
-  return params
+  return params_from_tensors(model, fetch, param_dtype)

@@ -187,6 +187,32 @@ def _mapping(model: Model, path: tuple[str, ...]):
 # ----------------------------------------------------------------------------- load
 
 
+def params_from_tensors(model: Model, fetch, param_dtype, *, rng: jax.Array | None = None,
+                        fresh_score: bool = False) -> dict:
+  """Builds params from transformers-named tensors.
+
+  `fetch(name, hf_shape) -> np.ndarray` returns the tensor called `name` (raising a
+  clear error when it is missing or has another shape). Per-layer tensors are
+  stacked on the leading layer axis. With `fresh_score`, the scalar head is
+  initialised from `rng` instead of fetched.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  pd = np.dtype(jnp.dtype(param_dtype))
+  params: dict = {}
+  for ppath, leaf in _leaf_paths(shapes):
+    template, kind, n_in, is_layer = _mapping(model, ppath)
+    if ppath == ("score",) and fresh_score:
+      _set(params, ppath, model.init_score(jax.random.key(0) if rng is None else rng))
+      continue
+    pshape = leaf.shape[1:] if is_layer else leaf.shape
+    hshape = _hf_shape(pshape, kind, n_in)
+    idx = range(model.config.num_layers) if is_layer else [None]
+    parts = [_to_param(fetch(template.format(i=i), hshape), pshape, kind, n_in) for i in idx]
+    arr = np.stack(parts) if is_layer else parts[0]
+    _set(params, ppath, jnp.asarray(arr.astype(pd)))
+  return params
+
+
 def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None = None,
             remat: bool = False, rng: jax.Array | None = None) -> tuple[Model, dict]:
   """Loads a transformers safetensors checkpoint as (Model, params).
@@ -201,13 +227,8 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
   param_dtype = dtype if param_dtype is None else param_dtype
   model = from_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head)
   files = _TensorFiles(path)
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
-  params: dict = {}
-  n_layers = model.config.num_layers
-  pd = np.dtype(jnp.dtype(param_dtype))
 
-  def fetch(template: str, i: int | None, hf_shape):
-    name = template.format(i=i)
+  def fetch(name: str, hf_shape):
     cands = [name]
     if name.startswith(("model.", "transformer.")):
       cands.append(name.split(".", 1)[1])  # bare backbone checkpoint (no prefix)
@@ -223,19 +244,8 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
     raise KeyError(f"Checkpoint {files.desc} is missing tensor {name!r} needed for "
                    f"model_type={model.config.model_type!r}.")
 
-  for ppath, leaf in _leaf_paths(shapes):
-    template, kind, n_in, is_layer = _mapping(model, ppath)
-    if ppath == ("score",) and not files.has("score.weight"):
-      _set(params, ppath, model.init_score(jax.random.key(0) if rng is None else rng))
-      continue
-    pshape = leaf.shape[1:] if is_layer else leaf.shape
-    hshape = _hf_shape(pshape, kind, n_in)
-    if is_layer:
-      arr = np.stack([_to_param(fetch(template, i, hshape), pshape, kind, n_in)
-                      for i in range(n_layers)])
-    else:
-      arr = _to_param(fetch(template, None, hshape), pshape, kind, n_in)
-    _set(params, ppath, jnp.asarray(arr.astype(pd)))
+  fresh_score = not files.has("score.weight")
+  params = params_from_tensors(model, fetch, param_dtype, rng=rng, fresh_score=fresh_score)
   return model, params
 
 
