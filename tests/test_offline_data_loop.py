@@ -117,24 +117,26 @@ def test_long_prompt_error_or_counted_skip(tmp_path):
 
 
 def test_resume_is_bitwise_identical(tmp_path):
-  def cfg(workdir, steps):
+  def cfg(workdir, steps, every):
     c = _config("preference", workdir, "dpo", loss_kwargs=dict(beta=0.1))
-    c.train.steps, c.checkpoint.every_steps = steps, 2
+    c.train.steps, c.checkpoint.every_steps = steps, every
     c.data.train_size = 100  # batches cross an epoch boundary before the resume point
     return c
-  full = _run(cfg(tmp_path / "a", 8))
-  first = _run(cfg(tmp_path / "b", 5))
+  full = _run(cfg(tmp_path / "a", 7, 0))  # uninterrupted, no checkpoints
+  first = _run(cfg(tmp_path / "b", 4, 3))  # saves at 3 and (final) 4
   assert first["start_step"] == 0
-  resumed = _run(cfg(tmp_path / "b", 8))
-  assert resumed["start_step"] == 5
+  resumed = _run(cfg(tmp_path / "b", 7, 3))
+  assert resumed["start_step"] == 4
   for x, y in zip(jax.tree.leaves(full["state"].params),
                   jax.tree.leaves(resumed["state"].params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_precompute_ref_matches_on_the_fly(tmp_path):
-  on_the_fly = _run(_config("preference", tmp_path / "a", "dpo", loss_kwargs=dict(beta=0.1)))
-  c = _config("preference", tmp_path / "b", "dpo", loss_kwargs=dict(beta=0.1))
+  c = _config("preference", tmp_path / "a", "dpo", loss_kwargs=dict(beta=0.1))
+  c.train.steps = 10
+  on_the_fly = _run(c)
+  c.workdir = str(tmp_path / "b")
   c.precompute_ref = True
   cached = _run(c)
   files = [f for f in os.listdir(tmp_path / "b") if f.startswith("ref_logps_")]

@@ -19,7 +19,8 @@ scalar loss (`make_batch_loss`):
 - "reward_model": any registered reward-model loss over the scalar rewards a
   reward-head model gives the chosen / rejected sequences (`chosen_rewards`,
   `rejected_rewards`; a listwise loss gets `rewards` [B, 2], chosen first);
-  extra numeric batch fields (e.g. `margin`) are passed by name.
+  extra numeric batch fields (e.g. `margin`) are passed by name. Ensemble, ArmoRM,
+  GPM and HL-Gauss heads: `offline_heads.HeadedRewardModel` (config.rm_head).
 Chosen and rejected sequences go through the model as one [2B, T] batch.
 """
 
@@ -79,8 +80,9 @@ class _PackedView:
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
     allowed = (same & jnp.tril(jnp.ones((t, t), bool))[None]) | jnp.eye(t, dtype=bool)[None]
     decoder = type(self.model.module)
+    run = decoder._run  # pylint: disable=protected-access
     h, _ = self.model.module.apply({"params": params}, input_ids, self.positions,
-                                   allowed[:, None], None, 0, method=decoder._run)  # pylint: disable=protected-access
+                                   allowed[:, None], None, 0, method=run)
     return h
 
   def logits_from_hidden(self, params, h):
@@ -277,6 +279,10 @@ def make_batch_loss(paradigm: str, model, loss_fn: Optional[Callable], loss_kwar
     raise ValueError(f"paradigm {paradigm!r} needs a loss function (config.loss)")
   what = getattr(loss_fn, "__name__", "the loss")
   if paradigm == "reward_model":
+    from rlhf_jax.train import offline_heads  # pylint: disable=import-outside-toplevel
+    if isinstance(model, offline_heads.HeadedRewardModel):
+      return offline_heads.headed_batch_loss(model, loss_fn, loss_kwargs, what,
+                                             lambda f, a, k, w: call_with_available(f, a, k, w))
     return _reward_model(model, loss_fn, loss_kwargs, what)
   unpaired_loss = is_unpaired_loss(loss_fn)
   if unpaired_loss if unpaired is None else unpaired:
@@ -302,7 +308,7 @@ def make_step(paradigm: str, model, loss_fn: Optional[Callable],
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if skip_nonfinite:
       new, skipped = guards.apply_if_finite(new, state.replace(step=state.step + 1), loss, grads)
       new = new.replace(guard=guards.nonfinite_update(state.guard, loss, skipped))

@@ -29,7 +29,8 @@ SOURCES = ("synthetic", "jsonl", "tfds")
 INDEX_KEY = "example_index"
 
 
-def _plain(x) -> dict:
+def plain(x) -> dict:
+  """A config block (ConfigDict, dict or None) as a plain dict."""
   return dict(x.to_dict() if hasattr(x, "to_dict") else (x or {}))
 
 
@@ -57,7 +58,7 @@ def load_records(config, *, build_task) -> tuple[Sequence, Sequence]:
   d = config.data
   source = d.get("source", "synthetic")
   if source == "synthetic":
-    task_cfg = _plain(config.task)
+    task_cfg = plain(config.task)
     train = build_task(task_cfg).generate(int(d.train_size), seed=int(config.seed),
                                           split="train")
     clean = dict(task_cfg)
@@ -78,7 +79,7 @@ def load_records(config, *, build_task) -> tuple[Sequence, Sequence]:
     from rlhf_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
     if not d.get("name"):
       raise ValueError("config.data.source='tfds' needs config.data.name (a TFDS builder)")
-    fields = _plain(d.get("fields"))
+    fields = plain(d.get("fields"))
     record_fn = tfds_record_fn(fields) if fields else None
     kw = dict(record_fn=record_fn, data_dir=d.get("data_dir") or None)
     train = tfds_source.TfdsSource(d.name, split=d.get("split", "train"), **kw)
@@ -211,12 +212,12 @@ def batch_fns(kind: str, tok, data_cfg, *, passthrough: Sequence[str] = ()):
   """(example_fn, collate) for kind "sft" | "preference" | "unpaired"."""
   d = data_cfg
   trunc = d.get("truncation", "error")
-  max_len = int(d.max_length)
+  max_len = int(d["max_length"])
   if kind == "sft":
     fn = batching.make_sft_example_fn(tok, max_length=max_len, truncation=trunc,
                                       passthrough=passthrough)
     return fn, lambda exs: batching.collate_sft(exs, pad_id=tok.pad_id, max_length=max_len)
-  kw = dict(max_prompt_length=int(d.max_prompt_length), max_length=max_len, truncation=trunc,
+  kw = dict(max_prompt_length=int(d["max_prompt_length"]), max_length=max_len, truncation=trunc,
             passthrough=passthrough)
   if kind == "preference":
     fn = batching.make_preference_example_fn(tok, **kw)

@@ -8,6 +8,8 @@
 - "tfds": `config.data.name` / `split` / `eval_split` via `tfds.data_source`, with
   `config.data.fields` mapping record fields to TFDS features (e.g.
   `{"prompt": "question", "completion": "answer"}`).
+`config.rm_head` (reward_model only) selects an ensemble / ArmoRM / GPM / HL-Gauss head
+(`offline_heads`).
 A preference loss with an unpaired signature (KTO) trains on unpaired batches: pairs
 are split into (prompt, chosen, True) and (prompt, rejected, False) records, or "kto"
 JSONL records are used as they are. `config.precompute_ref=True` computes the
@@ -32,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses as losses_lib
+from rlhf_jax.train import config_schema
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
+from rlhf_jax.train import offline_heads
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.runner import Runner
 
@@ -86,7 +90,9 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   d = config.data
   kind = "sft" if paradigm == "sft" else ("unpaired" if unpaired else "preference")
   precompute = bool(config.get("precompute_ref"))
-  passthrough = (od.INDEX_KEY,) if precompute else ()
+  passthrough = ((od.INDEX_KEY,) if precompute else ()) + tuple(d.get("passthrough") or ())
+  if od.plain(config.get("rm_head")).get("name") == "hl_gauss":
+    passthrough += offline_heads.TARGET_KEYS
   if paradigm == "sft":
     train_records, eval_records = od.to_sft(train_records), od.to_sft(eval_records)
   train_src = od.to_unpaired(train_records) if unpaired else train_records
@@ -108,8 +114,8 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
 
 def _ref_tables(config, ref_fn, eval_ref_fn, ref_params, train, evals, batch_size: int):
   """Reference log-probs for the train and eval sets, cached in the workdir."""
-  key = od.fingerprint(od._plain(config.model), od._plain(config.data),  # pylint: disable=protected-access
-                       od._plain(config.get("task")), config.get("tokenizer", "char"),  # pylint: disable=protected-access
+  key = od.fingerprint(od.plain(config.model), od.plain(config.data),
+                       od.plain(config.get("task")), config.get("tokenizer", "char"),
                        int(config.seed), config.get("loss"), len(train[0]), len(evals[0]))
   out = []
   for name, (src, (fn, collate)), f, bs in (("train", train, ref_fn, batch_size),
@@ -135,12 +141,18 @@ def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]
 
 def train(config) -> Dict[str, Any]:
   """Runs the configured offline experiment; returns a summary dict."""
+  config_schema.check(config, "offline")
   t_start = time.time()
   paradigm = config.paradigm
   _check_config(config, paradigm)
   tok = build.build_tokenizer(config)
   head = "reward" if paradigm == "reward_model" else "lm"
   model, params = build.build_model(config.model, tok, head=head)
+  if config.get("rm_head"):
+    if paradigm != "reward_model":
+      raise ValueError("config.rm_head applies to paradigm 'reward_model' only")
+    model = offline_heads.HeadedRewardModel.from_config(model, od.plain(config.rm_head))
+    params = model.init(jax.random.PRNGKey(int(config.model.get("init_seed", 0)) + 1), params)
   loss = config.get("loss") or ""
   loss_fn = losses_lib.get(loss) if loss else None
   if loss:
@@ -149,8 +161,8 @@ def train(config) -> Dict[str, Any]:
       raise ValueError(f"config.loss={loss!r} is not a {paradigm!r} loss; use one of {family}")
   unpaired = offline.is_unpaired_loss(loss_fn)
   optimizer, step_fn, eval_fn, ref_fn, eval_ref_fn = _compiled(
-      paradigm, model, loss, json.dumps(od._plain(config.get("loss_kwargs")), sort_keys=True),  # pylint: disable=protected-access
-      json.dumps(od._plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
+      paradigm, model, loss, json.dumps(od.plain(config.get("loss_kwargs")), sort_keys=True),
+      json.dumps(od.plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
   precompute = bool(config.get("precompute_ref"))
   keep_ref = paradigm == "preference" and not config.get("reference_free", False)
   train_records, eval_records = load_records(config)
