@@ -74,3 +74,19 @@ def test_pcl_select():
   assert sel.keep.tolist() == [False, True, False, False, True]
   with pytest.raises(ValueError, match="num_select"):
     al.pcl_select(v, num_select=0)
+
+
+def test_knapsack_value_grads_and_edges():
+  from jax.test_util import check_grads
+  with jax.enable_x64(True):
+    check_grads(lambda p: jnp.sum(al.knapsack_value(jnp.asarray([2.0, 5.0, 9.0]), p)),
+                (jnp.asarray([0.1, 0.5, 0.85]),), order=1, modes=("rev",))
+  # p ∈ {0, 1} (no gradient signal possible) and N = 1 (one sample never has both outcomes)
+  np.testing.assert_allclose(al.knapsack_value(jnp.asarray([4, 4, 1]), jnp.asarray([0.0, 1.0, 0.3])),
+                             [0.0, 0.0, 0.0], atol=1e-7)
+  r = jnp.asarray(np.random.default_rng(0).normal(size=8))
+  np.testing.assert_allclose(
+      al.reinforce_ada_advantages(r, prompt_means=jnp.asarray([r[:4].mean(), r[4:].mean()]),
+                                  group_size=4),
+      np.concatenate([np.asarray(r[:4]) - np.asarray(r[:4]).mean(),
+                      np.asarray(r[4:]) - np.asarray(r[4:]).mean()]), rtol=1e-5, atol=1e-6)

@@ -302,3 +302,84 @@ def test_remaining_estimators_run_under_jit():
   }
   for name, fn in cases.items():
     np.testing.assert_allclose(jax.jit(fn)(r), fn(r), rtol=1e-6, err_msg=name)
+
+
+def test_remaining_gradients_and_helpers():
+  """check_grads for the estimators not in test_jit_and_gradients (smooth in the rewards)."""
+  with jax.enable_x64(True):
+    r = jnp.asarray(RNG.uniform(0.05, 0.45, size=P * G))  # away from the 0.5 threshold
+    r = r.at[::2].add(0.5)
+    w = jnp.asarray(RNG.normal(size=P * G))
+    lens = jnp.asarray(LENS)
+    st = bnpo_mod.BetaMoments(mean=jnp.asarray(0.4), var=jnp.asarray(0.01), count=jnp.asarray(1))
+    ids = jnp.asarray([0, 0, 1, 2, 0, 1, 2, 3, 0, 0, 0, 1])
+    cases = {
+        "asymre": lambda x: advantages.get("asymre")(x, group_size=G),
+        "rec": lambda x: advantages.get("rec")(x, group_size=G),
+        "remax": lambda x: advantages.get("remax")(x, greedy_rewards=x[::G] ** 2, group_size=G),
+        # moments fixed by `state` (batch moments are stop-gradient by design)
+        "bnpo": lambda x: advantages.get("bnpo")(x, group_size=G, state=st),
+        "adora": lambda x: advantages.get("adora")(x, lengths=lens, group_size=G),
+        "copo": lambda x: sum(advantages.get("copo")(x, answer_ids=ids, group_size=G,
+                                                     entropy_penalty=0.3)[:2]),
+        "thr": lambda x: advantages.get("thr")(x, token_hidden_reward=jnp.ones((P * G, 3)),
+                                               mask=jnp.ones((P * G, 3)), p=0.2).sum(1),
+    }
+    for name, fn in cases.items():
+      check_grads(jax.jit(lambda x: jnp.sum(fn(x) * w)), (r,), order=1, modes=("rev",))
+  # thr: padding invariance and p = 0 identity
+  adv, th = RNG.normal(size=(2, 5)), RNG.normal(size=(2, 5))
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  f = jax.jit(lambda a, t: advantages.get("thr")(a, token_hidden_reward=t, mask=jnp.asarray(mask),
+                                                 p=0.2))
+  junk = np.where(mask > 0, 0.0, 1e6)
+  close(f(jnp.asarray(adv + junk, jnp.float32), jnp.asarray(th - junk, jnp.float32)),
+        np.asarray(f(jnp.asarray(adv, jnp.float32), jnp.asarray(th, jnp.float32))))
+  close(advantages.get("thr")(jnp.asarray(adv, jnp.float32), token_hidden_reward=jnp.asarray(th),
+                              mask=jnp.asarray(mask), p=0.0), adv * mask)
+  # comb_ratio / pass_at_k / beta_parameters against math
+  for a, b, k in [(5, 8, 3), (2, 8, 3), (8, 8, 2), (4, 7, 0)]:
+    want = math.comb(a, k) / math.comb(b, k)
+    close(outcome.comb_ratio(float(a), float(b), k), want, 1e-5)
+  close(outcome.pass_at_k(jnp.asarray([8.0, 8.0, 8.0]), jnp.asarray([0.0, 8.0, 1.0]), k=1),
+        [0.0, 1.0, 1 / 8])
+  for mu, var in [(0.3, 0.01), (0.5, 0.2), (0.9, 0.001)]:
+    kk = max(mu * (1 - mu) / (var + 1e-8) - 1, 0.0)
+    close(bnpo_mod.beta_parameters(jnp.asarray(mu), jnp.asarray(var)),
+          (max(1, 1 + kk * mu / 3), max(1, 1 + kk * (1 - mu) / 3)), 1e-4)
+  # gdpo with K equal columns and unit weights is the batch-normalised GRPO advantage
+  col = RNG.normal(size=P * G)
+  g1 = ref_grpo(col, eps=1e-4) * 2
+  close(advantages.get("gdpo")(jnp.asarray(np.stack([col, col], 1), jnp.float32), group_size=G),
+        g1 / (g1.std(ddof=1) + 1e-4), 1e-4)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gpg",
+                                  "opo", "adora", "gdpo", "copo", "bnpo"])
+def test_constant_group_has_finite_gradient(name):
+  """A zero-variance group (or a whole zero-variance batch) gives finite gradients."""
+  extra = {"opo": {"lengths": jnp.arange(1.0, 2 * G + 1)},
+           "adora": {"lengths": jnp.arange(1.0, 2 * G + 1)},
+           "copo": {"answer_ids": jnp.arange(2 * G) % 3}}.get(name, {})
+
+  def fn(x):
+    if name == "gdpo":
+      return advantages.get(name)(jnp.stack([x, x ** 2], 1), group_size=G)
+    out = advantages.get(name)(x, group_size=G, **extra)
+    return out.global_ + out.local if name == "copo" else out
+
+  w = jnp.arange(2.0 * G)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * w)))
+  for r in (jnp.concatenate([jnp.ones(G), jnp.asarray([0.2, 0.5, 0.9, 0.1])]), jnp.ones(2 * G)):
+    assert np.all(np.isfinite(np.asarray(g(r)))), (name, np.asarray(g(r)))
+
+
+def test_answer_entropy_reference():
+  from rlhf_jax.advantages import reweight
+  ids = np.array([0, 0, 0, 0, 1, 2, 1, 3, 5, 6, 7, 8])
+  want = []
+  for x in groups(ids):
+    p = np.array(list(Counter(x.tolist()).values())) / G
+    want.append(-(p * np.log2(p)).sum())
+  close(jax.jit(lambda a: reweight.answer_entropy(a, group_size=G))(jnp.asarray(ids)), want)
+  close(want[2], 2.0)  # G distinct answers: log2 G

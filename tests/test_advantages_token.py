@@ -151,3 +151,45 @@ def test_gigpo_and_rover_under_jit():
   close(jax.jit(f)(e), f(e))
   g = lambda r: advantages.get("rover")(r, vocab_mean_log_ratio=step_r, mask=sm, group_size=2)
   close(jax.jit(g)(e), g(e))
+
+
+def test_padding_invariance_grads_and_reductions():
+  junk = np.where(MASK > 0, 0.0, 1e4)
+  rpp = jax.jit(lambda r: advantages.get("reinforce_pp")(r, mask=j(MASK), gamma=0.9))
+  close(rpp(j(REW + junk)), np.asarray(rpp(j(REW))), 1e-4)
+  close(token.discounted_returns(j(REW + junk), j(MASK), gamma=0.9),
+        ref_returns(REW, LEN, 0.9), 1e-4)
+  # γ = 0: the return is the immediate reward
+  close(token.discounted_returns(j(REW), j(MASK), gamma=0.0), REW * MASK)
+  g, n, s = 3, 6, 4
+  ep = RNG.normal(size=n)
+  step_r = RNG.normal(size=(n, s))
+  ids = RNG.integers(0, 3, size=(n, s))
+  smask = (np.arange(s)[None] < np.array([4, 3, 2, 4, 1, 3])[:, None]).astype(np.float64)
+  sjunk = np.where(smask > 0, 0.0, 1e4)
+  gi = jax.jit(lambda e, sr, a: advantages.get("gigpo")(e, step_rewards=sr, anchor_ids=a,
+                                                        step_mask=j(smask), group_size=g,
+                                                        gamma=0.9, omega=0.5))
+  want = ref_gigpo(ep, step_r, ids, smask, g, 0.9, 0.5)
+  close(gi(j(ep), j(step_r + sjunk), jnp.asarray(np.where(smask > 0, ids, 7))), want, 1e-4)
+  # ω = 0: the episode-level GRPO advantage (population std) on every valid step
+  e0 = advantages.get("gigpo")(j(ep), step_rewards=j(step_r), anchor_ids=jnp.asarray(ids),
+                               step_mask=j(smask), group_size=g, omega=0.0)
+  epa = np.concatenate([(x - x.mean()) / (x.std() + 1e-6) for x in (ep[:3], ep[3:])])
+  close(e0, epa[:, None] * smask, 1e-4)
+  with jax.enable_x64(True):
+    f = lambda e, sr: jnp.sum(jnp.sin(advantages.get("gigpo")(
+        e, step_rewards=sr, anchor_ids=jnp.asarray(ids), step_mask=jnp.asarray(smask),
+        group_size=g, gamma=0.9, omega=0.5)))
+    check_grads(jax.jit(f), (jnp.asarray(ep), jnp.asarray(step_r)), order=1, modes=("rev",))
+  # ROVER: padding invariance, ρ = 0 is the group-centred reward, targets carry no gradient
+  r = RNG.normal(size=4)
+  vm = RNG.normal(size=(4, 5))
+  mask = (np.arange(5)[None] < np.array([5, 3, 2, 1])[:, None]).astype(np.float64)
+  ro = lambda v, rho=0.7: advantages.get("rover")(j(r), vocab_mean_log_ratio=v, mask=j(mask),
+                                                  group_size=2, rho=rho)
+  close(ro(j(vm + np.where(mask > 0, 0.0, 1e4))), np.asarray(ro(j(vm))))
+  rt = np.concatenate([r[:2] - r[:2].mean(), r[2:] - r[2:].mean()])
+  close(ro(j(vm), rho=0.0), rt[:, None] * mask)
+  gr = jax.grad(lambda v: jnp.sum(ro(v)))(j(vm))
+  assert np.all(np.asarray(gr) == 0)

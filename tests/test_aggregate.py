@@ -84,3 +84,16 @@ def test_micro_batch_gradient_invariance(mode):
       naive = [grad(params, *parts(i), agg.global_normalizer(parts(i)[-1], mode=mode))
                for i in range(0, B, 2)]
       assert not np.allclose(sum(g for _, g in naive) / 4, full, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", agg.MODES)
+def test_check_grads_and_all_ones_mask(mode):
+  from jax.test_util import check_grads
+  with jax.enable_x64(True):
+    check_grads(lambda l: agg.aggregate(l, jnp.asarray(MASK), mode=mode) ** 2,
+                (jnp.asarray(LOSS),), order=1, modes=("rev",))
+  # without padding every mode but the L_max one is the plain mean of the tokens
+  if mode != "seq_mean_token_sum":
+    want = LOSS.mean() if mode != "seq_mean_token_sum_norm" else LOSS.sum() / (B * T)
+    np.testing.assert_allclose(agg.aggregate(jnp.asarray(LOSS), jnp.ones((B, T)), mode=mode),
+                               want, rtol=1e-5)

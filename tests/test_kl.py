@@ -102,3 +102,39 @@ def test_shape_mismatch_raises():
     kl.k3(j(LP), j(REF[:, :2]))
   with pytest.raises(ValueError, match="mask"):
     kl.k1(j(LP), j(REF), j(MASK[:, :2]))
+
+
+def test_placement_jit_grads_and_padding():
+  scores = np.array([1.0, -2.0, 0.5])
+  kv = RNG.normal(size=(3, 4))
+  junk = np.where(MASK > 0, 0.0, 1e6)
+  f = jax.jit(lambda s, k: kl.kl_in_reward(s, k, j(MASK), beta=0.1))
+  close(f(j(scores), j(kv + junk)), np.asarray(f(j(scores), j(kv))))
+  close(jax.jit(lambda k: kl.kl_in_loss(k, j(MASK), beta=0.2)[0])(j(kv + junk)), 0.2 * kv * MASK)
+  # β = 0: only the score, on the last valid token
+  close(kl.kl_in_reward(j(scores), j(kv), j(MASK), beta=0.0).sum(1), scores)
+  with jax.enable_x64(True):
+    m = jnp.asarray(MASK)
+    check_grads(lambda s: jnp.sum(kl.kl_in_reward(s, jnp.asarray(kv), m, beta=0.1) ** 2),
+                (jnp.asarray(scores),), order=1, modes=("rev",))
+    check_grads(lambda k: jnp.sum(kl.kl_in_loss(k, m, beta=0.2)[0] * jnp.arange(4.0)),
+                (jnp.asarray(kv),), order=1, modes=("rev",))
+    g = jax.grad(lambda k: jnp.sum(kl.kl_in_reward(jnp.asarray(scores), k, m, beta=0.1)))(
+        jnp.asarray(kv))
+    assert np.all(np.asarray(g) == 0)  # the KL in the reward is a constant
+
+
+@pytest.mark.parametrize("name", ["k1", "k2", "k3", "low_var_kl", "abs_kl"])
+def test_extreme_padding_gives_finite_gradients(name):
+  """Padding log-probs filled with −1e9 change neither the estimate nor its gradient."""
+  fn = losses.get(name)
+  f = jax.jit(jax.value_and_grad(lambda x, r: jnp.sum(fn(x, r, j(MASK)) * j(1.0 + MASK))))
+  fill = np.where(MASK > 0, 0.0, 1e9)
+  v0, g0 = f(j(LP), j(REF))
+  for lp, ref in ((LP - fill, REF), (LP, REF - fill)):
+    v, g = f(j(lp), j(ref))
+    assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g))), name
+    close(v, float(v0))
+    close(g, np.asarray(g0))
+  # identical policies: every estimator is exactly 0
+  assert np.all(np.asarray(fn(j(LP), j(LP), j(MASK))) == 0)

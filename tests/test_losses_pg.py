@@ -193,3 +193,44 @@ def test_value_loss_entropy_and_mismatch_weights():
         np.minimum(ws, 3.0) * MASK, 1e-4)
   close(pg.sequence_mismatch_weights(j(OLD), j(samp), j(MASK), cap=3.0, truncate=False),
         np.where(ws > 3.0, 0, ws) * MASK, 1e-4)
+
+
+@pytest.mark.parametrize("name", SURROGATES)
+def test_extreme_padding_gives_finite_gradients(name):
+  """Padding log-probs far apart (e.g. filled with −1e9) change neither value nor gradient."""
+  adv = j(ADV_T if name == "rover" else ADV)
+  fill = np.where(MASK > 0, 0.0, 1.0)
+  f = jax.jit(jax.value_and_grad(lambda x, o: jnp.sum(losses.get(name)(x, o, adv, j(MASK))[0]
+                                                      * j(1.0 + MASK))))
+  v0, g0 = f(j(LP), j(OLD))
+  for lp, old in ((LP - 1e9 * fill, OLD), (LP, OLD - 1e9 * fill), (LP + 300 * fill, OLD)):
+    v, g = f(j(lp), j(old))
+    assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g))), name
+    close(v, float(v0), 1e-4)
+    close(g, np.asarray(g0))
+
+
+def test_value_entropy_mismatch_jit_padding_and_grads():
+  v, vo, ret = (RNG.normal(size=(B, T)) for _ in range(3))
+  junk = np.where(MASK > 0, 0.0, 1e4)
+  f = jax.jit(lambda a, b, c: pg.value_loss(a, b, c, j(MASK), clip_range=0.2)[0])
+  close(f(j(v + junk), j(vo - junk), j(ret + junk)), np.asarray(f(j(v), j(vo), j(ret))))
+  # clip_range → ∞ is the unclipped loss
+  close(pg.value_loss(j(v), j(vo), j(ret), j(MASK), clip_range=1e9)[0],
+        0.5 * (v - ret) ** 2 * MASK)
+  logits = RNG.normal(size=(B, T, 7))
+  e = jax.jit(pg.entropy_bonus)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  bad = np.where(MASK[..., None] > 0, logits, 1e4 * RNG.normal(size=logits.shape))
+  close(e(j(bad), j(MASK)), (p * np.log(p)).sum(-1) * MASK)
+  close(e(j(np.zeros((B, T, 7))), j(MASK)), -np.log(7) * MASK)  # uniform: −H = −log V
+  with jax.enable_x64(True):
+    check_grads(lambda l: jnp.sum(pg.entropy_bonus(l, jnp.asarray(MASK)) * jnp.arange(T)),
+                (jnp.asarray(logits),), order=1, modes=("rev",))
+  samp = OLD + 0.5 * RNG.normal(size=(B, T))
+  for fn in (pg.token_mismatch_weights, pg.sequence_mismatch_weights):
+    jf = jax.jit(lambda o, s: fn(o, s, j(MASK), cap=3.0))
+    close(jf(j(OLD - junk), j(samp + junk)), np.asarray(jf(j(OLD), j(samp))), 1e-4)
+    close(fn(j(OLD), j(OLD), j(MASK)), MASK)  # same sampler: weight 1 on valid tokens
+    g = jax.grad(lambda o: jnp.sum(fn(o, j(samp), j(MASK))))(j(OLD))
+    assert np.all(np.asarray(g) == 0)  # stop-gradient weights

@@ -92,3 +92,17 @@ def test_vpl_modules():
   assert jax.jit(head.apply)(hp, H[:3], z).shape == (3,)
   with pytest.raises(ValueError, match="z must be"):
     head.apply(hp, H[:3], z[:2])
+
+
+def test_ensemble_gradients_and_single_member():
+  from jax.test_util import check_grads
+  r = RNG.normal(size=(5, 3))
+  with jax.enable_x64(True):
+    for f in (ensemble.mean, ensemble.wco, lambda x: ensemble.uwo(x, coef=0.3),
+              lambda x: ensemble.uwo(x, coef=0.3, unbiased=True)):
+      check_grads(lambda x: jnp.sum(f(x) * jnp.arange(1.0, 6.0)), (jnp.asarray(r),), order=1,
+                  modes=("rev",))
+  # K = 1: every combination is the member itself (population variance 0)
+  one = jnp.asarray(r[:, :1], jnp.float32)
+  for f in (ensemble.mean, ensemble.wco, lambda x: ensemble.uwo(x, coef=0.5)):
+    np.testing.assert_allclose(f(one), r[:, 0], rtol=1e-6)

@@ -283,3 +283,115 @@ def test_bad_inputs_name_the_argument():
     rmd.hl_gauss(jnp.ones((2, 3)), jnp.ones(2), v_min=1.0, v_max=0.0)
   with pytest.raises(ValueError, match="user_ids"):
     rml.maxmin_e_step(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.ones(2), num_users=2)
+
+
+def test_reward_centering_reference_grads_and_bt_sum():
+  cw, cl = RNG.normal(size=B), RNG.normal(size=B)
+  got, ex = jax.jit(lambda a, b: rm.reward_centering(a, b, coef=0.03))(*_f32(cw, cl))
+  _close(got, 0.03 * (cw + cl) ** 2)
+  _close(ex.margins, cw - cl)
+  # BT + centring regulariser = bt(center_coef=η)
+  _close(rm.bt(*_f32(cw, cl))[0] + rm.reward_centering(*_f32(cw, cl), coef=0.03)[0],
+         rm.bt(*_f32(cw, cl), center_coef=0.03)[0])
+  with jax.enable_x64(True):
+    _check_grads(lambda a, b: rm.reward_centering(a, b, coef=0.03)[0].sum(),
+                 (jnp.asarray(cw), jnp.asarray(cl)), order=1, modes=("rev",))
+  with pytest.raises(ValueError, match="coef"):
+    rm.reward_centering(*_f32(cw, cl), coef=-1.0)
+
+
+def test_masked_losses_padding_invariance_and_reductions():
+  aw, al = RNG.normal(size=(B, 5)), RNG.normal(size=(B, 5))
+  mw, ml = RNG.uniform(size=(B, 5)) > 0.3, RNG.uniform(size=(B, 5)) > 0.3
+  f = jax.jit(lambda a, b: rm.regret_preference(a, b, chosen_mask=jnp.asarray(mw),
+                                                rejected_mask=jnp.asarray(ml))[0])
+  d = (aw * mw).sum(1) - (al * ml).sum(1)
+  _close(f(*_f32(np.where(mw, aw, 1e4), np.where(ml, al, -1e4))), -_np_logsig(d))
+  # hard labels, one step per segment: BT on the per-step values
+  _close(rm.regret_preference(*_f32(aw[:, :1], al[:, :1]))[0], -_np_logsig(aw[:, 0] - al[:, 0]))
+  cw, cl = RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4))
+  mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], bool)
+  mu, lv = RNG.normal(size=(3, 2)), RNG.normal(size=(3, 2)) * 0.3
+  v = jax.jit(lambda a, b: rml.vpl(a, b, mean=jnp.asarray(mu, jnp.float32),
+                                   log_var=jnp.asarray(lv, jnp.float32),
+                                   mask=jnp.asarray(mask), kl_coef=0.0)[0])
+  _close(v(*_f32(np.where(mask, cw, 1e4), np.where(mask, cl, -1e4))),
+         -np.sum(_np_logsig(cw - cl) * mask, axis=1))
+  # no mask == all-ones mask; kl_coef = 0 and one pair is BT
+  _close(rml.vpl(*_f32(cw, cl), mean=jnp.zeros((3, 2)), log_var=jnp.zeros((3, 2)))[0],
+         -np.sum(_np_logsig(cw - cl), axis=1), 1e-4)
+  _close(rml.vpl(*_f32(cw[:, :1], cl[:, :1]), mean=jnp.ones((3, 2)), log_var=jnp.ones((3, 2)),
+                 kl_coef=0.0)[0], -_np_logsig(cw[:, 0] - cl[:, 0]))
+
+
+def test_gaussian_kl_reparameterize_reference_and_grads():
+  mu, lv = RNG.normal(size=(4, 3)), RNG.normal(size=(4, 3)) * 0.5
+  _close(jax.jit(rml.gaussian_kl)(*_f32(mu, lv)),
+         0.5 * np.sum(mu ** 2 + np.exp(lv) - lv - 1, axis=1))
+  _close(rml.gaussian_kl(jnp.zeros((2, 3)), jnp.zeros((2, 3))), np.zeros(2))  # q = prior
+  key = jax.random.PRNGKey(3)
+  eps = np.asarray(jax.random.normal(key, (4, 3), jnp.float32), np.float64)
+  z = jax.jit(rml.reparameterize)(key, *_f32(mu, lv))
+  _close(z, mu + np.exp(0.5 * lv) * eps)
+  _close(rml.reparameterize(key, jnp.asarray(mu, jnp.float32), jnp.full((4, 3), -200.0)), mu)
+  # moments over many draws: z ~ N(μ, σ²)
+  big = rml.reparameterize(key, jnp.full((20000, 1), 1.5), jnp.full((20000, 1), np.log(4.0)))
+  assert abs(float(big.mean()) - 1.5) < 0.05 and abs(float(big.std()) - 2.0) < 0.05
+  with jax.enable_x64(True):
+    kw = dict(order=1, modes=("rev",))
+    _check_grads(lambda m, v: rml.gaussian_kl(m, v).sum(), (jnp.asarray(mu), jnp.asarray(lv)), **kw)
+    _check_grads(lambda m, v: jnp.sum(rml.reparameterize(key, m, v) ** 2),
+                 (jnp.asarray(mu), jnp.asarray(lv)), **kw)
+
+
+def test_distributional_helpers_reference_jit_and_grads():
+  lo, hi, nb = -2.0, 3.0, 6
+  np.testing.assert_allclose(rmd.two_hot_support(v_min=lo, v_max=hi, num_bins=nb),
+                             np.linspace(lo, hi, nb), rtol=1e-6)
+  e = np.linspace(lo, hi, nb + 1)
+  _close(rmd.hl_gauss_centers(v_min=lo, v_max=hi, num_bins=nb), (e[1:] + e[:-1]) / 2)
+  logits, sup = RNG.normal(size=(3, nb)), RNG.normal(size=nb)
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  _close(jax.jit(rmd.bins_to_scalar)(*_f32(logits, sup)), p @ sup)
+  y = np.array([-5.0, -2.0, 0.3, 1.7, 3.0])
+  t = rmd.hl_gauss_targets(jnp.asarray(y, jnp.float32), v_min=lo, v_max=hi, num_bins=nb)
+  _close(np.asarray(t).sum(1), np.ones(5))
+  got, ex = jax.jit(lambda a, b: rmd.two_hot(a, b, v_min=lo, v_max=hi))(
+      *_f32(RNG.normal(size=(5, nb)), y))
+  _close((np.asarray(ex.targets) * np.linspace(lo, hi, nb)).sum(1), np.clip(y, lo, hi))
+  # a target on an atom is one-hot: the loss is that atom's −log softmax
+  lg = RNG.normal(size=(1, nb))
+  _close(rmd.two_hot(*_f32(lg, [0.0]), v_min=lo, v_max=hi)[0],
+         -(lg[0, 2] - np.log(np.exp(lg).sum())))
+  x = np.array([-40.0, -3.0, -0.5, 0.7, 9.0])
+  with jax.enable_x64(True):
+    _check_grads(lambda v: jnp.sum(rmd.symmetric_sqrt(v)), (jnp.asarray(x),), order=1,
+                 modes=("rev",))
+    _check_grads(lambda v: jnp.sum(rmd.inverse_symmetric_sqrt(v)), (jnp.asarray(x),), order=1,
+                 modes=("rev",))
+    _check_grads(lambda l, s: jnp.sum(rmd.bins_to_scalar(l, s)),
+                 (jnp.asarray(logits), jnp.asarray(sup)), order=1, modes=("rev",))
+
+
+def test_maxmin_prior_jit_and_strength_grads():
+  cw, cl = RNG.normal(size=(8, 2)), RNG.normal(size=(8, 2))
+  users = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+  prior = np.log(np.array([0.2, 0.8]))
+  ll = np.zeros((3, 2))
+  for b, u in enumerate(users):
+    ll[u] += _np_logsig(cw[b] - cl[b])
+  soft = jax.jit(lambda a, b, u, p: rml.maxmin_e_step(a, b, u, num_users=3, hard=False,
+                                                       log_prior=p))(
+      *_f32(cw, cl), jnp.asarray(users), jnp.asarray(prior, jnp.float32))
+  post = np.exp(ll + prior) / np.exp(ll + prior).sum(1, keepdims=True)
+  _close(soft, post, 1e-4)
+  # one-hot weights: the M-step loss is that group's BT loss
+  _close(rml.maxmin_em(*_f32(cw, cl), weights=jnp.asarray(np.eye(2)[[0] * 8], jnp.float32))[0],
+         -_np_logsig(cw[:, 0] - cl[:, 0]))
+  flip = jax.jit(lambda s: rm.low_strength_mask(s, fraction=0.25))(jnp.asarray([3., 1, 2, 0]))
+  assert flip.tolist() == [False, False, False, True]
+  _close(jax.jit(lambda a, b: rm.bt_regression(a, b, chosen_targets=a, rejected_targets=b)[0])(
+      *_f32(cw[:, 0], cl[:, 0])), -_np_logsig(cw[:, 0] - cl[:, 0]))
+  with jax.enable_x64(True):
+    _check_grads(lambda a, b: jnp.sum(jnp.stack(rm.preference_strength(a, b))),
+                 (jnp.asarray(cw), jnp.asarray(cl)), order=1, modes=("rev",))

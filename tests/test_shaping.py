@@ -189,3 +189,51 @@ def test_gradients():
     ]
     for f, args in fns:
       _check_grads(jax.jit(f), args, **kw)
+
+
+def test_masked_transforms_padding_invariance_jit():
+  mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], bool)
+  junk = np.where(mask, 0.0, 1e4)
+  a, b = RNG.normal(size=(3, 4)) - 2, RNG.normal(size=(3, 4)) - 2
+  r = RNG.normal(size=3)
+  cases = [
+      lambda x, y: sh.kl_in_reward(_f(r), x, y, mask, beta=0.1),
+      lambda x, y: sh.reference_logprob_reward(x, mask),
+      lambda x, y: sh.relative_perplexity_reward(x, y, mask),
+      lambda x, y: sh.pure_min_form(x, mask, temperature=0.3)[1],
+      lambda x, y: sh.par(_f(r), x, mask[:, :4]),
+  ]
+  for f in cases:
+    jf = jax.jit(f)
+    _close(jf(_f(a - junk), _f(b + junk)), np.asarray(jf(_f(a), _f(b))), 1e-4)
+  # special cases: β = 0 puts only the score on the last token; no max_length = −coef·L
+  _close(sh.kl_in_reward(_f(r), _f(a), _f(b), mask, beta=0.0).sum(1), r)
+  _close(sh.length_penalty(jnp.array([3, 10]), coef=0.2), [-0.6, -2.0])
+  _close(sh.relative_perplexity_reward(_f(a), _f(a), mask), np.zeros(3))
+  _close(sh.cosine_similarity_reward(_f(a), _f(3.0 * a)), np.ones(3))
+  _close(jax.jit(lambda x: sh.noisy_backward_correction(x, rho0=0.1, rho1=0.2))(_f(a)),
+         (a - 0.1) / 0.7)
+  _close(jax.jit(sh.sum_log_sigmoid)(_f(a), _f(b)), np.log(_sig(a - b)).sum(1))
+
+
+def test_more_gradients():
+  kw = dict(order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+  with jax.enable_x64(True):
+    g = lambda *s: jnp.asarray(RNG.normal(size=s), jnp.float64)
+    mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+    fns = [
+        (lambda r, q: sh.sum_log_sigmoid(r, q).sum(), (g(4, 3), g(3))),
+        (lambda r: (sh.reference_logprob_reward(r, mask) ** 2).sum(), (g(2, 3),)),
+        (lambda r: sh.noisy_backward_correction(r, rho0=0.1, rho1=0.2).sum(), (g(4),)),
+        (lambda r: sh.lsc_reference(r, quantile=0.85), (jnp.asarray([0.1, 0.7, -0.4, 1.3, 2.2]),)),
+        (lambda r: starc.standardize(r, jnp.full((2, 2, 2), 0.5), 0.5)[0, 0, 0], (g(2, 2, 2),)),
+    ]
+    for f, args in fns:
+      _check_grads(jax.jit(f), args, **kw)
+    # the KL inside kl_in_reward is a constant unless stop_gradient=False
+    lp, ref = g(2, 3), g(2, 3)
+    gk = jax.grad(lambda x: sh.kl_in_reward(jnp.zeros(2), x, ref, mask, beta=0.1).sum())(lp)
+    assert np.all(np.asarray(gk) == 0)
+    gk = jax.grad(lambda x: sh.kl_in_reward(jnp.zeros(2), x, ref, mask, beta=0.1,
+                                            stop_gradient=False).sum())(lp)
+    _close(gk, -0.1 * np.asarray(mask, np.float64))

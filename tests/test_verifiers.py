@@ -152,3 +152,18 @@ def test_combine_and_from_model():
   g = jax.grad(lambda w: base.from_model(lambda prm, p, c, m, e: prm * jnp.sum(m, 1), w)(
       PROMPTS[:2], comp, cmask, {}).sum())(1.0)
   assert float(g) == 0.0
+
+
+def test_truncate_at_eos_and_terminated_padding_invariance():
+  comp, cmask = _pad(["ab!c", "abc", "!x", "a!!"], 5)
+  eos = ord("!")
+  want = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
+  tr = jax.jit(lambda c, m: verifiers.truncate_at_eos(c, m, eos))
+  np.testing.assert_array_equal(tr(comp, cmask), want)
+  # an eos hidden under the mask (padding) is ignored
+  np.testing.assert_array_equal(tr(jnp.where(cmask, comp, eos), cmask), want)
+  np.testing.assert_array_equal(verifiers.truncate_at_eos(comp, cmask, None), cmask)
+  term = jax.jit(verifiers.terminated(eos))
+  np.testing.assert_array_equal(term(PROMPTS, comp, cmask, {}), [1, 0, 1, 1])
+  np.testing.assert_array_equal(term(PROMPTS, jnp.where(cmask, comp, eos), cmask, {}),
+                                [1, 0, 1, 1])

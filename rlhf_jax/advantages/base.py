@@ -28,7 +28,13 @@ def group_std(r: jax.Array, *, unbiased: bool = False) -> jax.Array:
   if unbiased and g < 2:
     raise ValueError("group_size must be >= 2 for an unbiased std; use unbiased=False")
   centred = r - group_mean(r)
-  return jnp.sqrt(jnp.sum(centred ** 2, axis=-1, keepdims=True) / (g - 1 if unbiased else g))
+  return safe_sqrt(jnp.sum(centred ** 2, axis=-1, keepdims=True) / (g - 1 if unbiased else g))
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """√x for x ≥ 0 with a finite (zero) gradient at x = 0 (constant groups, single members)."""
+  pos = x > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def centred(r: jax.Array) -> jax.Array:

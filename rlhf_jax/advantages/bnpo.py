@@ -83,7 +83,9 @@ def bnpo(rewards: jax.Array, *, group_size: int, state: Optional[BetaMoments] = 
   else:
     mu, var = state.mean, state.var
   alpha, beta = beta_parameters(jax.lax.stop_gradient(mu), jax.lax.stop_gradient(var))
-  p_hat = jnp.clip(jnp.mean(r, axis=-1, keepdims=True), 0.0, 1.0)
+  # p̂ ∈ {0, 1} only occurs for constant groups (advantage 0); keeping p̂ inside (0, 1) and
+  # capping in log space keeps their gradient finite (no 0·∞).
+  p_hat = jnp.clip(jnp.mean(r, axis=-1, keepdims=True), 1e-6, 1.0 - 1e-6)
   log_pdf = xlogy(alpha - 1.0, p_hat) + xlogy(beta - 1.0, 1.0 - p_hat) - betaln(alpha, beta)
-  inv = jnp.clip(jnp.exp(-log_pdf), 0.0, max_inverse_density)
+  inv = jnp.exp(jnp.minimum(-log_pdf, jnp.log(max_inverse_density)))
   return (base.centred(r) * inv).reshape(-1)

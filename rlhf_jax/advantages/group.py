@@ -95,7 +95,7 @@ def reinforce_pp_baseline(rewards: jax.Array, *, group_size: int, eps: float = 1
   keeps all-equal groups at exactly 0.
   """
   a = dr_grpo(rewards, group_size=group_size)
-  return a / (jnp.sqrt(jnp.mean(a ** 2)) + eps)
+  return a / (base.safe_sqrt(jnp.mean(a ** 2)) + eps)
 
 
 @register("remax", family="group")
@@ -182,5 +182,5 @@ def gdpo(rewards: jax.Array, *, group_size: int, weights: Optional[jax.Array] = 
                  in_axes=1, out_axes=1)(rewards)
   a = per @ w
   n = a.shape[0]
-  std = jnp.sqrt(jnp.sum(a ** 2) / (n - 1 if unbiased and n > 1 else n))
+  std = base.safe_sqrt(jnp.sum(a ** 2) / (n - 1 if unbiased and n > 1 else n))
   return a / (std + eps)

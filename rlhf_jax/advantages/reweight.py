@@ -98,7 +98,7 @@ def copo(rewards: jax.Array, *, answer_ids: jax.Array, group_size: int, k: float
   h = answer_entropy(answer_ids, group_size=group_size).astype(r.dtype)
   r_g = jnp.mean(r, axis=-1) * (1.0 - entropy_penalty * h)
   c = r_g - jnp.mean(r_g)
-  a_g = c / (jnp.sqrt(jnp.mean(c ** 2)) + eps)
+  a_g = c / (base.safe_sqrt(jnp.mean(c ** 2)) + eps)
   w = jax.nn.sigmoid(k * (h - b))
   rep = lambda x: jnp.repeat(x, group_size)
   return CopoAdvantages(global_=rep(a_g), local=grpo(rewards, group_size=group_size, eps=eps),

@@ -75,7 +75,7 @@ def reinforce_pp(rewards: jax.Array, *, mask: jax.Array, gamma: float = 1.0,
   count = jnp.maximum(jnp.sum(m), 1.0)
   mean = jnp.sum(g * m) / count
   c = (g - mean) * m
-  std = jnp.sqrt(jnp.sum(c ** 2) / count)
+  std = base.safe_sqrt(jnp.sum(c ** 2) / count)
   return c / (std + eps)
 
 
@@ -87,7 +87,7 @@ def _stats_by_key(x: jax.Array, keys: jax.Array, valid: jax.Array, unbiased: boo
   mean = (w @ x) / n
   dev = x[None, :] - mean[:, None]
   ss = jnp.sum(w * dev ** 2, axis=1)
-  std = jnp.sqrt(ss / (jnp.maximum(n - 1.0, 1.0) if unbiased else n))
+  std = base.safe_sqrt(ss / (jnp.maximum(n - 1.0, 1.0) if unbiased else n))
   return mean, std
 
 

@@ -52,7 +52,7 @@ def k3(logps, ref_logps, mask=None, *, clamp: Optional[float] = None,
   `log_ratio_clamp` clips log(π_ref/π) to ±c before exp; `clamp` caps the
   result at +clamp. Used by GRPO (Shao et al., 2024). Shapes: [B, T] -> [B, T].
   """
-  lr = _log_ratio(logps, ref_logps, mask)
+  lr = _masked(_log_ratio(logps, ref_logps, mask), mask)  # padding cannot overflow expm1
   if log_ratio_clamp is not None:
     lr = jnp.clip(lr, -log_ratio_clamp, log_ratio_clamp)
   out = jnp.expm1(lr) - lr

@@ -48,6 +48,11 @@ def _masked(loss, m):
   return jnp.where(m > 0, loss, 0.0)
 
 
+def _safe_ratio(logps, old, m):
+  """exp(log π − log π_old), log-ratio zeroed where masked (padding gives no inf/NaN grads)."""
+  return jnp.exp(jnp.where(m > 0, logps - old, 0.0))
+
+
 def clipped_surrogate(ratio, adv, *, epsilon_low: float, epsilon_high: float,
                       dual_clip: Optional[float] = None):
   """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), optionally dual-clipped at −c·A for A < 0."""
@@ -80,8 +85,8 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon_low: float = 0.2,
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   eh = epsilon_low if epsilon_high is None else epsilon_high
-  loss, active = clipped_surrogate(ratio, adv, epsilon_low=epsilon_low, epsilon_high=eh,
-                                   dual_clip=dual_clip)
+  loss, active = clipped_surrogate(_safe_ratio(logps, old, m), adv, epsilon_low=epsilon_low,
+                                   epsilon_high=eh, dual_clip=dual_clip)
   return _masked(loss, m), PGExtras(ratio=ratio, clipped=active & (m > 0))
 
 
@@ -142,7 +147,7 @@ def sapo(logps, old_logps, advantages, mask, *, tau_pos: float = 1.0, tau_neg: f
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   tau = jnp.where(adv > 0, tau_pos, tau_neg)
-  gate = 4.0 / tau * jax.nn.sigmoid(tau * (ratio - 1.0))
+  gate = 4.0 / tau * jax.nn.sigmoid(tau * (_safe_ratio(logps, old, m) - 1.0))
   return _masked(-gate * adv, m), PGExtras(ratio=ratio, clipped=jnp.zeros_like(m, bool))
 
 
