@@ -1,0 +1,377 @@
+"""One GRPO step: rlhf_jax's fused program vs TRL `GRPOTrainer` and tunix `GRPOLearner`.
+
+All three libraries train the same random-init Llama (one set of weights written with
+`rlhf_jax.models.save_hf` and loaded by each), on the same prompt, with the same group
+size G, prompt length, number of new tokens (no early EOS: the end-of-sequence id lies
+outside the model's vocabulary, so it is never sampled), reward, loss and optimiser:
+
+  * sampling at temperature 1, no top-k / top-p truncation;
+  * GRPO group z-score advantages; PPO clipped surrogate (epsilon 0.2), one update per
+    batch; token-mean aggregation (TRL `loss_type="dapo"`, tunix `loss_agg_mode="token-mean"`);
+  * KL to the reference policy with the k3 estimator, beta = 0.04 (so every library runs
+    a reference forward pass each step);
+  * AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant schedule) after
+    clipping the gradient's global norm to 1.
+
+A step is sample -> score -> reference log-probs -> advantages -> loss -> optimiser
+update. The steady-state time is the median over `--steps` steps after `--warmup`
+warm-up steps (which include JAX compilation). MFU divides the step's analytic matmul
+FLOPs (sampling forward + reference forward + 3x policy forward for forward/backward,
+plus causal attention) by a float32 matmul peak measured in the same run.
+
+  python benchmarks/grpo_vs_peers.py [--peers=rlhf_jax,trl,tunix] [--sizes=tiny,20m] \
+      [--steps=10] [--warmup=2] [--torch-threads=1] [--out=benchmarks/results/grpo_vs_peers.json]
+
+A peer whose package is not installed is reported as "not installed" (the extra `bench`
+in setup.cfg lists them); the library never needs either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sampler import _cpu_name, matmul_peak  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from rlhf_jax import models  # noqa: E402
+from rlhf_jax.sampling import SamplingConfig  # noqa: E402
+from rlhf_jax.train import online, optim  # noqa: E402
+from rlhf_jax.train.rl_config import RLSettings  # noqa: E402
+
+VOCAB, NUM_PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 1024, 1, 4, 16, 32
+LR, BETA, EPSILON, MAX_GRAD_NORM, SEED = 1e-5, 0.04, 0.2, 1.0, 0
+PAD_ID, EOS_ID = 0, VOCAB  # the EOS id is outside the model's vocabulary: never sampled.
+SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=256),
+    "20m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                intermediate_size=1376),
+}
+PEERS = ("rlhf_jax", "trl", "tunix")
+
+
+def hf_config(size: str) -> dict:
+  spec = SIZES[size]
+  return dict(model_type="llama", vocab_size=VOCAB, num_key_value_heads=spec["num_attention_heads"],
+              max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+              tie_word_embeddings=False, hidden_act="silu", bos_token_id=None,
+              eos_token_id=None, pad_token_id=PAD_ID, **spec)
+
+
+def forward_flops(hf: dict, seq_len: int) -> float:
+  """Matmul FLOPs of one causal forward over `seq_len` tokens (2 per MAC, with LM head)."""
+  d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+  per_token = 2 * layers * (4 * d * d + 3 * d * f) + 2 * d * hf["vocab_size"]
+  attn = sum(4 * layers * d * (i + 1) for i in range(seq_len))  # q.k and p.v over the prefix
+  return per_token * seq_len + attn
+
+
+def step_flops(hf: dict) -> float:
+  """One GRPO step: sampling (prefill + decode) + reference forward + policy fwd/bwd (3x)."""
+  n, seq = NUM_PROMPTS * GROUP, PROMPT_LEN + NEW_TOKENS
+  return n * (forward_flops(hf, seq - 1) + 4 * forward_flops(hf, seq))
+
+
+def prompt_ids(seed: int = SEED) -> np.ndarray:
+  return np.random.RandomState(seed).randint(2, VOCAB, (NUM_PROMPTS, PROMPT_LEN)).astype(np.int32)
+
+
+def prompt_texts(ids: np.ndarray) -> list:
+  return [" ".join(f"t{i}" for i in row) for row in ids]
+
+
+def low_token_fraction_text(completions) -> list:
+  """Reward on text: fraction of completion tokens whose id is below VOCAB / 2."""
+  out = []
+  for text in completions:
+    ids = [int(w[1:]) for w in str(text).split() if w.startswith("t") and w[1:].isdigit()]
+    out.append(float(np.mean([i < VOCAB // 2 for i in ids])) if ids else 0.0)
+  return out
+
+
+def low_token_fraction(prompt_ids_, completion_ids, completion_mask, extras):
+  """The same reward on token ids, inside the jitted step."""
+  del prompt_ids_, extras
+  m = completion_mask.astype(jnp.float32)
+  low = (completion_ids < VOCAB // 2).astype(jnp.float32)
+  return jnp.sum(low * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def hf_tokenizer():
+  """Word-level tokenizer: id 0 "<pad>", ids 1..V-1 "t<i>", EOS "<eos>" = V (not in the model)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  vocab = {"<pad>": PAD_ID, **{f"t{i}": i for i in range(1, VOCAB)}, "<eos>": EOS_ID}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                 unk_token="<pad>")
+
+
+def _summary(step_times, warmup_s, extra=None) -> dict:
+  return dict(status="ok", step_s=statistics.median(step_times),
+              step_s_mean=statistics.fmean(step_times), step_s_min=min(step_times),
+              step_times=step_times, warmup_s=warmup_s, **(extra or {}))
+
+
+# ----------------------------------------------------------------------------- rlhf_jax
+
+def run_rlhf_jax(size: str, weights_dir: str, steps: int, warmup: int, threads: int) -> dict:
+  del threads  # XLA's own CPU thread pool
+  model, params = models.load_hf(weights_dir, dtype=jnp.float32)
+  settings = RLSettings(group_size=GROUP, advantage="grpo", surrogate="ppo_clip",
+                        surrogate_kwargs=(("epsilon_low", EPSILON),), kl_coef=BETA,
+                        kl_estimator="k3", aggregation="token_mean")
+  sc = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, eos_ids=(), pad_id=PAD_ID,
+                      num_samples=GROUP)
+  opt = optim.make_optimizer(dict(name="adamw", learning_rate=LR, weight_decay=0.0,
+                                  max_grad_norm=MAX_GRAD_NORM))
+  update = online.make_update(model, [low_token_fraction], opt, settings, sc)
+  state = online.init_state(params, opt, jax.random.PRNGKey(SEED + 1), settings)
+  ids = jnp.asarray(prompt_ids())
+  batch = {"prompt_ids": ids, "prompt_mask": jnp.ones_like(ids, bool)}
+  rng = jax.random.PRNGKey(SEED + 2)
+  t0 = time.perf_counter()
+  compiled = update.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + steps):  # the step folds state.step into rng: new samples each step
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  m = jax.device_get(metrics)
+  return _summary(times[warmup:], sum(times[:warmup]) + compile_s,
+                  dict(compile_s=compile_s, tokens_per_step=float(m["num_tokens"]),
+                       reward_mean=float(m["reward_mean"])))
+
+
+# ----------------------------------------------------------------------------- TRL
+
+def run_trl(size: str, weights_dir: str, steps: int, warmup: int, threads: int) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import datasets  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    from trl import GRPOConfig, GRPOTrainer  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return dict(status="not installed", error=str(e))
+  torch.set_num_threads(threads)
+  torch.manual_seed(SEED)
+  model = transformers.AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+  model.generation_config.eos_token_id = EOS_ID
+  model.generation_config.pad_token_id = PAD_ID
+  tok = hf_tokenizer()
+  total = warmup + steps
+  data = datasets.Dataset.from_dict({"prompt": prompt_texts(prompt_ids()) * total})
+  stamps = {"begin": [], "end": []}
+
+  class Timer(transformers.TrainerCallback):
+
+    def on_step_begin(self, args, state, control, **kw):
+      stamps["begin"].append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kw):
+      stamps["end"].append(time.perf_counter())
+
+  def reward(completions, **kw):
+    del kw
+    return low_token_fraction_text(completions)
+
+  with tempfile.TemporaryDirectory() as out:
+    cfg = GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=SEED,
+        per_device_train_batch_size=NUM_PROMPTS * GROUP, gradient_accumulation_steps=1,
+        num_generations=GROUP, generation_batch_size=NUM_PROMPTS * GROUP,
+        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
+        num_iterations=1, beta=BETA, epsilon=EPSILON, loss_type="dapo", scale_rewards="group",
+        learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant",
+        warmup_steps=0, max_steps=total, logging_steps=10 ** 6, save_strategy="no",
+        report_to="none", disable_tqdm=True, shuffle_dataset=False, log_completions=False,
+        dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=data,
+                          processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+  times = [e - b for b, e in zip(stamps["begin"], stamps["end"])]
+  return _summary(times[warmup:], sum(times[:warmup]), dict(torch=torch.__version__))
+
+
+# ----------------------------------------------------------------------------- tunix
+
+def run_tunix(size: str, weights_dir: str, steps: int, warmup: int, threads: int) -> dict:
+  del threads  # XLA's own CPU thread pool
+  try:
+    import optax  # pylint: disable=g-import-not-at-top
+    from tunix.models.llama3 import model as llama_lib  # pylint: disable=g-import-not-at-top
+    from tunix.models.llama3 import params as llama_params  # pylint: disable=g-import-not-at-top
+    from tunix.rl import rl_cluster as rl_cluster_lib  # pylint: disable=g-import-not-at-top
+    from tunix.rl.grpo import grpo_learner  # pylint: disable=g-import-not-at-top
+    from tunix.rl.rollout import base_rollout  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return dict(status="not installed", error=str(e))
+  hf = hf_config(size)
+  d, h = hf["hidden_size"], hf["num_attention_heads"]
+  cfg = llama_lib.ModelConfig(
+      num_layers=hf["num_hidden_layers"], vocab_size=VOCAB, embed_dim=d,
+      hidden_dim=hf["intermediate_size"], num_heads=h, head_dim=d // h,
+      num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf["rope_theta"]),
+      norm_eps=hf["rms_norm_eps"], weight_tying=False)
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  load = lambda: llama_params.create_model_from_safe_tensors(weights_dir, cfg, mesh,
+                                                             dtype=jnp.float32)
+  policy, reference = load(), load()
+  total = warmup + steps
+  optimizer = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM),
+                          optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+  rollout = base_rollout.RolloutConfig(
+      max_tokens_to_generate=NEW_TOKENS, max_prompt_length=PROMPT_LEN,
+      kv_cache_size=PROMPT_LEN + NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=None,
+      eos_tokens=[EOS_ID], seed=SEED)
+  role = rl_cluster_lib.Role
+  cluster_cfg = rl_cluster_lib.ClusterConfig(
+      role_to_mesh={role.ACTOR: mesh, role.REFERENCE: mesh, role.ROLLOUT: mesh},
+      rollout_engine="vanilla", offload_to_cpu=False,
+      training_config=rl_cluster_lib.RLTrainingConfig(
+          actor_optimizer=optimizer, eval_every_n_steps=10 ** 6, max_steps=total),
+      rollout_config=rollout)
+  cluster = rl_cluster_lib.RLCluster(actor=policy, reference=reference, tokenizer=hf_tokenizer(),
+                                     cluster_config=cluster_cfg)
+  algo = grpo_learner.GRPOConfig(num_generations=GROUP, num_iterations=1, beta=BETA,
+                                 epsilon=EPSILON, loss_agg_mode="token-mean",
+                                 kl_loss_mode="low_var_kl")
+
+  def reward(prompts, completions, **kw):
+    del prompts, kw
+    return low_token_fraction_text(completions)
+
+  learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=[reward])
+  stamps = []
+  texts = prompt_texts(prompt_ids())
+
+  def data():
+    for i in range(total):
+      cluster.cluster_config.rollout_config.seed = SEED + i  # a fresh rollout key per step
+      stamps.append(time.perf_counter())
+      yield {"prompts": np.array(texts)}
+
+  learner.train(data())
+  jax.block_until_ready(jax.tree.leaves(cluster.actor_trainer.model))
+  stamps.append(time.perf_counter())
+  times = list(np.diff(stamps))
+  return _summary(times[warmup:], sum(times[:warmup]))
+
+
+RUNNERS = {"rlhf_jax": run_rlhf_jax, "trl": run_trl, "tunix": run_tunix}
+
+
+def _safe_run(peer, size, weights_dir, steps, warmup, threads) -> dict:
+  try:
+    return RUNNERS[peer](size, weights_dir, steps, warmup, threads)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    return dict(status="failed", error=f"{type(e).__name__}: {e}")
+
+
+def _parse_list(value: str, known, flag: str) -> list:
+  items = [v.strip() for v in value.split(",") if v.strip()]
+  bad = [v for v in items if v not in known]
+  if bad or not items:
+    raise SystemExit(f"{flag}: unknown value(s) {bad or value!r}; choose from {', '.join(known)}")
+  return items
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--peers", default=",".join(PEERS), help="comma list of " + ", ".join(PEERS))
+  ap.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ", ".join(SIZES))
+  ap.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (compilation)")
+  ap.add_argument("--torch-threads", type=int, default=1,
+                  help="torch intra-op threads for TRL (1: on a shared machine more threads "
+                       "spin-wait; a 4x128 linear took 23 us at 1 thread, 8.7 ms at 2)")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                "grpo_vs_peers.json"))
+  args = ap.parse_args()
+  peers = _parse_list(args.peers, PEERS, "--peers")
+  sizes = _parse_list(args.sizes, tuple(SIZES), "--sizes")
+  if args.steps < 1 or args.warmup < 1:
+    raise SystemExit("--steps and --warmup must be >= 1")
+
+  peak = max(matmul_peak(1024), matmul_peak(2048, repeats=3))
+  rows = []
+  for size in sizes:
+    hf = hf_config(size)
+    model = models.from_config(hf)
+    params = model.init(jax.random.PRNGKey(SEED))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    flops = step_flops(hf)
+    with tempfile.TemporaryDirectory() as weights_dir:
+      models.save_hf(weights_dir, model, params)
+      for peer in peers:
+        print(f"[{size}] {peer} ...", flush=True)
+        r = _safe_run(peer, size, weights_dir, args.steps, args.warmup, args.torch_threads)
+        r.update(peer=peer, size=size, params=n_params, step_flops=flops)
+        if r["status"] == "ok":
+          r["mfu"] = flops / r["step_s"] / peak
+          print(f"[{size}] {peer}: {r['step_s']:.4f} s/step (median of {args.steps}), "
+                f"warm-up {r['warmup_s']:.1f} s, MFU {100 * r['mfu']:.1f}%", flush=True)
+        else:
+          print(f"[{size}] {peer}: {r['status']} ({r.get('error', '')})", flush=True)
+        rows.append(r)
+  peak = max(peak, matmul_peak(1024))  # re-measured: the machine may be shared
+  for r in rows:
+    if r["status"] == "ok":
+      r["mfu"] = r["step_flops"] / r["step_s"] / peak
+      r["mfu_min"] = r["step_flops"] / r["step_s_min"] / peak
+  ours = {r["size"]: r for r in rows if r["peer"] == "rlhf_jax" and r["status"] == "ok"}
+  for r in rows:
+    if r["status"] == "ok" and r["size"] in ours and r["peer"] != "rlhf_jax":
+      r["rlhf_jax_speedup"] = r["step_s"] / ours[r["size"]]["step_s"]
+      r["rlhf_jax_speedup_min"] = r["step_s_min"] / ours[r["size"]]["step_s_min"]
+
+  print(f"\nfloat32 matmul peak (JAX, best of 1024^3 / 2048^3): {peak / 1e9:.1f} GFLOP/s")
+  print(f"G={GROUP}, prompts={NUM_PROMPTS}, prompt {PROMPT_LEN} + {NEW_TOKENS} new tokens, "
+        f"vocab {VOCAB}, beta={BETA}, AdamW lr={LR}; median of {args.steps} steps "
+        f"after {args.warmup} warm-up")
+  print(f"{'size':5} {'params':>7} {'peer':9} {'s/step':>8} {'min':>8} {'warm-up s':>9} "
+        f"{'compile s':>9} {'GFLOP/step':>10} {'MFU':>6} {'MFU min':>7} {'rlhf_jax x':>10} "
+        f"{'x (min)':>8}")
+  for r in rows:
+    if r["status"] != "ok":
+      print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:9} {r['status']}")
+      continue
+    comp = f"{r['compile_s']:9.2f}" if "compile_s" in r else f"{'-':>9}"
+    sp = f"{r['rlhf_jax_speedup']:9.2f}x" if "rlhf_jax_speedup" in r else f"{'-':>10}"
+    spm = f"{r['rlhf_jax_speedup_min']:7.2f}x" if "rlhf_jax_speedup" in r else f"{'-':>8}"
+    print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:9} {r['step_s']:8.4f} "
+          f"{r['step_s_min']:8.4f} {r['warmup_s']:9.2f} {comp} {r['step_flops'] / 1e9:10.2f} "
+          f"{100 * r['mfu']:5.1f}% {100 * r['mfu_min']:6.1f}% {sp} {spm}")
+  meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              cpu=_cpu_name(), cores=os.cpu_count(), load_avg=os.getloadavg(),
+              jax=jax.__version__, matmul_peak_flop_s=peak, vocab=VOCAB, group=GROUP,
+              num_prompts=NUM_PROMPTS, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+              beta=BETA, lr=LR, epsilon=EPSILON, steps=args.steps, warmup=args.warmup,
+              torch_threads=args.torch_threads)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as fh:
+    json.dump(dict(meta=meta, rows=rows), fh, indent=2, default=float)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
