@@ -20,6 +20,7 @@ import numpy as np
 from rlhf_jax import data as data_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.sampling.config import SamplingConfig
+from rlhf_jax.train import config_schema
 from rlhf_jax.train import build, offline, online, optim
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.rl_config import RLSettings
@@ -85,6 +86,7 @@ def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWri
 
 def train(config) -> Dict[str, Any]:
   """Runs the configured online experiment; returns a summary dict."""
+  config_schema.check(config, "online")
   t_start = time.time()
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
@@ -94,6 +96,7 @@ def train(config) -> Dict[str, Any]:
   settings = RLSettings.from_config(config.rl)
   steps, nprompts = int(config.train.steps), int(config.train.prompts_per_step)
   settings.check_batch(nprompts)
+  reward_fns = build.build_reward_fns(list(config.rewards), tok)
   plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
   train_ex = task.generate(int(config.data.train_size), seed=config.seed, split="train")
   eval_ex = task.generate(int(config.data.eval_size), seed=config.seed, split="test")
@@ -106,7 +109,6 @@ def train(config) -> Dict[str, Any]:
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size)
-  reward_fns = build.build_reward_fns(list(config.rewards), tok)
   rng = jax.random.PRNGKey(int(config.seed))
   state = online.init_state(params, optimizer, jax.random.fold_in(rng, 1), settings)
   batches = prompt_iterator(tok, train_ex, batch_size=nprompts, prompt_length=plen,
