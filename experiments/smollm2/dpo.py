@@ -1,0 +1,38 @@
+"""DPO on the synthetic preference pairs, starting from SmolLM2-135M-Instruct.
+
+    python -m rlhf_jax.train --config=experiments/smollm2/dpo.py:cpu     # 2 CPU cores
+    python -m rlhf_jax.train --config=experiments/smollm2/dpo.py:gpu     # one GPU
+    python -m rlhf_jax.train --config=experiments/smollm2/dpo.py:smoke   # 2 steps
+
+The pairs come from `rlhf_jax.data.PreferenceTask` (strings over "abcd", known reward
+r(y) = count(y, "a") - 0.25 len(y)); held-out pairs have no label noise, so
+`eval/implicit_reward_accuracy` is measured against true labels. See README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from rlhf_jax.train.offline_config import synthetic_config  # pylint: disable=wrong-import-position
+
+
+def get_config(arg=None):
+  arg = _common.check_variant(arg, "dpo")
+  c = synthetic_config("preference", loss="dpo", loss_kwargs=dict(beta=0.1),
+                       learning_rate=5e-6, batch_size=8, steps=60)
+  _common.use_smollm2(c)
+  c.workdir = f"runs/smollm2_dpo_{arg}"
+  c.data.update(dict(train_size=1024, eval_size=64, eval_batch_size=16))
+  c.train.eval_every = 0
+  if arg == "gpu":
+    c.train.update(dict(steps=500, batch_size=64, eval_every=100))
+    c.data.update(dict(train_size=20000, eval_size=512, eval_batch_size=64))
+  elif arg == "smoke":
+    c.train.steps = 2
+    c.data.update(dict(train_size=32, eval_size=16, eval_batch_size=16))
+    c.progress = False
+  return c

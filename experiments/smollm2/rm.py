@@ -1,0 +1,38 @@
+"""A Bradley-Terry reward model on SmolLM2-135M-Instruct's backbone (fresh scalar head).
+
+    python -m rlhf_jax.train --config=experiments/smollm2/rm.py:cpu     # 2 CPU cores
+    python -m rlhf_jax.train --config=experiments/smollm2/rm.py:gpu     # one GPU
+    python -m rlhf_jax.train --config=experiments/smollm2/rm.py:smoke   # 2 steps
+
+The backbone is SmolLM2's decoder (all layers trained); the reward is a fresh linear
+head on the last non-pad token's hidden state, trained with -log sigma(r_chosen -
+r_rejected) on the synthetic preference pairs (known reward, see dpo.py).
+`eval/accuracy` is the held-out pairwise accuracy against true labels. See README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from rlhf_jax.train.offline_config import synthetic_config  # pylint: disable=wrong-import-position
+
+
+def get_config(arg=None):
+  arg = _common.check_variant(arg, "rm")
+  c = synthetic_config("reward_model", loss="bt", learning_rate=2e-5, batch_size=8, steps=60)
+  _common.use_smollm2(c)
+  c.workdir = f"runs/smollm2_rm_{arg}"
+  c.data.update(dict(train_size=1024, eval_size=64, eval_batch_size=16))
+  c.train.eval_every = 0
+  if arg == "gpu":
+    c.train.update(dict(steps=500, batch_size=64, eval_every=100))
+    c.data.update(dict(train_size=20000, eval_size=512, eval_batch_size=64))
+  elif arg == "smoke":
+    c.train.steps = 2
+    c.data.update(dict(train_size=32, eval_size=16, eval_batch_size=16))
+    c.progress = False
+  return c
