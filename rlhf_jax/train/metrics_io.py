@@ -9,6 +9,16 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 
+def _drop_partial_last_line(path: str) -> None:
+  """Truncates a last line without its newline (a write cut short by a kill)."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
   """Writes metrics to `<workdir>/metrics.jsonl`, TensorBoard and a progress bar.
 
@@ -21,7 +31,9 @@ class MetricsWriter:
     self.workdir = workdir
     self.history: List[Dict[str, float]] = []
     self._show = tuple(show)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_partial_last_line(path)
+    self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     self._bar = None

@@ -7,7 +7,7 @@
 * `collate_unpaired`: `completion_*`, `label` and the mismatched `kl_*` sequences (a
   record's prompt with another record's completion) KTO's reference point is estimated from.
 * `RefTable` / `WithRef`: reference log-probs computed once over a dataset, saved to
-  `<workdir>/ref_logps_<fingerprint>.npz`, and attached to every batch by example index.
+  `<workdir>/ref_logps_<fingerprint>.safetensors`, and attached to every batch by example index.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from rlhf_jax import data as data_lib
 from rlhf_jax.data import batching
@@ -259,11 +260,14 @@ class RefTable:
     """Loads `path` if present, else runs `ref_fn(batch) -> {key: [B]}` over every record
     of `source` in order (the last batch padded by repetition) and saves it there."""
     if os.path.exists(path):
-      with np.load(path) as z:
-        table = cls({k: z[k] for k in z.files})
-      if all(len(v) == len(source) for v in table.arrays.values()):
-        logging.info("reference log-probs loaded from %s", path)
-        return table
+      try:
+        table = cls(safetensors.numpy.load_file(path))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("reference log-prob cache %s is unreadable (%s); recomputing", path, e)
+      else:
+        if all(len(v) == len(source) for v in table.arrays.values()):
+          logging.info("reference log-probs loaded from %s", path)
+          return table
     examples, index = [], []
     for i in range(len(source)):
       try:
@@ -284,7 +288,9 @@ class RefTable:
         col = arrays.setdefault(k, np.full(len(source), np.nan, np.float32))
         col[index[start:start + n]] = np.asarray(v)[:n]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(path, **arrays)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    safetensors.numpy.save_file(arrays, tmp)  # write then rename: never a partial cache
+    os.replace(tmp, path)
     logging.info("reference log-probs for %d examples saved to %s", len(examples), path)
     return cls(arrays)
 

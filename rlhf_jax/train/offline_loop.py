@@ -14,7 +14,7 @@ A preference loss with an unpaired signature (KTO) trains on unpaired batches: p
 are split into (prompt, chosen, True) and (prompt, rejected, False) records, or "kto"
 JSONL records are used as they are. `config.precompute_ref=True` computes the
 reference log-probs of every train and eval example once, saves them to
-`<workdir>/ref_logps_*.npz` and feeds them through the batch (the reference
+`<workdir>/ref_logps_*.safetensors` and feeds them through the batch (the reference
 parameters are then not kept in the training state).
 The per-step work is the jitted `offline.make_step`; evaluation, checkpoints,
 resume and preemption are handled here and by `runner.Runner`.
@@ -120,7 +120,7 @@ def _ref_tables(config, ref_fn, eval_ref_fn, ref_params, train, evals, batch_siz
   out = []
   for name, (src, (fn, collate)), f, bs in (("train", train, ref_fn, batch_size),
                                             ("eval", evals[:2], eval_ref_fn, evals[2])):
-    path = os.path.join(config.workdir, f"ref_logps_{name}_{key}.npz")
+    path = os.path.join(config.workdir, f"ref_logps_{name}_{key}.safetensors")
     run = lambda b, f=f: jax.device_get(f(ref_params, _arrays(b)))  # noqa: E731
     out.append(od.RefTable.build(path, src, fn, collate, run, batch_size=bs))
   return out
