@@ -231,3 +231,25 @@ def test_ppo_with_value_model_and_gae():
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(new.value_params), jax.tree.leaves(before))]
   assert max(moved) > 0
+
+
+def test_loop_on_a_mesh_matches_one_device(tmp_path):
+  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, mesh in (("one", None), ("mesh", dict(data=2, fsdp=2, tensor=2))):
+    c = demo.get_config("runlocal")
+    c.workdir = str(tmp_path / name)
+    c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
+    if mesh:
+      c.mesh = mesh
+    summary = online_loop.train(c)
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      rows.append([json.loads(l) for l in f if '"reward_mean"' in l])
+    if mesh:
+      leaf = jax.tree.leaves(summary["state"].params)[0]
+      assert len(leaf.sharding.device_set) == 8
+  assert len(rows[0]) == len(rows[1]) == 2
+  for a, b in zip(*rows):
+    for k in ("reward_mean", "kl", "pg_loss", "grad_norm"):
+      np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)

@@ -19,6 +19,7 @@ import numpy as np
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import sampling as sampling_lib
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.train import config_schema
 from rlhf_jax.train import build, offline, online, optim
@@ -41,6 +42,41 @@ def prompt_iterator(tokenizer, examples: Sequence[dict], *, batch_size: int, pro
                                seed=seed)
 
 
+def _fetch(tree):
+  """Host copy of a (possibly multi-process) array tree."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def placement(config, model, state):
+  """(put_state, put_batch, out_shardings) for `config.mesh`; identity without a mesh.
+
+  With `config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}` the state is placed by
+  the model's logical axes (`online.state_shardings`) and each batch is a global
+  array over data x fsdp; every process materialises only its own shards, so the
+  same code runs on one device, a multi-device host, or several processes.
+  """
+  mesh_cfg = config.get("mesh")
+  if not mesh_cfg:
+    return (lambda s: s), (lambda b: {k: jnp.asarray(v) for k, v in b.items()}), None
+  mesh = sharding_lib.make_mesh(**dict(mesh_cfg))
+  shardings = online.state_shardings(state, model, mesh)
+
+  def put_batch(batch):
+    n = sharding_lib.batch_shard_count(mesh)
+    out = {}
+    for k, v in batch.items():
+      if v.shape[0] % n:
+        raise ValueError(f"batch field {k!r} has {v.shape[0]} rows, not divisible by "
+                         f"mesh data x fsdp = {n}; set train.prompts_per_step to a multiple")
+      out[k] = jax.make_array_from_callback(
+          v.shape, sharding_lib.batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
+    return out
+  return (lambda s: jax.device_put(s, shardings)), put_batch, (shardings, None)
+
+
 def make_evaluator(model, tokenizer, task, examples: Sequence[dict], *, prompt_length: int,
                    max_new_tokens: int, batch_size: int = 256):
   """Returns `accuracy(params) -> float`: greedy decoding scored by the task's verifier."""
@@ -58,7 +94,7 @@ def make_evaluator(model, tokenizer, task, examples: Sequence[dict], *, prompt_l
   def accuracy(params) -> float:
     scores = []
     for start, (ids, mask) in chunks:
-      out = jax.device_get(sample(params, ids, mask))
+      out = _fetch(sample(params, ids, mask))
       for j in range(min(len(ids), len(prompts) - start)):
         n = int(out.lengths[j])
         text = tokenizer.decode([int(t) for t in out.completion_ids[j, :n]])
@@ -87,6 +123,7 @@ def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWri
 def train(config) -> Dict[str, Any]:
   """Runs the configured online experiment; returns a summary dict."""
   config_schema.check(config, "online")
+  sharding_lib.init_distributed(config.get("distributed"))
   t_start = time.time()
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
@@ -126,14 +163,17 @@ def train(config) -> Dict[str, Any]:
   else:
     state = run.state
     summary["resumed_from"] = run.start_step
-  update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg)
+  put_state, put_batch, out_shardings = placement(config, model, state)
+  state = put_state(state)
+  update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg,
+                              out_shardings=out_shardings)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
   for i in range(run.start_step, steps):
-    batch = {k: jnp.asarray(v) for k, v in _arrays(next(batches)).items()}
+    batch = put_batch(_arrays(next(batches)))
     t0 = time.time()
     state, metrics = update(state, batch, rng)
-    metrics = jax.device_get(metrics)
+    metrics = _fetch(metrics)
     dt = time.time() - t0
     if i == run.start_step:
       summary["first_step_seconds"] = dt
