@@ -1,8 +1,7 @@
 """Offline training data paths through `rlhf_jax.train.run.run`: JSONL files, mocked TFDS,
 bad data (clear errors or counted skips), exact resume, cached reference log-probs.
 
-Every run uses the same tiny model and batch shapes per paradigm, so the jitted step is
-compiled once per paradigm and shared (see `offline_loop._compiled`).
+The shared config and runner live in `offline_testlib`.
 """
 
 from __future__ import annotations
@@ -14,23 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.data import DataFormatError, PreferenceTask, write_jsonl
-from rlhf_jax.train import offline_config, run
-
-
-def _config(paradigm, workdir, loss=None, **kw):
-  c = offline_config.synthetic_config(paradigm, loss=loss, arg="fast", **kw)
-  c.workdir = str(workdir)
-  c.progress = False
-  return c
-
-
-def _pairs(n, seed=0):
-  return PreferenceTask().generate(n, seed=seed)
-
-
-def _run(c):
-  return run.run(c)
+from offline_testlib import config as _config  # tests/offline_testlib.py
+from offline_testlib import pairs as _pairs
+from offline_testlib import run_config as _run
+from rlhf_jax.data import DataFormatError, write_jsonl
 
 
 def _jsonl_config(paradigm, tmp_path, loss, records, **data):

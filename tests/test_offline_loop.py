@@ -1,36 +1,17 @@
 """End-to-end offline training through `rlhf_jax.train.run.run` on the synthetic preference
 task: SFT, DPO, KTO and RM-BT reach the accuracies their experiment configs state.
 
-Every run uses the same tiny model and batch shapes per paradigm, so the jitted step is
-compiled once per paradigm and shared (see `offline_loop._compiled`).
+The shared config and runner live in `offline_testlib`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import jax
 import numpy as np
-import pytest
 
-from rlhf_jax.data import DataFormatError, PreferenceTask, write_jsonl
-from rlhf_jax.train import offline_config, run
-
-
-def _config(paradigm, workdir, loss=None, **kw):
-  c = offline_config.synthetic_config(paradigm, loss=loss, arg="fast", **kw)
-  c.workdir = str(workdir)
-  c.progress = False
-  return c
-
-
-def _pairs(n, seed=0):
-  return PreferenceTask().generate(n, seed=seed)
-
-
-def _run(c):
-  return run.run(c)
+from offline_testlib import config as _config  # tests/offline_testlib.py
+from offline_testlib import run_config as _run
 
 
 def test_dpo_fast_reaches_stated_accuracy(tmp_path):

@@ -24,15 +24,4 @@ def get_config(arg=None):
   arg = _common.check_variant(arg, "dpo")
   c = synthetic_config("preference", loss="dpo", loss_kwargs=dict(beta=0.1),
                        learning_rate=5e-6, batch_size=8, steps=60)
-  _common.use_smollm2(c)
-  c.workdir = f"runs/smollm2_dpo_{arg}"
-  c.data.update(dict(train_size=1024, eval_size=64, eval_batch_size=16))
-  c.train.eval_every = 0
-  if arg == "gpu":
-    c.train.update(dict(steps=500, batch_size=64, eval_every=100))
-    c.data.update(dict(train_size=20000, eval_size=512, eval_batch_size=64))
-  elif arg == "smoke":
-    c.train.steps = 2
-    c.data.update(dict(train_size=32, eval_size=16, eval_batch_size=16))
-    c.progress = False
-  return c
+  return _common.offline_variant(c, "dpo", arg)

@@ -24,15 +24,4 @@ from rlhf_jax.train.offline_config import synthetic_config  # pylint: disable=wr
 def get_config(arg=None):
   arg = _common.check_variant(arg, "rm")
   c = synthetic_config("reward_model", loss="bt", learning_rate=2e-5, batch_size=8, steps=60)
-  _common.use_smollm2(c)
-  c.workdir = f"runs/smollm2_rm_{arg}"
-  c.data.update(dict(train_size=1024, eval_size=64, eval_batch_size=16))
-  c.train.eval_every = 0
-  if arg == "gpu":
-    c.train.update(dict(steps=500, batch_size=64, eval_every=100))
-    c.data.update(dict(train_size=20000, eval_size=512, eval_batch_size=64))
-  elif arg == "smoke":
-    c.train.steps = 2
-    c.data.update(dict(train_size=32, eval_size=16, eval_batch_size=16))
-    c.progress = False
-  return c
+  return _common.offline_variant(c, "rm", arg)
