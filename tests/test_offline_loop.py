@@ -41,3 +41,23 @@ def test_kto_unpaired_trains(tmp_path):
   assert s["eval_after"]["implicit_reward_accuracy"] >= 0.85
 
 
+
+
+def test_dpo_on_a_mesh_matches_one_device(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, mesh in (("one", None), ("mesh", dict(data=2, fsdp=2, tensor=2))):
+    c = _config("preference", tmp_path / name, loss="dpo")
+    c.train.steps, c.train.eval_every = 3, 0
+    if mesh:
+      c.mesh = mesh
+    summary = _run(c)
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      rows.append([json.loads(l) for l in f if '"grad_norm"' in l])
+    if mesh:
+      leaf = jax.tree.leaves(summary["state"].params)[0]
+      assert len(leaf.sharding.device_set) == 8
+  assert len(rows[0]) == len(rows[1]) == 3
+  for a, b in zip(*rows):
+    for k in ("loss", "grad_norm"):
+      np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)

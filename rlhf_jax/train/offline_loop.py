@@ -35,6 +35,7 @@ import numpy as np
 
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.train import config_schema
+from rlhf_jax.train.placement import fetch, placement
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
 from rlhf_jax.train import offline_heads
@@ -132,7 +133,7 @@ def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]
   for batch in make_eval_iter():
     if table is not None:
       batch = table.lookup(batch)
-    rows.append(jax.device_get(evaluate_fn(state, _arrays(batch))))
+    rows.append(fetch(evaluate_fn(state, _arrays(batch))))
   if not rows:
     raise ValueError("the eval set is smaller than one batch; add records or lower "
                      "data.eval_batch_size")
@@ -186,19 +187,23 @@ def train(config) -> Dict[str, Any]:
   writer = MetricsWriter(config.workdir, total_steps=steps, desc=paradigm,
                          show=("loss",), progress=config.get("progress", True))
   run = Runner(config, state, batches)
-  state = run.state
+  if config.get("mesh") and not hasattr(model, "logical_axes"):
+    raise ValueError("config.mesh needs a model with logical axes; config.rm_head models "
+                     "run on one device (remove config.mesh)")
+  put_state, put_batch, _ = placement(config, model, run.state)
+  state = put_state(run.state)
   do_eval = lambda s: evaluate(eval_fn, s, make_eval_iter, eval_table)  # noqa: E731
   summary: Dict[str, Any] = {"start_step": run.start_step}
   if run.start_step == 0:
     summary["eval_before"] = do_eval(state)
   t_first, last_loss = None, None
   for step in range(run.start_step, steps):
-    state, metrics = step_fn(state, _arrays(next(batches)))
-    metrics = dict(jax.device_get(metrics))
+    state, metrics = step_fn(state, put_batch(_arrays(next(batches))))
+    metrics = dict(fetch(metrics))
     last_loss = float(metrics["loss"])
     if t_first is None:
       t_first = time.time()
-    metrics["bad_steps_in_a_row"] = int(jax.device_get(state.guard.consecutive))
+    metrics["bad_steps_in_a_row"] = int(fetch(state.guard.consecutive))
     writer.write(step + 1, metrics)
     if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
       writer.write(step + 1, do_eval(state), prefix="eval/")

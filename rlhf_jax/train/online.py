@@ -75,8 +75,8 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
 
-def state_shardings(state: RLState, model, mesh, rules=None):
-  """NamedShardings for an `RLState` on `mesh`.
+def state_shardings(state, model, mesh, rules=None):
+  """NamedShardings for a train state (`RLState`, `OfflineState`, ...) on `mesh`.
 
   Policy and reference params (and any optimiser-state subtree shaped like
   them, e.g. Adam moments) follow the model's logical axes under `rules`
@@ -94,7 +94,7 @@ def state_shardings(state: RLState, model, mesh, rules=None):
     return jax.tree.structure(params), sh
 
   structs = [like(state.params)]
-  if state.value_params is not None:
+  if getattr(state, "value_params", None) is not None:
     structs.append(like(state.value_params))
 
   def is_params(x):
