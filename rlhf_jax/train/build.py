@@ -118,30 +118,25 @@ def build_task(task_cfg):
 def encode_answers(tokenizer, answers: Sequence[str], *, length: int) -> Tuple[np.ndarray, np.ndarray]:
   """Answer strings -> right-padded ids and mask [N, length] (no EOS: verifiers compare
   the completion before its EOS; the answer plus EOS must fit in `length`)."""
-  ids = np.full((len(answers), length), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(answers), length), bool)
-  for i, a in enumerate(answers):
-    toks = list(tokenizer.encode(a))
+  seqs = [list(tokenizer.encode(a)) for a in answers]
+  for a, toks in zip(answers, seqs):
     if len(toks) + 1 > length:
       raise ValueError(f"answer {a!r} has {len(toks) + 1} tokens with EOS, more than "
                        f"sampling.max_new_tokens={length}; raise max_new_tokens")
-    ids[i, :len(toks)] = toks
-    mask[i, :len(toks)] = True
-  return ids, mask
+  ids, mask = data_lib.pad_sequences(seqs, length=length, pad_id=tokenizer.pad_id)
+  return ids, mask.astype(bool)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, length: int) -> Tuple[np.ndarray, np.ndarray]:
   """Prompt strings -> left-padded ids and mask [N, length]."""
-  ids = np.full((len(prompts), length), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(prompts), length), bool)
-  for i, p in enumerate(prompts):
-    toks = list(tokenizer.encode(p))
+  seqs = [list(tokenizer.encode(p)) for p in prompts]
+  for p, toks in zip(prompts, seqs):
     if len(toks) > length:
       raise ValueError(f"prompt {p!r} has {len(toks)} tokens, more than "
                        f"data.max_prompt_length={length}; raise it")
-    ids[i, length - len(toks):] = toks
-    mask[i, length - len(toks):] = True
-  return ids, mask
+  ids, mask = data_lib.pad_sequences(seqs, length=length, pad_id=tokenizer.pad_id,
+                                     padding_side="left")
+  return ids, mask.astype(bool)
 
 
 def prompt_batch(tokenizer, examples: Sequence[Mapping[str, Any]], *, prompt_length: int,

@@ -35,7 +35,7 @@ import numpy as np
 
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.train import config_schema
-from rlhf_jax.train.placement import fetch, placement
+from rlhf_jax.train.placement import fetch, host_arrays, placement
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
 from rlhf_jax.train import offline_heads
@@ -43,11 +43,6 @@ from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.runner import Runner
 
 SOURCES = od.SOURCES
-
-
-def _arrays(batch) -> Dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()
-          if isinstance(v, np.ndarray) and v.dtype != object}
 
 
 def load_records(config):
@@ -122,7 +117,7 @@ def _ref_tables(config, ref_fn, eval_ref_fn, ref_params, train, evals, batch_siz
   for name, (src, (fn, collate)), f, bs in (("train", train, ref_fn, batch_size),
                                             ("eval", evals[:2], eval_ref_fn, evals[2])):
     path = os.path.join(config.workdir, f"ref_logps_{name}_{key}.safetensors")
-    run = lambda b, f=f: jax.device_get(f(ref_params, _arrays(b)))  # noqa: E731
+    run = lambda b, f=f: jax.device_get(f(ref_params, host_arrays(b)))  # noqa: E731
     out.append(od.RefTable.build(path, src, fn, collate, run, batch_size=bs))
   return out
 
@@ -133,7 +128,7 @@ def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]
   for batch in make_eval_iter():
     if table is not None:
       batch = table.lookup(batch)
-    rows.append(fetch(evaluate_fn(state, _arrays(batch))))
+    rows.append(fetch(evaluate_fn(state, host_arrays(batch))))
   if not rows:
     raise ValueError("the eval set is smaller than one batch; add records or lower "
                      "data.eval_batch_size")
@@ -198,7 +193,7 @@ def train(config) -> Dict[str, Any]:
     summary["eval_before"] = do_eval(state)
   t_first, last_loss = None, None
   for step in range(run.start_step, steps):
-    state, metrics = step_fn(state, put_batch(_arrays(next(batches))))
+    state, metrics = step_fn(state, put_batch(host_arrays(next(batches))))
     metrics = dict(fetch(metrics))
     last_loss = float(metrics["loss"])
     if t_first is None:

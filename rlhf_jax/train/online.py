@@ -153,7 +153,7 @@ def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_re
   return out, adv_state
 
 
-def _sequence_batch(out, prompt_len: int):
+def _sequence_batch(out):
   """Concatenates prompts and completions into the trainer's teacher-forced input."""
   ids = jnp.concatenate([out.prompt_ids, out.completion_ids], axis=1)
   attn = jnp.concatenate([out.prompt_mask.astype(bool), out.completion_mask.astype(bool)], axis=1)
@@ -259,7 +259,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
               if k not in ("prompt_ids", "prompt_mask")}
     rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
                           out.completion_mask, extras)
-    ids, attn = _sequence_batch(out, prompt_len)
+    ids, attn = _sequence_batch(out)
     ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len)
     old_logps = out.logps
     beta = state.kl_state.beta

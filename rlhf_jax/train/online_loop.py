@@ -20,17 +20,13 @@ import numpy as np
 from rlhf_jax import data as data_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.train.placement import fetch as _fetch, placement
+from rlhf_jax.train.placement import fetch as _fetch, host_arrays, placement
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.train import config_schema
 from rlhf_jax.train import build, offline, online, optim
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.rl_config import RLSettings
 from rlhf_jax.train.runner import Runner
-
-
-def _arrays(batch: Dict[str, Any]) -> Dict[str, Any]:
-  return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
 
 
 def prompt_iterator(tokenizer, examples: Sequence[dict], *, batch_size: int, prompt_length: int,
@@ -80,7 +76,7 @@ def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWri
                             config.sampling.max_new_tokens, seed=config.seed)
   for i in range(sft.steps):
     batch = next(it)
-    state, m = step(state, {k: jnp.asarray(v) for k, v in _arrays(batch).items()})
+    state, m = step(state, {k: jnp.asarray(v) for k, v in host_arrays(batch).items()})
     if (i + 1) % max(1, sft.steps // 10) == 0:
       writer.write(i + 1, {"loss": m["loss"]}, prefix="sft/")
   return state.params
@@ -136,7 +132,7 @@ def train(config) -> Dict[str, Any]:
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
   for i in range(run.start_step, steps):
-    batch = put_batch(_arrays(next(batches)))
+    batch = put_batch(host_arrays(next(batches)))
     t0 = time.time()
     state, metrics = update(state, batch, rng)
     metrics = _fetch(metrics)

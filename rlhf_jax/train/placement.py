@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.train import online
+
+
+def host_arrays(batch):
+  """The numeric numpy fields of a host batch (strings and object columns dropped)."""
+  return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
 
 
 def fetch(tree):
