@@ -28,17 +28,20 @@ def lm(request):
   return model, model.init(jax.random.key(0))
 
 
-def test_decode_prefill_and_steps_match_apply(lm):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+def test_decode_prefill_and_steps_match_apply(lm, per_layer):
   model, params = lm
   full = np.asarray(model.apply(params, IDS, attention_mask=MASK))
   prompt, total = 5, IDS.shape[1]
   pos = jnp.maximum(jnp.cumsum(MASK, 1) - 1, 0)
   cache = model.init_cache(2, total + 2)
+  assert isinstance(cache, M.KVCache) and cache.k.shape == (2, 2, model.config.num_kv_heads, total + 2, 8)
+  if per_layer:  # the layout the sampler decodes with
+    params, cache = M.unstack_layers(params), M.unstack_cache(cache)
   kv = jnp.zeros((2, total + 2), bool).at[:, :prompt].set(MASK[:, :prompt] > 0)
   step = jax.jit(lambda c, ids, p, w, kvm: model.decode(params, ids, p, c, write_index=w,
                                                          kv_mask=kvm))
   logits, cache = step(cache, IDS[:, :prompt], pos[:, :prompt], 0, kv)
-  assert isinstance(cache, M.KVCache) and cache.k.shape == (2, 2, total + 2, model.config.num_kv_heads, 8)
   real = np.asarray(MASK[:, :prompt]) > 0
   assert np.abs(np.asarray(logits) - full[:, :prompt])[real].max() < 1e-5
   for t in range(prompt, total):
@@ -61,6 +64,22 @@ def test_token_logps_equals_log_softmax_gather(lm):
     np.testing.assert_allclose(lp[:, 1:], ref, atol=1e-5)
     np.testing.assert_allclose(ent[:, 1:], ref_ent, atol=1e-5)
     assert np.all(np.asarray(lp[:, 0]) == 0)
+
+
+def test_per_layer_params_give_the_same_outputs_and_gradients(lm):
+  """`unstack_layers` is a layout change only: same logits, and the gradient taken through
+  it equals the gradient w.r.t. the stacked parameters."""
+  model, params = lm
+  per_layer = M.unstack_layers(params)
+  assert isinstance(per_layer["layers"], tuple) and len(per_layer["layers"]) == 2
+  assert M.unstack_layers(per_layer) is per_layer
+  np.testing.assert_allclose(model.apply(per_layer, IDS, attention_mask=MASK),
+                             model.apply(params, IDS, attention_mask=MASK), atol=1e-5)
+  loss = lambda p: jnp.sum(M.token_logps(model, p, IDS, MASK)[0])
+  g_stacked = jax.grad(loss)(params)
+  g_through = jax.grad(lambda p: loss(M.unstack_layers(p)))(params)
+  for a, b in zip(jax.tree.leaves(g_stacked), jax.tree.leaves(g_through)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_token_logps_grad_matches_unchunked():

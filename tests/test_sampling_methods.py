@@ -111,3 +111,50 @@ def test_config_is_hashable_and_normalises_eos():
   b = SamplingConfig(max_new_tokens=4, eos_ids=(2, 3))
   assert a == b and hash(a) == hash(b) and a.eos_ids == (2, 3)
   assert SamplingConfig(max_new_tokens=4, eos_ids=5).eos_ids == (5,)
+
+
+def reference_inverse_cdf(q, u):
+  """Float64 inverse CDF over tokens sorted by (-q, id): first token whose cumulative q > u."""
+  out = []
+  for row, ur in zip(q, u):
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    cdf = np.cumsum(row[order])
+    out.append(order[int(np.searchsorted(cdf, ur * cdf[-1], side="right"))])
+  return np.array(out)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("top_k") or c.get("top_p")], ids=str)
+def test_select_is_the_inverse_cdf_of_q(case):
+  """`select` picks the token where the float64 cumulative q first exceeds u."""
+  method = Truncated(**case)
+  q = reference_q(LOGITS, **case)
+  # Uniforms away from the cumulative boundaries, where float32 rounding could flip a draw.
+  for u0 in np.linspace(0.013, 0.987, 17):
+    u = np.full((2,), u0)
+    tokens, slogp = jax.jit(method.select)(jnp.asarray(LOGITS), jnp.asarray(u, jnp.float32))
+    want = reference_inverse_cdf(q, u)
+    np.testing.assert_array_equal(np.asarray(tokens), want)
+    np.testing.assert_allclose(np.asarray(slogp), np.log(q[[0, 1], want]), atol=1e-5)
+
+
+def test_select_never_picks_a_truncated_token_near_u_one():
+  """A target equal to the total mass (float32 rounding of u * total near u = 1; forced here
+  with u = 1) still picks a token of S, not a truncated one after it."""
+  method = Truncated(temperature=1.0, top_p=0.3)
+  q = reference_q(LOGITS, temperature=1.0, top_p=0.3)
+  u = jnp.ones((2,), jnp.float32)
+  tokens, slogp = method.select(jnp.asarray(LOGITS), u)
+  assert all(q[r, int(t)] > 0 for r, t in enumerate(np.asarray(tokens)))
+  assert np.all(np.isfinite(np.asarray(slogp)))
+
+
+def test_select_checks_uniform_shape():
+  with pytest.raises(ValueError, match="uniforms"):
+    Truncated().select(jnp.asarray(LOGITS), jnp.zeros((3,)))
+
+
+def test_plain_flag():
+  assert Truncated().is_plain
+  assert not Truncated(temperature=0.9).is_plain
+  assert not Truncated(top_k=5).is_plain
+  assert Truncated(top_p=1.0).is_plain

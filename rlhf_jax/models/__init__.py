@@ -17,10 +17,14 @@ from rlhf_jax.models.model import (
     ValueModel,
     check_token_ids,
     from_config,
+    stack_layers,
+    unstack_cache,
+    unstack_layers,
 )
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
     "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
     "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "logical_axes",
+    "stack_layers", "unstack_cache", "unstack_layers",
 ]

@@ -32,7 +32,8 @@ def logical_axes(model, params=None):
   """Pytree like `params` whose leaves are tuples of logical axis names.
 
   Names: "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-  "norm", None. Per-layer parameters lead with "layers".
+  "norm", None. Stacked per-layer parameters lead with "layers" (the per-layer layout of
+  `unstack_layers` has no such axis).
   """
   if params is None:
     params = jax.eval_shape(model.init, jax.random.key(0))
@@ -40,7 +41,8 @@ def logical_axes(model, params=None):
   def leaf(path, x):
     keys = [getattr(p, "key", None) for p in path]
     axes = _LEAF_AXES[keys[-1]]
-    if keys[0] == "layers":
+    # Stacked layers lead with "layers"; per-layer params (`unstack_layers`) have no layer axis.
+    if keys[0] == "layers" and not isinstance(path[1], jax.tree_util.SequenceKey):
       axes = ("layers",) + axes
     if len(axes) != len(x.shape):
       raise ValueError(f"logical_axes: {'/'.join(map(str, keys))} has shape {x.shape}, "

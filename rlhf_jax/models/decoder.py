@@ -21,7 +21,7 @@ from rlhf_jax.models.config import DecoderConfig, default_init_std
 
 
 class KVCache(NamedTuple):
-  """Per-layer key/value cache: k, v of shape [L, B, S, Hkv, Dh]."""
+  """Key/value cache: k, v of shape [L, B, Hkv, S, Dh] (or tuples of L [B, Hkv, S, Dh])."""
   k: jax.Array
   v: jax.Array
 
@@ -71,6 +71,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- layers
+
+
+def cached_attention(q, k, v, mask):
+  """Softmax attention of q [B, T, H, Dh] over a cache k, v [B, Hkv, S, Dh].
+
+  Grouped-query: query head h reads kv head h // (H / Hkv). mask: bool [B, 1, T, S].
+  Scores and softmax in float32 (as `jax.nn.dot_product_attention`). Returns [B, T, H, Dh].
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[1]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * jnp.float32(1.0 / math.sqrt(d))
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
 
 
 def _param(mod: nn.Module, name: str, shape, std: float | None, param_dtype):
@@ -125,14 +142,15 @@ class Attention(nn.Module):
     if cfg.position_kind == "rope":
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
-    if layer_cache is not None:
-      ck, cv = layer_cache
-      idx = (0, write_index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+    if layer_cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+    else:
+      ck, cv = layer_cache  # [B, Hkv, S, Dh]: the layout the attention dots read directly
+      idx = (0, 0, write_index, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), idx)
+      cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), idx)
       new_cache = (ck, cv)
-      k, v = ck.astype(dt), cv.astype(dt)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+      out = cached_attention(q, ck.astype(dt), cv.astype(dt), mask)
     wo = _param(self, "o_kernel", (h, hd, d), std, pd)
     y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
     if cfg.o_bias:
@@ -234,10 +252,34 @@ class Decoder(nn.Module):
     else:
       cos, sin = rope_cos_sin(cfg, positions)
     ctx = dict(cos=cos, sin=sin, mask=mask, write_index=write_index)
-    layer_cache = None if cache is None else (cache.k, cache.v)
-    h, new = self.layers(x, layer_cache, ctx)
+    layers = None if self.is_initializing() else self.variables["params"].get("layers")
+    if isinstance(layers, (tuple, list)):
+      h, new = self._run_unrolled(x, layers, cache, ctx)
+    else:
+      layer_cache = None if cache is None else (cache.k, cache.v)
+      h, new = self.layers(x, layer_cache, ctx)
+      new = None if new is None else KVCache(*new)
     h = self.final_norm(h)
-    return h, (None if new is None else KVCache(*new))
+    return h, new
+
+  def _run_unrolled(self, x, layers, cache, ctx):
+    """Runs per-layer parameters (a tuple, see `unstack_layers`) as a Python loop."""
+    block = Block(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+    apply = block.apply
+    if self.remat:
+      apply = jax.checkpoint(block.apply)
+    ks, vs = [], []
+    for i, p in enumerate(layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, new = apply({"params": p}, x, layer_cache, ctx)
+      if new is not None:
+        ks.append(new[0])
+        vs.append(new[1])
+    if cache is None:
+      return x, None
+    if isinstance(cache.k, (tuple, list)):
+      return x, KVCache(tuple(ks), tuple(vs))
+    return x, KVCache(jnp.stack(ks), jnp.stack(vs))
 
   def hidden(self, input_ids, attention_mask):
     mask = attention_mask.astype(bool)
@@ -273,7 +315,7 @@ class Decoder(nn.Module):
 
   def decode(self, input_ids, positions, cache, write_index, kv_mask):
     t = input_ids.shape[1]
-    s = cache.k.shape[2]
+    s = kv_mask.shape[1]
     q_slot = write_index + jnp.arange(t)
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [t, S]
     mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]

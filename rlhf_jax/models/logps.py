@@ -43,7 +43,6 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
   h_chunks = h_prev.reshape(b, n_chunks, c, d).swapaxes(0, 1)
   t_chunks = targets.reshape(b, n_chunks, c).swapaxes(0, 1)
 
-  @jax.checkpoint
   def one(args):
     hc, tc = args
     logits = model.logits_from_hidden(params, hc).astype(jnp.float32)
@@ -53,7 +52,10 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
     ent = logz - jnp.sum(probs * logits, axis=-1)
     return picked - logz, ent
 
-  lp, ent = jax.lax.map(one, (h_chunks, t_chunks))
+  if n_chunks == 1:  # one chunk holds no more than the loop would: no loop, no recompute
+    lp, ent = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
+  else:
+    lp, ent = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))
   lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
   ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
   zero = jnp.zeros((b, 1), jnp.float32)

@@ -131,7 +131,7 @@ class Model:
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     cfg = self.config
     dt = self.dtype if dtype is None else jnp.dtype(dtype)
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
   def decode(self, params, input_ids, positions, cache: KVCache, *, write_index, kv_mask):
@@ -143,9 +143,12 @@ class Model:
     if input_ids.ndim != 2 or positions.shape != input_ids.shape:
       raise ValueError(f"decode: input_ids {input_ids.shape} and positions "
                        f"{positions.shape} must both be [B, t].")
-    if kv_mask.shape != cache.k.shape[1:3]:
+    per_layer = isinstance(cache.k, (tuple, list))
+    k0 = cache.k[0][:, 0] if per_layer else cache.k[0, :, 0]  # [B, S, Dh]
+    batch_slots = k0.shape[:2]
+    if kv_mask.shape != batch_slots:
       raise ValueError(f"decode: kv_mask shape {kv_mask.shape} must be [B, S] = "
-                       f"{cache.k.shape[1:3]}.")
+                       f"{batch_slots}.")
     check_token_ids(input_ids, self.config.vocab_size)
     write_index = jnp.asarray(write_index, jnp.int32)
     return self._call(params, input_ids, positions.astype(jnp.int32), cache,
@@ -213,3 +216,34 @@ def ValueModel(hf_config: Any, **kw) -> Model:  # noqa: N802
 def RewardModel(hf_config: Any, **kw) -> Model:  # noqa: N802
   """A decoder with a sequence reward head scored at the last non-pad token (rewards [B])."""
   return from_config(hf_config, head="reward", **kw)
+
+
+def unstack_layers(params):
+  """Per-layer view of `params`: `layers` becomes a tuple of per-layer dicts.
+
+  Every model method accepts either layout. The unstacked one runs the layers as an
+  unrolled loop (no per-layer weight slicing inside a scan), which is faster for
+  KV-cache decoding; its gradient w.r.t. the stacked params is one concatenate.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  split = jax.tree.map(lambda x: [jnp.squeeze(s, 0) for s in jnp.split(x, n)], layers)
+  per_layer = tuple(jax.tree.map(lambda _, s: s[i], layers, split) for i in range(n))
+  return {**params, "layers": per_layer}
+
+
+def stack_layers(params):
+  """Inverse of `unstack_layers`: a tuple of per-layer dicts back to one stacked dict."""
+  layers = params["layers"]
+  if not isinstance(layers, (tuple, list)):
+    return params
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+  """Per-layer tuples of a stacked `KVCache` (for decoding with unstacked params)."""
+  if isinstance(cache.k, (tuple, list)):
+    return cache
+  return KVCache(tuple(cache.k), tuple(cache.v))

@@ -35,6 +35,12 @@ class Greedy:
                       ) -> Tuple[jax.Array, jax.Array]:
     """`(tokens [B] int32, sampling_logps [B] = 0)`; `rng` is ignored."""
     del rng
+    return self.select(logits, None)
+
+  def select(self, logits: jax.Array, uniforms: Optional[jax.Array] = None
+             ) -> Tuple[jax.Array, jax.Array]:
+    """Same as `get_next_tokens`; `uniforms` is ignored."""
+    del uniforms
     _check_logits(logits)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tokens, jnp.zeros(tokens.shape, jnp.float32)
@@ -103,20 +109,48 @@ class Truncated:
     return out.at[rows, ids].set(logq)
 
   def get_next_tokens(self, logits: jax.Array, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Draw one token per row: `(tokens [B] int32, sampling_logps [B] float32)`."""
-    logq, ids = self._sorted_log_probs(logits)
+    """Draw one token per row: `(tokens [B] int32, sampling_logps [B] float32)`.
+
+    Draws one uniform per row from `rng` and calls `select`.
+    """
+    _check_logits(logits)
     batch = logits.shape[0]
     typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
     if rng.ndim == (0 if typed else 1):
-      choice = jax.random.categorical(rng, logq, axis=-1)
+      u = jax.random.uniform(rng, (batch,), jnp.float32)
     else:
       if rng.shape[0] != batch:
         raise ValueError(f"`rng` must be one key or one key per row ({batch}), got shape {rng.shape}")
-      choice = jax.vmap(jax.random.categorical)(rng, logq)
-    choice = choice.astype(jnp.int32)
+      u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(rng)
+    return self.select(logits, u)
+
+  def select(self, logits: jax.Array, uniforms: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Inverse-CDF draw: row b takes the first candidate whose cumulative q exceeds u_b.
+
+    With u ~ U[0, 1) this draws exactly from q (one uniform per row, so a sampler can
+    draw all its randomness before the decode loop). Candidates with q = 0 are never
+    chosen. Args: logits [B, V]; uniforms [B] in [0, 1). Returns `(tokens, sampling_logps)`.
+    """
+    logq, ids = self._sorted_log_probs(logits)
+    if uniforms.shape != logits.shape[:1]:
+      raise ValueError(f"`uniforms` must have shape [B] = {logits.shape[:1]}, got {uniforms.shape}")
+    probs = jnp.exp(logq)
+    cdf = jnp.cumsum(probs, axis=-1)
+    target = uniforms.astype(jnp.float32)[:, None] * cdf[:, -1:]
+    choice = jnp.sum(cdf <= target, axis=-1, dtype=jnp.int32)
+    # Rounding can push the target onto the last cumulative value: fall back to the last
+    # candidate with non-zero probability.
+    k = logq.shape[-1]
+    last = k - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1).astype(jnp.int32)
+    choice = jnp.minimum(choice, last)
     slogp = jnp.take_along_axis(logq, choice[:, None], axis=-1)[:, 0]
     tokens = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     return tokens, slogp
+
+  @property
+  def is_plain(self) -> bool:
+    """True when q is the model's own softmax (temperature 1, no truncation)."""
+    return self.temperature == 1.0 and self.top_k is None and self.top_p in (None, 1.0)
 
 
 def make_method(*, temperature: float, top_k: Optional[int] = None,

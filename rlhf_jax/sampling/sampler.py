@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import models as models_lib
 from rlhf_jax.sampling.config import DecodeState, SampleOutput, SamplingConfig
 
 
@@ -54,8 +55,8 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   Prefill writes the (left-padded) prompts into cache slots 0..P-1; each decode step writes
   one token at slot P + t and attends to real prompt slots and earlier completion slots.
   Position ids are `cumsum(mask) - 1`, so a padded prompt sees the same positions as the
-  unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token with key
-  `fold_in(fold_in(rng, prompt_index[i] * G + g), t)`, so results do not depend on which
+  unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token from
+  `uniform(fold_in(rng, prompt_index[i] * G + g), [T])[t]` by inverse CDF, so results do not depend on which
   other prompts share the batch. The loop exits early once every row has emitted an EOS.
 
   Args:
@@ -79,6 +80,8 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   if prompt_index is None:
     prompt_index = jnp.arange(batch, dtype=jnp.int32)
   keys = row_keys(rng, prompt_index, group)
+  # All randomness up front: one uniform per row and step (inverse-CDF draws in the loop).
+  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (tnew,), jnp.float32))(keys)
 
   ids, mask = left_pad(prompt_ids.astype(jnp.int32), prompt_mask.astype(bool))
   ids = jnp.repeat(ids, group, axis=0)
@@ -86,17 +89,24 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
   kv_mask = jnp.concatenate([mask, jnp.ones((n, tnew), bool)], axis=1)
 
-  cache = model.init_cache(n, plen + tnew)
+  # Per-layer weights and cache: the decode loop then reads each weight in place.
+  # (The barrier materialises each layer's weights once, shared by prefill and decode.)
+  params = jax.lax.optimization_barrier(models_lib.unstack_layers(params))
+  cache = models_lib.unstack_cache(model.init_cache(n, plen + tnew))
   logits, cache = model.decode(params, ids, positions, cache, write_index=0, kv_mask=kv_mask)
   eos = jnp.asarray(config.eos_ids, jnp.int32) if config.eos_ids else None
 
   def choose(state: DecodeState) -> DecodeState:
     """Pick token `state.step` from `state.logits` and record it."""
     t = state.step
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
     logits32 = state.logits.astype(jnp.float32)
-    tok, slogp = method.get_next_tokens(logits32, step_keys)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits32, axis=-1), tok[:, None], axis=-1)[:, 0]
+    u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=1, keepdims=False)
+    tok, slogp = method.select(logits32, u)
+    if getattr(method, "is_plain", False):
+      logp = slogp
+    else:
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits32, axis=-1), tok[:, None],
+                                 axis=-1)[:, 0]
     live = ~state.done
     tok = jnp.where(live, tok, config.pad_id)
     done = state.done
@@ -116,7 +126,10 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
     prev = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
     logits, cache = model.decode(params, prev, state.positions[:, None], state.cache,
                                  write_index=plen + state.step - 1, kv_mask=kv_mask)
-    state = state.replace(logits=logits[:, -1], cache=cache, positions=state.positions + 1)
+    # The barrier keeps the LM-head matmul a library dot instead of a loop fused into the
+    # softmax reductions that follow (several times slower on CPU).
+    logits = jax.lax.optimization_barrier(logits[:, -1])
+    state = state.replace(logits=logits, cache=cache, positions=state.positions + 1)
     return choose(state)
 
   state = DecodeState(

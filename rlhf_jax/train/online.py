@@ -60,9 +60,16 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                settings: RLSettings, *, ref_params=None, value_params=None,
                value_optimizer: Optional[optax.GradientTransformation] = None,
                adv_state=None) -> RLState:
-  """Builds the initial `RLState`; the reference defaults to a copy of `params`."""
+  """Builds the initial `RLState`; the reference defaults to a copy of `params`.
+
+  Decoder params (and the reference) are kept per layer (`models.unstack_layers`): the
+  sampler, the reference pass and the gradient then read each layer's weights in place
+  instead of slicing a stacked array inside every decode step and layer loop. Use
+  `models.stack_layers` for the stacked (checkpoint / Hugging Face) layout.
+  """
   kl_controller = settings.kl_controller()
-  ref = jax.tree.map(jnp.copy, params) if ref_params is None else ref_params
+  params = _per_layer(params)
+  ref = jax.tree.map(jnp.copy, params) if ref_params is None else _per_layer(ref_params)
   vopt = None
   if value_params is not None:
     if value_optimizer is None:
@@ -73,6 +80,12 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                  value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
                  guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
+
+
+def _per_layer(params):
+  if isinstance(params, Mapping) and "layers" in params:
+    return models_lib.unstack_layers(params)
+  return params
 
 
 def state_shardings(state, model, mesh, rules=None):
@@ -170,6 +183,23 @@ def _completion_logps(model, params, ids, attn, prompt_len: int):
   return lp[:, prompt_len:], ent[:, prompt_len:]
 
 
+def _scan(f, carry, xs):
+  """`lax.scan`, or a direct call when there is one step (no loop, nothing to accumulate)."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, y = f(carry, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda v: v[None], y)
+  return jax.lax.scan(f, carry, xs)
+
+
+def _apply_if(ok, optimizer, grads, opt_state, params):
+  """`(params, opt_state)` after one optimiser update if `ok`, else unchanged."""
+  def apply(operands):
+    grads, opt_state, params = operands
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  return jax.lax.cond(ok, apply, lambda o: (o[2], o[1]), (grads, opt_state, params))
+
+
 def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.GradientTransformation,
                 settings: RLSettings, sampling_config, *, value_model=None, value_optimizer: Optional[optax.GradientTransformation] = None,
                 jit: bool = True, donate: bool = True, out_shardings=None):
@@ -217,9 +247,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
 
   grad_fn = jax.grad(policy_loss, argnums=(0, 1), has_aux=True)
 
-  def minibatch_update(carry, mb):
-    params, value_params, opt_state, value_opt_state, beta = carry
-    normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+  def gradients(params, value_params, mb, normalizer, beta):
+    """Sums the gradients of `settings.micro_batches` slices of the minibatch."""
     k = settings.micro_batches
     micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]),
                          {kk: v for kk, v in mb.items() if kk != "prompt_len"})
@@ -235,14 +264,23 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                                                prompt_len=mb["prompt_len"]),
                                           normalizer, beta)[1])
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-    (gp, gv, aux), _ = jax.lax.scan(accumulate, (*zeros, aux0), micro)
-    updates, opt_state = optimizer.update(gp, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    aux["grad_norm"] = optax.global_norm(gp)
+    (gp, gv, aux), _ = _scan(accumulate, (*zeros, aux0), micro)
+    return gp, gv, aux
+
+  def minibatch_update(carry, mb):
+    """One optimiser update; skipped (params and optimiser state kept) when non-finite."""
+    params, value_params, opt_state, value_opt_state, beta, ok_all = carry
+    normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+    gp, gv, aux = gradients(params, value_params, mb, normalizer, beta)
+    aux["grad_norm"] = optax.tree.norm(gp)
+    # Any non-finite gradient makes the global norm non-finite.
+    ok = guards.is_finite_tree((aux, optax.tree.norm(gv) if gv is not None else 0.0))
+    # A conditional, not a select: the usual (finite) path writes the update in place.
+    params, opt_state = _apply_if(ok, optimizer, gp, opt_state, params)
     if value_model is not None:
-      vupdates, value_opt_state = value_optimizer.update(gv, value_opt_state, value_params)
-      value_params = optax.apply_updates(value_params, vupdates)
-    return (params, value_params, opt_state, value_opt_state, beta), aux
+      value_params, value_opt_state = _apply_if(ok, value_optimizer, gv, value_opt_state,
+                                                value_params)
+    return (params, value_params, opt_state, value_opt_state, beta, ok_all & ok), aux
 
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
@@ -284,16 +322,20 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     nmb = settings.num_minibatches
 
     def epoch(carry, e):
-      perm = (jnp.arange(n) if nmb == 1 else
-              jax.random.permutation(jax.random.fold_in(rng_perm, e), n))
-      shuffled = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
-      carry, aux = jax.lax.scan(
+      if nmb == 1:
+        shuffled = jax.tree.map(lambda x: x[None], data)
+      else:
+        perm = jax.random.permutation(jax.random.fold_in(rng_perm, e), n)
+        shuffled = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
+      carry, aux = _scan(
           lambda c, mb: minibatch_update(c, dict(mb, prompt_len=prompt_len)), carry, shuffled)
       return carry, aux
 
-    carry = (state.params, state.value_params, state.opt_state, state.value_opt_state, beta)
-    carry, aux = jax.lax.scan(epoch, carry, jnp.arange(settings.epochs))
-    params, value_params, opt_state, value_opt_state, _ = carry
+    ok_rewards = guards.is_finite_tree(rewards)
+    carry = (state.params, state.value_params, state.opt_state, state.value_opt_state, beta,
+             ok_rewards)
+    carry, aux = _scan(epoch, carry, jnp.arange(settings.epochs))
+    params, value_params, opt_state, value_opt_state, _, ok = carry
     seq_kl = jnp.mean(jnp.sum(kl_tok, axis=1))
     kl_state = kl_controller.update(state.kl_state, seq_kl, n)
     grouped = rewards.reshape(-1, g)
@@ -313,12 +355,16 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       metrics[f"reward_{i}_std"] = jnp.std(each[:, i])
     guard = guards.nonfinite_init(window=1) if state.guard is None else state.guard
     kept = state.replace(step=state.step + 1, guard=guard)
-    new_state = kept.replace(params=params, opt_state=opt_state, value_params=value_params,
-                             value_opt_state=value_opt_state, kl_state=kl_state,
-                             adv_state=adv_state)
-    # A non-finite loss, reward or update keeps the previous state (step still advances).
-    new_state, skipped = guards.apply_if_finite(new_state, kept, (aux, rewards),
-                                                (params, value_params))
+    trained = dict(params=params, opt_state=opt_state, value_params=value_params,
+                   value_opt_state=value_opt_state)
+    new_state = kept.replace(kl_state=kl_state, adv_state=adv_state, **trained)
+    # A non-finite reward, loss or gradient keeps the previous state (step still advances).
+    # With one update per step that update already kept the old params (see
+    # `minibatch_update`), so only the small remaining fields are selected here.
+    skipped = ~ok
+    if settings.epochs * nmb == 1:
+      kept = kept.replace(**trained)
+    new_state = guards.select_tree(skipped, kept, new_state)
     guard = guards.nonfinite_update(guard, metrics["pg_loss"], skipped)
     new_state = new_state.replace(guard=guard)
     metrics["skipped"] = skipped.astype(jnp.float32)
