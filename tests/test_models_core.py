@@ -82,6 +82,35 @@ def test_per_layer_params_give_the_same_outputs_and_gradients(lm):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+def test_completion_logps_with_shared_prompts_equal_full_rows(lm, per_layer):
+  """Prompts run once per group of G and reused as a KV cache give the same completion
+  log-probs, entropies and gradients as running every [prompt, completion] row in full."""
+  model, params = lm
+  if per_layer:
+    params = M.unstack_layers(params)
+  g, p = 3, 5
+  prompt = IDS[:, :p]  # row 0 left-padded
+  pmask = MASK[:, :p]
+  comp = jax.random.randint(jax.random.key(1), (2 * g, 4), 1, V)
+  cmask = jnp.ones(comp.shape, bool).at[1, 2:].set(False).at[4, 1:].set(False)
+  full_ids = jnp.concatenate([jnp.repeat(prompt, g, 0), comp], 1)
+  full_mask = jnp.concatenate([jnp.repeat(pmask, g, 0).astype(bool), cmask], 1)
+  lp, ent = M.completion_logps(model, params, prompt, pmask, comp, cmask, group_size=g)
+  ref_lp, ref_ent = M.token_logps(model, params, full_ids, full_mask)
+  m = np.asarray(cmask)
+  np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(ref_lp[:, p:])[m], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ent)[m], np.asarray(ref_ent[:, p:])[m], atol=1e-5)
+  shared = lambda q: jnp.sum(jnp.where(cmask, M.completion_logps(
+      model, q, prompt, pmask, comp, cmask, group_size=g)[0], 0.0))
+  full = lambda q: jnp.sum(jnp.where(cmask, M.token_logps(model, q, full_ids, full_mask)[0][:, p:],
+                                     0.0))
+  for a, b in zip(jax.tree.leaves(jax.grad(shared)(params)), jax.tree.leaves(jax.grad(full)(params))):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="group_size"):
+    M.completion_logps(model, params, prompt, pmask, comp, cmask, group_size=2)
+
+
 def test_token_logps_grad_matches_unchunked():
   model = M.from_config(LLAMA)
   params = model.init(jax.random.key(1))

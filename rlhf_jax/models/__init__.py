@@ -10,7 +10,7 @@ from rlhf_jax.models.config import (
 from rlhf_jax.models.decoder import Decoder, KVCache
 from rlhf_jax.models.hf_io import load_hf, save_hf
 from rlhf_jax.models.gguf import load_gguf
-from rlhf_jax.models.logps import token_logps
+from rlhf_jax.models.logps import completion_logps, logps_from_hidden, token_logps
 from rlhf_jax.models.model import (
     Model,
     RewardModel,
@@ -25,6 +25,6 @@ from rlhf_jax.models.model import (
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
     "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
-    "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "logical_axes",
+    "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "completion_logps", "logps_from_hidden", "logical_axes",
     "stack_layers", "unstack_cache", "unstack_layers",
 ]

@@ -313,13 +313,16 @@ class Decoder(nn.Module):
   def __call__(self, input_ids, attention_mask):
     return self.head_output(self.hidden(input_ids, attention_mask), attention_mask)
 
-  def decode(self, input_ids, positions, cache, write_index, kv_mask):
+  def decode_hidden(self, input_ids, positions, cache, write_index, kv_mask):
     t = input_ids.shape[1]
     s = kv_mask.shape[1]
     q_slot = write_index + jnp.arange(t)
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [t, S]
     mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
-    h, cache = self._run(input_ids, positions, mask, cache, write_index)
+    return self._run(input_ids, positions, mask, cache, write_index)
+
+  def decode(self, input_ids, positions, cache, write_index, kv_mask):
+    h, cache = self.decode_hidden(input_ids, positions, cache, write_index, kv_mask)
     if self.head == "lm":
       return self.logits_from_hidden(h), cache
     return self.scores_from_hidden(h), cache

@@ -6,41 +6,27 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128):
-  """Per-token log-probs and entropies of `input_ids` under an LM-head model.
-
-  logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, logps[:, 0] = 0;
-  entropy[:, t] = -sum_v p_v log p_v of the same next-token distribution
-  (entropy[:, 0] = 0). The LM head and log-softmax run over chunks of
-  `chunk_size` positions (each chunk rematerialised under autodiff), so the full
-  [B, T, V] float32 log-softmax is never materialised.
-
-  Args:
-    input_ids: int [B, T]. attention_mask: [B, T] (1 = real token).
-  Returns:
-    (logps [B, T] float32, entropy [B, T] float32). Callers apply their own mask.
-  """
+def _check_lm(model, chunk_size):
   if chunk_size <= 0:
     raise ValueError(f"token_logps: chunk_size must be positive, got {chunk_size}.")
   if model.head != "lm":
     raise ValueError(f"token_logps needs an LM-head model, got head={model.head!r}.")
-  input_ids = jnp.asarray(input_ids)
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
-  h = model.hidden(params, input_ids, attention_mask)  # [B, T, D]
-  b, t, d = h.shape
-  if t < 2:
-    z = jnp.zeros((b, t), jnp.float32)
-    return z, z
-  h_prev = h[:, :-1]
-  targets = input_ids[:, 1:]
-  n = t - 1
+
+
+def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128):
+  """Log-prob and entropy of `targets` [B, n] under the LM head applied to `h` [B, n, D].
+
+  The LM head and log-softmax run over chunks of `chunk_size` positions (each chunk
+  rematerialised under autodiff when there are several), so the full [B, n, V] float32
+  log-softmax is never materialised. Returns (logps [B, n], entropy [B, n]) float32.
+  """
+  b, n, d = h.shape
   c = min(chunk_size, n)
   n_chunks = -(-n // c)
   pad = n_chunks * c - n
-  h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  h_chunks = h_prev.reshape(b, n_chunks, c, d).swapaxes(0, 1)
+  h_chunks = h.reshape(b, n_chunks, c, d).swapaxes(0, 1)
   t_chunks = targets.reshape(b, n_chunks, c).swapaxes(0, 1)
 
   def one(args):
@@ -58,5 +44,78 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
     lp, ent = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))
   lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
   ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
+  return lp, ent
+
+
+def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128):
+  """Per-token log-probs and entropies of `input_ids` under an LM-head model.
+
+  logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, logps[:, 0] = 0;
+  entropy[:, t] = -sum_v p_v log p_v of the same next-token distribution
+  (entropy[:, 0] = 0). The LM head and log-softmax run over chunks of
+  `chunk_size` positions (see `logps_from_hidden`).
+
+  Args:
+    input_ids: int [B, T]. attention_mask: [B, T] (1 = real token).
+  Returns:
+    (logps [B, T] float32, entropy [B, T] float32). Callers apply their own mask.
+  """
+  _check_lm(model, chunk_size)
+  input_ids = jnp.asarray(input_ids)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  h = model.hidden(params, input_ids, attention_mask)  # [B, T, D]
+  b, t, _ = h.shape
+  if t < 2:
+    z = jnp.zeros((b, t), jnp.float32)
+    return z, z
+  lp, ent = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
   zero = jnp.zeros((b, 1), jnp.float32)
   return jnp.concatenate([zero, lp], 1), jnp.concatenate([zero, ent], 1)
+
+
+def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                     *, group_size: int, chunk_size: int = 128):
+  """Log-probs and entropies of completions that share their prompt within groups of G.
+
+  Row r = i * G + g of `completion_ids` continues prompt i. Each prompt runs through the
+  model once; its keys/values are repeated for the G completions, which then run with the
+  prompt as their KV cache. Equal to `token_logps` of the concatenated
+  [prompt, completion] rows restricted to the completion positions (gradients included:
+  the prompt's share flows back through the repeated cache), with (G - 1) / G fewer prompt
+  tokens processed.
+
+  Args:
+    prompt_ids, prompt_mask: [B, P], left-padded (real tokens at the right end, as the
+      sampler returns them), every row with >= 1 real token.
+    completion_ids, completion_mask: [B * G, T].
+  Returns:
+    (logps [B * G, T], entropy [B * G, T]) float32; callers apply `completion_mask`.
+  """
+  _check_lm(model, chunk_size)
+  b, p = prompt_ids.shape
+  n, t = completion_ids.shape
+  if n != b * group_size:
+    raise ValueError(f"completion_logps: {n} completion rows != {b} prompts x group_size "
+                     f"{group_size}.")
+  pmask = prompt_mask.astype(bool)
+  cmask = completion_mask.astype(bool)
+  per_layer = isinstance(params["layers"], (tuple, list))
+  cache = model.init_cache(b, p + t)
+  if per_layer:
+    cache = type(cache)(tuple(cache.k), tuple(cache.v))
+  kv_prompt = jnp.concatenate([pmask, jnp.zeros((b, t), bool)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(pmask, axis=1, dtype=jnp.int32) - 1, 0)
+  h_prompt, cache = model.decode_hidden(params, prompt_ids, positions, cache, write_index=0,
+                                        kv_mask=kv_prompt)
+  batch_axis = 0 if per_layer else 1  # stacked caches lead with the layer axis
+  cache = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=batch_axis), cache)
+  h_last = jnp.repeat(h_prompt[:, -1:], group_size, axis=0)  # predicts completion token 0
+  if t > 1:
+    start = jnp.repeat(jnp.sum(pmask, axis=1, dtype=jnp.int32), group_size)
+    positions = start[:, None] + jnp.arange(t - 1, dtype=jnp.int32)[None, :]
+    kv = jnp.concatenate([jnp.repeat(pmask, group_size, axis=0), cmask], axis=1)
+    h_comp, _ = model.decode_hidden(params, completion_ids[:, :-1], positions, cache,
+                                    write_index=p, kv_mask=kv)
+    h_last = jnp.concatenate([h_last, h_comp], axis=1)
+  return logps_from_hidden(model, params, h_last, completion_ids, chunk_size=chunk_size)

@@ -140,6 +140,16 @@ class Model:
     Each query attends to slots s with kv_mask[b, s] and s <= its own slot.
     Returns (logits [B,t,V] (or scores [B,t] for scalar heads), new cache).
     """
+    args = self._decode_args(input_ids, positions, cache, write_index, kv_mask)
+    return self._call(params, *args, method=Decoder.decode)
+
+  def decode_hidden(self, params, input_ids, positions, cache: KVCache, *, write_index,
+                    kv_mask):
+    """As `decode`, but returns the final-norm hidden states [B,t,D] instead of logits."""
+    args = self._decode_args(input_ids, positions, cache, write_index, kv_mask)
+    return self._call(params, *args, method=Decoder.decode_hidden)
+
+  def _decode_args(self, input_ids, positions, cache, write_index, kv_mask):
     if input_ids.ndim != 2 or positions.shape != input_ids.shape:
       raise ValueError(f"decode: input_ids {input_ids.shape} and positions "
                        f"{positions.shape} must both be [B, t].")
@@ -150,9 +160,8 @@ class Model:
       raise ValueError(f"decode: kv_mask shape {kv_mask.shape} must be [B, S] = "
                        f"{batch_slots}.")
     check_token_ids(input_ids, self.config.vocab_size)
-    write_index = jnp.asarray(write_index, jnp.int32)
-    return self._call(params, input_ids, positions.astype(jnp.int32), cache,
-                      write_index, kv_mask, method=Decoder.decode)
+    return (input_ids, positions.astype(jnp.int32), cache, jnp.asarray(write_index, jnp.int32),
+            kv_mask)
 
   # -- sharding ---------------------------------------------------------------
   def logical_axes(self, params=None):

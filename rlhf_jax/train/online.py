@@ -178,7 +178,17 @@ def _masked_mean_length(lengths, select):
   return jnp.sum(lengths * select) / jnp.maximum(jnp.sum(select), 1.0)
 
 
-def _completion_logps(model, params, ids, attn, prompt_len: int):
+def _completion_logps(model, params, ids, attn, prompt_len: int, group: int):
+  """Completion log-probs / entropies of [prompt, completion] rows.
+
+  When consecutive groups of `group` rows share their prompt (as sampled), each prompt
+  runs through the model once (`models.completion_logps`); otherwise every row is run in
+  full. Both give the same values.
+  """
+  if group > 1 and ids.shape[0] % group == 0:
+    return models_lib.completion_logps(
+        model, params, ids[::group, :prompt_len], attn[::group, :prompt_len],
+        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group)
   lp, ent = models_lib.token_logps(model, params, ids, attn)
   return lp[:, prompt_len:], ent[:, prompt_len:]
 
@@ -221,7 +231,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     raise ValueError("make_update needs at least one reward function")
 
   def policy_loss(params, value_params, mb, normalizer, beta):
-    lp, ent = _completion_logps(model, params, mb["ids"], mb["attn"], mb["prompt_len"])
+    # Minibatches keep whole groups only when the batch is not shuffled into several.
+    group = g if settings.num_minibatches == 1 else 1
+    lp, ent = _completion_logps(model, params, mb["ids"], mb["attn"], mb["prompt_len"], group)
     mask = mb["mask"]
     pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **surrogate_kwargs)
     per_token = pg
@@ -298,7 +310,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
                           out.completion_mask, extras)
     ids, attn = _sequence_batch(out)
-    ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len)
+    ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len, g)
     old_logps = out.logps
     beta = state.kl_state.beta
     kl_tok = kl_lib.k1(old_logps, ref_logps, mask)
