@@ -158,3 +158,12 @@ def test_plain_flag():
   assert not Truncated(temperature=0.9).is_plain
   assert not Truncated(top_k=5).is_plain
   assert Truncated(top_p=1.0).is_plain
+
+
+@pytest.mark.parametrize("v", [1, 2, 7, 96, 1024, 4097])
+def test_cumsum_last_matches_float64_cumsum(v):
+  """Blocked triangular-matmul cumsum (V <= 4096) and the plain one (longer) vs numpy."""
+  from rlhf_jax.sampling.methods import cumsum_last
+  x = jax.random.uniform(jax.random.key(v), (3, v))
+  want = np.cumsum(np.asarray(x, np.float64), axis=-1)
+  np.testing.assert_allclose(np.asarray(jax.jit(cumsum_last)(x)), want, rtol=2e-6, atol=1e-6)
