@@ -133,7 +133,8 @@ class Attention(nn.Module):
 
     def proj(name, heads, use_bias):
       w = _param(self, f"{name}_kernel", (d, heads, hd), std, pd)
-      y = jnp.einsum("btd,dhk->bthk", x, w.astype(dt))
+      # As a 2-D matmul: its gradient dots need no transposed copy of the kernel.
+      y = (x @ w.reshape(d, heads * hd).astype(dt)).reshape(x.shape[:2] + (heads, hd))
       if use_bias:
         y = y + _param(self, f"{name}_bias", (heads, hd), None, pd).astype(dt)
       return y
@@ -152,7 +153,7 @@ class Attention(nn.Module):
       new_cache = (ck, cv)
       out = cached_attention(q, ck.astype(dt), cv.astype(dt), mask)
     wo = _param(self, "o_kernel", (h, hd, d), std, pd)
-    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    y = out.reshape(out.shape[:2] + (h * hd,)) @ wo.reshape(h * hd, d).astype(dt)
     if cfg.o_bias:
       y = y + _param(self, "o_bias", (d,), None, pd).astype(dt)
     return y, new_cache
