@@ -238,6 +238,16 @@ def test_error_missing_tensor(saved_llama):
     M.load_hf(str(saved_llama))
 
 
+def test_save_hf_accepts_per_layer_params(tmp_path):
+  model = M.from_config(LLAMA)
+  params = model.init(jax.random.key(0))
+  M.save_hf(str(tmp_path), model, M.unstack_layers(params))
+  _, loaded = M.load_hf(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert M.stack_layers(M.unstack_layers(params)).keys() == params.keys()
+
+
 def test_roundtrip_save_load_is_exact(saved_llama):
   model, params = M.load_hf(str(saved_llama))
   ref = M.from_config(LLAMA).init(jax.random.key(0))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import config_to_hf
-from rlhf_jax.models.model import Model, from_config
+from rlhf_jax.models.model import Model, from_config, stack_layers
 
 # Param path (within a layer, or top level) -> (hf name, kind, n_in_dims).
 # kind: "table" ([rows, D] as is), "same" (flattened vector), "linear" (torch [out, in]), "conv" (Conv1D [in, out]),
@@ -256,9 +256,11 @@ def save_hf(path: str, model: Model, params: dict) -> None:
   """Writes `config.json` + `model.safetensors` loadable by transformers.
 
   LM models save as *ForCausalLM (GPT2LMHeadModel); value/reward models as
-  *ForSequenceClassification with num_labels=1.
+  *ForSequenceClassification with num_labels=1. Params may be stacked or per layer
+  (`unstack_layers`, as the RL train state keeps them).
   """
   from safetensors.numpy import save_file
+  params = stack_layers(params)
   os.makedirs(path, exist_ok=True)
   tensors: dict[str, np.ndarray] = {}
   fused: dict[str, dict[int, np.ndarray]] = {}
