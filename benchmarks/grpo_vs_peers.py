@@ -20,7 +20,11 @@ FLOPs (sampling forward + reference forward + 3x policy forward for forward/back
 plus causal attention) by a float32 matmul peak measured in the same run.
 
   python benchmarks/grpo_vs_peers.py [--peers=rlhf_jax,trl,tunix] [--sizes=tiny,20m] \
-      [--steps=10] [--warmup=2] [--torch-threads=1] [--out=benchmarks/results/grpo_vs_peers.json]
+      [--steps=10] [--warmup=2] [--rounds=1] [--torch-threads=1[,2]] \
+      [--out=benchmarks/results/grpo_vs_peers.json]
+
+With several torch thread counts TRL runs once per count (rows "trl/1t", "trl/2t"); compare
+with the faster one.
 
 A peer whose package is not installed is reported as "not installed" (the extra `bench`
 in setup.cfg lists them); the library never needs either.
@@ -335,9 +339,10 @@ def main():
   ap.add_argument("--rounds", type=int, default=1,
                   help="run every library this many times, round-robin; speed-ups are the "
                        "median of the per-round ratios (robust to a shared machine)")
-  ap.add_argument("--torch-threads", type=int, default=1,
-                  help="torch intra-op threads for TRL (1: on a shared machine more threads "
-                       "spin-wait; a 4x128 linear took 23 us at 1 thread, 8.7 ms at 2)")
+  ap.add_argument("--torch-threads", default="1",
+                  help="comma list of torch intra-op thread counts for TRL (each runs as its "
+                       "own row; on a shared machine more threads can spin-wait: a 4x128 "
+                       "linear took 23 us at 1 thread, 8.7 ms at 2)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "grpo_vs_peers.json"))
   args = ap.parse_args()
@@ -346,6 +351,18 @@ def main():
   if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
     raise SystemExit("--steps, --warmup and --rounds must be >= 1")
 
+  try:
+    thread_counts = [int(t) for t in args.torch_threads.split(",") if t.strip()]
+  except ValueError:
+    raise SystemExit(f"--torch-threads: expected a comma list of ints, got {args.torch_threads!r}")
+  if not thread_counts or min(thread_counts) < 1:
+    raise SystemExit("--torch-threads: give at least one count >= 1")
+  jobs = []  # (runner, row label, torch threads)
+  for peer in peers:
+    if peer == "trl" and len(thread_counts) > 1:
+      jobs += [(peer, f"trl/{t}t", t) for t in thread_counts]
+    else:
+      jobs.append((peer, peer, thread_counts[0]))
   peak = max(matmul_peak(1024), matmul_peak(2048, repeats=3))
   runs = []  # one entry per (size, round, peer)
   for size in sizes:
@@ -357,10 +374,10 @@ def main():
     with tempfile.TemporaryDirectory() as weights_dir:
       models.save_hf(weights_dir, model, params)
       for rnd in range(args.rounds):  # round-robin: every round runs each library once
-        for peer in peers:
-          print(f"[{size}] round {rnd + 1}/{args.rounds} {peer} ...", flush=True)
-          r = _safe_run(peer, size, weights_dir, args.steps, args.warmup, args.torch_threads)
-          r.update(peer=peer, size=size, round=rnd, params=n_params, step_flops=flops)
+        for peer, label, threads in jobs:
+          print(f"[{size}] round {rnd + 1}/{args.rounds} {label} ...", flush=True)
+          r = _safe_run(peer, size, weights_dir, args.steps, args.warmup, threads)
+          r.update(peer=label, size=size, round=rnd, params=n_params, step_flops=flops)
           if r["status"] == "ok":
             print(f"[{size}] {peer}: {r['step_s']:.4f} s/step (median of {args.steps}), "
                   f"warm-up {r['warmup_s']:.1f} s", flush=True)
@@ -397,7 +414,7 @@ def main():
               jax=jax.__version__, matmul_peak_flop_s=peak, vocab=VOCAB, group=GROUP,
               num_prompts=NUM_PROMPTS, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
               beta=BETA, lr=LR, epsilon=EPSILON, steps=args.steps, warmup=args.warmup,
-              torch_threads=args.torch_threads, rounds=args.rounds)
+              torch_threads=thread_counts, rounds=args.rounds)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as fh:
     json.dump(dict(meta=meta, rows=rows, runs=runs), fh, indent=2, default=float)
