@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import optax
 
 _KNOWN = {"name", "learning_rate", "schedule", "warmup_steps", "total_steps",
@@ -74,5 +76,24 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
     raise ValueError(f"optim.name={name!r} is unknown; use 'adamw', 'adam', 'sgd' or 'lion'")
   clip = _get(cfg, "max_grad_norm", 0.0)
   if clip and float(clip) > 0:
-    opt = optax.chain(optax.clip_by_global_norm(float(clip)), opt)
+    opt = optax.chain(clip_by_global_norm(float(clip)), opt)
   return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` as one scalar multiplier: g * min(1, max_norm / ||g||).
+
+  Same values (up to float rounding) as optax's, which divides every element by
+  max(||g|| / max_norm, 1); a multiply by a scalar fuses into the optimiser's own
+  elementwise passes instead of writing a clipped copy of the gradients.
+  """
+  if not max_norm > 0:
+    raise ValueError(f"max_grad_norm must be > 0, got {max_norm}")
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
