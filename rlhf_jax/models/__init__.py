@@ -25,6 +25,6 @@ from rlhf_jax.models.model import (
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
     "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
-    "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "completion_logps", "logps_from_hidden", "logical_axes",
-    "stack_layers", "unstack_cache", "unstack_layers",
+    "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "completion_logps",
+    "logps_from_hidden", "logical_axes", "stack_layers", "unstack_cache", "unstack_layers",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.model import unstack_cache
+
 
 def _check_lm(model, chunk_size):
   if chunk_size <= 0:
@@ -103,7 +105,7 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
   per_layer = isinstance(params["layers"], (tuple, list))
   cache = model.init_cache(b, p + t)
   if per_layer:
-    cache = type(cache)(tuple(cache.k), tuple(cache.v))
+    cache = unstack_cache(cache)
   kv_prompt = jnp.concatenate([pmask, jnp.zeros((b, t), bool)], axis=1)
   positions = jnp.maximum(jnp.cumsum(pmask, axis=1, dtype=jnp.int32) - 1, 0)
   h_prompt, cache = model.decode_hidden(params, prompt_ids, positions, cache, write_index=0,

@@ -153,9 +153,9 @@ class Model:
     if input_ids.ndim != 2 or positions.shape != input_ids.shape:
       raise ValueError(f"decode: input_ids {input_ids.shape} and positions "
                        f"{positions.shape} must both be [B, t].")
-    per_layer = isinstance(cache.k, (tuple, list))
-    k0 = cache.k[0][:, 0] if per_layer else cache.k[0, :, 0]  # [B, S, Dh]
-    batch_slots = k0.shape[:2]
+    # [L, B, Hkv, S, Dh], or L arrays [B, Hkv, S, Dh] in the per-layer layout.
+    shape = (1,) + cache.k[0].shape if isinstance(cache.k, (tuple, list)) else cache.k.shape
+    batch_slots = (shape[1], shape[3])
     if kv_mask.shape != batch_slots:
       raise ValueError(f"decode: kv_mask shape {kv_mask.shape} must be [B, S] = "
                        f"{batch_slots}.")

@@ -55,9 +55,9 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   Prefill writes the (left-padded) prompts into cache slots 0..P-1; each decode step writes
   one token at slot P + t and attends to real prompt slots and earlier completion slots.
   Position ids are `cumsum(mask) - 1`, so a padded prompt sees the same positions as the
-  unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token from
-  `uniform(fold_in(rng, prompt_index[i] * G + g), [T])[t]` by inverse CDF, so results do not depend on which
-  other prompts share the batch. The loop exits early once every row has emitted an EOS.
+  unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token by inverse CDF
+  from `uniform(fold_in(rng, prompt_index[i] * G + g), [T])[t]`, so results do not depend on
+  which other prompts share the batch. The loop exits early once every row has emitted an EOS.
 
   Args:
     model: a `rlhf_jax.models` decoder (uses `init_cache` and `decode`); static.

@@ -211,7 +211,8 @@ def _apply_if(ok, optimizer, grads, opt_state, params):
 
 
 def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.GradientTransformation,
-                settings: RLSettings, sampling_config, *, value_model=None, value_optimizer: Optional[optax.GradientTransformation] = None,
+                settings: RLSettings, sampling_config, *, value_model=None,
+                value_optimizer: Optional[optax.GradientTransformation] = None,
                 jit: bool = True, donate: bool = True, out_shardings=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
@@ -285,14 +286,15 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
     gp, gv, aux = gradients(params, value_params, mb, normalizer, beta)
     aux["grad_norm"] = optax.tree.norm(gp)
-    # Any non-finite gradient makes the global norm non-finite.
-    ok = guards.is_finite_tree((aux, optax.tree.norm(gv) if gv is not None else 0.0))
+    # Any non-finite gradient makes the global norm non-finite. Once anything in the step
+    # (rewards included) was non-finite, no later update is applied either.
+    ok = ok_all & guards.is_finite_tree((aux, optax.tree.norm(gv) if gv is not None else 0.0))
     # A conditional, not a select: the usual (finite) path writes the update in place.
     params, opt_state = _apply_if(ok, optimizer, gp, opt_state, params)
     if value_model is not None:
       value_params, value_opt_state = _apply_if(ok, value_optimizer, gv, value_opt_state,
                                                 value_params)
-    return (params, value_params, opt_state, value_opt_state, beta, ok_all & ok), aux
+    return (params, value_params, opt_state, value_opt_state, beta, ok), aux
 
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
