@@ -17,6 +17,7 @@ from rlhf_jax.models.model import (
     ValueModel,
     check_token_ids,
     from_config,
+    prefill_groups,
     stack_layers,
     unstack_cache,
     unstack_layers,
@@ -26,5 +27,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
     "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
     "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "completion_logps",
-    "logps_from_hidden", "logical_axes", "stack_layers", "unstack_cache", "unstack_layers",
+    "logps_from_hidden", "logical_axes", "prefill_groups", "stack_layers", "unstack_cache",
+    "unstack_layers",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.model import unstack_cache
+from rlhf_jax.models.model import prefill_groups
 
 
 def _check_lm(model, chunk_size):
@@ -102,17 +102,9 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
                      f"{group_size}.")
   pmask = prompt_mask.astype(bool)
   cmask = completion_mask.astype(bool)
-  per_layer = isinstance(params["layers"], (tuple, list))
-  cache = model.init_cache(b, p + t)
-  if per_layer:
-    cache = unstack_cache(cache)
-  kv_prompt = jnp.concatenate([pmask, jnp.zeros((b, t), bool)], axis=1)
-  positions = jnp.maximum(jnp.cumsum(pmask, axis=1, dtype=jnp.int32) - 1, 0)
-  h_prompt, cache = model.decode_hidden(params, prompt_ids, positions, cache, write_index=0,
-                                        kv_mask=kv_prompt)
-  batch_axis = 0 if per_layer else 1  # stacked caches lead with the layer axis
-  cache = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=batch_axis), cache)
-  h_last = jnp.repeat(h_prompt[:, -1:], group_size, axis=0)  # predicts completion token 0
+  # h_last predicts completion token 0; the cache holds each prompt for its G rows.
+  h_last, cache = prefill_groups(model, params, prompt_ids, pmask, extra_slots=t,
+                                 group_size=group_size)
   if t > 1:
     start = jnp.repeat(jnp.sum(pmask, axis=1, dtype=jnp.int32), group_size)
     positions = start[:, None] + jnp.arange(t - 1, dtype=jnp.int32)[None, :]

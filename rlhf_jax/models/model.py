@@ -251,6 +251,30 @@ def stack_layers(params):
   return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+def prefill_groups(model: "Model", params, prompt_ids, prompt_mask, *, extra_slots: int,
+                   group_size: int):
+  """Runs each prompt once and hands its KV cache to the G rows that continue it.
+
+  prompt_ids, prompt_mask: [B, P], left-padded (the last slot holds a real token). The cache
+  has P + `extra_slots` slots (the extra ones empty) and the layout of `params` (stacked or
+  per layer). Returns (hidden state of each prompt's last token [B * G, 1, D], cache with
+  B * G rows); row i * G + g continues prompt i.
+  """
+  b, p = prompt_ids.shape
+  mask = prompt_mask.astype(bool)
+  per_layer = isinstance(params["layers"], (tuple, list))
+  cache = model.init_cache(b, p + extra_slots)
+  if per_layer:
+    cache = unstack_cache(cache)
+  kv_mask = jnp.concatenate([mask, jnp.zeros((b, extra_slots), bool)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+  h, cache = model.decode_hidden(params, prompt_ids, positions, cache, write_index=0,
+                                 kv_mask=kv_mask)
+  batch_axis = 0 if per_layer else 1  # stacked caches lead with the layer axis
+  cache = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=batch_axis), cache)
+  return jnp.repeat(h[:, -1:], group_size, axis=0), cache
+
+
 def unstack_cache(cache: KVCache) -> KVCache:
   """Per-layer tuples of a stacked `KVCache` (for decoding with unstacked params)."""
   if isinstance(cache.k, (tuple, list)):

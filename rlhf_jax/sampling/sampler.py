@@ -84,17 +84,14 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   uniforms = jax.vmap(lambda k: jax.random.uniform(k, (tnew,), jnp.float32))(keys)
 
   ids, mask = left_pad(prompt_ids.astype(jnp.int32), prompt_mask.astype(bool))
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
 
   # Per-layer weights and cache: the decode loop then reads each weight in place.
   # (The barrier materialises each layer's weights once, shared by prefill and decode.)
   params = jax.lax.optimization_barrier(models_lib.unstack_layers(params))
   # Prefill each prompt once, then give its cache and last logits to its G samples.
-  cache = models_lib.unstack_cache(model.init_cache(batch, plen + tnew))
-  kv_prompt = jnp.concatenate([mask, jnp.zeros((batch, tnew), bool)], axis=1)
-  h, cache = model.decode_hidden(params, ids, positions, cache, write_index=0, kv_mask=kv_prompt)
-  cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=0), cache)
-  logits = jnp.repeat(model.logits_from_hidden(params, h[:, -1:]), group, axis=0)
+  h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=tnew,
+                                       group_size=group)
+  logits = model.logits_from_hidden(params, h)
   ids, mask = jnp.repeat(ids, group, axis=0), jnp.repeat(mask, group, axis=0)
   kv_mask = jnp.concatenate([mask, jnp.ones((n, tnew), bool)], axis=1)
   eos = jnp.asarray(config.eos_ids, jnp.int32) if config.eos_ids else None
