@@ -303,6 +303,7 @@ class Checkpointer:
     self._async = bool(async_save)
     self._last_save_time = time.monotonic()
     self._pending: set[int] = set()
+    self._unloadable: set[int] = set()  # committed steps a fallback restore skipped
     self._mngr = ocp.CheckpointManager(
         self.workdir,
         options=ocp.CheckpointManagerOptions(
@@ -349,11 +350,14 @@ class Checkpointer:
     if not (force or self.should_save(step)):
       return False
     committed, partial = self._step_dirs()
-    if step in committed or step in self._pending:
+    intact = step in committed and step not in self._unloadable and self._intact(step)
+    if step in self._pending or intact:
       log.info("checkpoint step %d already exists; not saving again.", step)
       return False
-    if step in partial:
-      self._set_aside(step)
+    if step in committed:  # corrupted (e.g. a run resumed from an earlier step past it)
+      self._set_aside(step, "corrupted", "failed verification")
+    elif step in partial:
+      self._set_aside(step, "incomplete", "_CHECKPOINT_METADATA missing")
     arrays, impls = _unwrap_keys(state)
     meta = {"format": FORMAT_VERSION, "step": step, "key_impls": impls}
     self._mngr.save(step, args=ocp.args.Composite(
@@ -368,15 +372,22 @@ class Checkpointer:
     self._finalize(exclude=step if self._async else None)
     return True
 
-  def _set_aside(self, step: int) -> None:
-    """Renames an uncommitted `<step>` dir so the step can be saved again."""
+  def _intact(self, step: int) -> bool:
+    try:
+      self.verify(step)
+      return True
+    except CheckpointError:
+      return False
+
+  def _set_aside(self, step: int, kind: str, why: str) -> None:
+    """Renames an incomplete or corrupted `<step>` dir so the step can be saved again."""
     self._mngr.wait_until_finished()
     src = self.step_dir(step)
-    dst = f"{src}.incomplete-{int(time.time())}"
+    dst = f"{src}.{kind}-{int(time.time())}"
     if jax.process_index() == 0:
       os.replace(src, dst)
-    msg = (f"checkpoint step {step} at {src} was incomplete "
-           f"(_CHECKPOINT_METADATA missing); moved to {dst} before saving again.")
+    msg = (f"checkpoint step {step} at {src} was {kind} ({why}); moved to {dst} before "
+           "saving again.")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     log.warning(msg)
     self._mngr.reload()
@@ -460,7 +471,8 @@ class Checkpointer:
                            must_match: Sequence[str] = DEFAULT_MUST_MATCH):
     """Like `restore` on the newest step that loads; warns for each skipped.
 
-    Config incompatibility is not a fallback reason: it raises at once.
+    Config incompatibility is not a fallback reason: it raises at once. Restoring writes
+    nothing; a skipped step is set aside (renamed) only when this run saves that step again.
     """
     self.wait()
     steps, partial = self._step_dirs()
@@ -479,12 +491,17 @@ class Checkpointer:
              "(_CHECKPOINT_METADATA missing) and is ignored.")
     if not steps:
       raise FileNotFoundError(f"no committed checkpoint in {self.workdir}.")
+    failed = []
     for s in reversed(steps):
       try:
-        return self.restore(target, s, shardings=shardings, config=config,
-                            must_match=must_match)
+        out = self.restore(target, s, shardings=shardings, config=config,
+                           must_match=must_match)
       except CheckpointError as e:
         skip(str(e))
+        failed.append(s)
+        continue
+      self._unloadable.update(failed)
+      return out
     raise CheckpointError("no loadable checkpoint in " + self.workdir + ":\n  " +
                           "\n  ".join(problems))
 

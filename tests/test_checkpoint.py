@@ -122,6 +122,41 @@ def test_corruption_detected_and_fallback(tmp_path, damage):
 
 # Orbax leaves an unawaited read coroutine behind when a read fails.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("manifest", [True, False])
+def test_resumed_run_saves_again_over_a_corrupted_step(tmp_path, manifest):
+  # A run that fell back past a corrupted step 2 must be able to save step 2 again; otherwise
+  # every later resume falls back to step 1 and loses the resumed run's progress.
+  ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=False)
+  ck.save(1, make_state(1), data_state={"i": 1}, config=CONFIG)
+  ck.save(2, make_state(2), data_state={"i": 2}, config=CONFIG)
+  if not manifest:  # then only Orbax's own read notices the damage
+    os.remove(os.path.join(ck.step_dir(2), C.INTEGRITY_FILE))
+  for f in _data_files(ck.step_dir(2)):
+    os.truncate(f, os.path.getsize(f) // 2)
+  ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=False)  # the resumed run
+  with pytest.warns(RuntimeWarning, match="checkpoint step 2"):
+    assert ck.restore_latest_valid(abstract(make_state()))[3] == 1
+  assert ck.save(2, make_state(7), data_state={"i": 7}, config=CONFIG) is True
+  ck.save(3, make_state(3), data_state={"i": 3}, config=CONFIG)
+  aside = [n for n in os.listdir(tmp_path) if n.startswith("2.corrupted-")]
+  assert len(aside) == 1  # kept on disk, renamed
+  ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=False)
+  out, ds, _, step = ck.restore(abstract(make_state()), step=2)
+  assert step == 2 and ds == {"i": 7}
+  assert_tree_equal(out, make_state(7))
+  assert ck.restore_latest_valid(abstract(make_state()))[3] == 3
+
+
+def test_saving_an_intact_existing_step_is_a_no_op(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  ck.save(1, make_state(1), config=CONFIG)
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  assert ck.save(1, make_state(5), config=CONFIG) is False
+  assert_tree_equal(ck.restore(abstract(make_state()), step=1)[0], make_state(1))
+
+
+# Orbax leaves an unawaited read coroutine behind when a read fails.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_orbax_detects_truncation_without_manifest(tmp_path):
   # Even if the integrity manifest is gone, Orbax's own read fails loudly.
   ck = C.Checkpointer(tmp_path, async_save=False)
