@@ -226,6 +226,15 @@ def test_missing_inputs_are_clear():
     losses.get("vpo")(c, r, rc, rr, online=True)
 
 
+def test_rdpo_eps_may_be_traced():
+  # A traced flip rate (e.g. scheduled inside a jitted step) is not range-checked in Python.
+  d = make_inputs(0)
+  c, r, rc, rr = (jnp.asarray(d[k], jnp.float32) for k in ("c", "r", "rc", "rr"))
+  f = jax.jit(lambda e: losses.get("rdpo")(c, r, rc, rr, beta=0.3, eps=e)[0])
+  np.testing.assert_allclose(f(0.2), losses.get("rdpo")(c, r, rc, rr, beta=0.3, eps=0.2)[0],
+                             rtol=1e-6)
+
+
 # ---- special-case reductions -------------------------------------------------------------
 
 def _args(seed=1, scale=20.0):

@@ -151,7 +151,7 @@ def rdpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   Paper: Provably Robust DPO: Aligning Language Models with Noisy Feedback
   (Chowdhury et al., 2024). Shapes [B] -> [B]; sequence-level. ε = 0 gives DPO.
   """
-  if not 0.0 <= eps < 0.5:
+  if not isinstance(eps, jax.core.Tracer) and not 0.0 <= float(eps) < 0.5:
     raise ValueError(f"rdpo: eps (label flip rate) must be in [0, 0.5), got {eps}")
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths), method="rdpo")
