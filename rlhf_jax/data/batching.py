@@ -145,30 +145,44 @@ def make_sft_example_fn(tok: Tokenizer, *, max_length: int, truncation: str = "e
   return fn
 
 
-def make_preference_example_fn(tok: Tokenizer, *, max_prompt_length: int, max_length: int,
-                               truncation: str = "error", chat: bool | str = "auto",
-                               add_bos: bool = False, append_eos: bool = True,
-                               passthrough: Sequence[str] = ()) -> Callable:
-  """record {"prompt", "chosen", "rejected"} -> {"chosen_ids", "chosen_loss_mask", ...}."""
+def make_response_encoder(tok: Tokenizer, *, max_prompt_length: int, max_length: int,
+                          truncation: str = "error", chat: bool | str = "auto",
+                          add_bos: bool = False, append_eos: bool = True) -> Callable:
+  """`encode(prompt, response, what, where) -> (ids, loss_mask)`: prompt + response fitted
+  to `max_prompt_length` / `max_length` under the `truncation` policy."""
   check_policy(truncation)
   if max_prompt_length >= max_length:
     raise ValueError(f"max_prompt_length={max_prompt_length} must be < max_length={max_length}")
+
+  def encode(prompt, response, what: str, where: str):
+    p, r, m = encode_prompt_response(tok, prompt, response, chat=chat, add_bos=add_bos,
+                                     append_eos=append_eos)
+    p = fit(p, max_prompt_length, truncation=truncation, what="prompt", where=where,
+            fix=f"max_prompt_length={max_prompt_length}")
+    budget = max_length - len(p)
+    if len(r) > budget:
+      policy = "truncate_right" if truncation.startswith("truncate") else truncation
+      r = fit(r, budget, truncation=policy, what=what, where=where,
+              fix=f"max_length={max_length} - prompt {len(p)}")
+      m = m[:len(r)]
+    return p + r, [0] * len(p) + m
+  return encode
+
+
+def make_preference_example_fn(tok: Tokenizer, *, passthrough: Sequence[str] = (),
+                               **kwargs) -> Callable:
+  """record {"prompt", "chosen", "rejected"} -> {"chosen_ids", "chosen_loss_mask", ...}.
+
+  kwargs: `make_response_encoder`'s (max_prompt_length, max_length, truncation, chat, ...).
+  """
+  encode = make_response_encoder(tok, **kwargs)
 
   def fn(record, index):
     where = _describe(index, record)
     out = {k: record[k] for k in passthrough}
     for side in ("chosen", "rejected"):
-      p, r, m = encode_prompt_response(tok, record["prompt"], record[side], chat=chat,
-                                       add_bos=add_bos, append_eos=append_eos)
-      p = fit(p, max_prompt_length, truncation=truncation, what="prompt", where=where,
-              fix=f"max_prompt_length={max_prompt_length}")
-      budget = max_length - len(p)
-      if len(r) > budget:
-        policy = "truncate_right" if truncation.startswith("truncate") else truncation
-        r = fit(r, budget, truncation=policy, what=f"{side} response", where=where,
-                fix=f"max_length={max_length} - prompt {len(p)}")
-        m = m[:len(r)]
-      out[f"{side}_ids"], out[f"{side}_loss_mask"] = p + r, [0] * len(p) + m
+      out[f"{side}_ids"], out[f"{side}_loss_mask"] = encode(
+          record["prompt"], record[side], f"{side} response", where)
     return out
   return fn
 

@@ -28,9 +28,11 @@ _TEXT_OR_CHAT = "text_or_chat"
 _CHAT = "chat"
 _BOOL = "bool"
 _ANSWER = "answer"
+_RANKED = "ranked"
 
 FORMATS: dict[str, dict[str, str]] = {
     "preference": {"prompt": _TEXT_OR_CHAT, "chosen": _TEXT_OR_CHAT, "rejected": _TEXT_OR_CHAT},
+    "ranked": {"prompt": _TEXT_OR_CHAT, "responses": _RANKED},
     "messages": {"messages": _CHAT},
     "sft": {"prompt": _TEXT_OR_CHAT, "completion": _TEXT_OR_CHAT},
     "kto": {"prompt": _TEXT_OR_CHAT, "completion": _TEXT_OR_CHAT, "label": _BOOL},
@@ -62,7 +64,7 @@ class JsonlDataset(NamedTuple):
 
 def infer_format(record: Mapping[str, Any]) -> str:
   """Guesses the format from the keys of one record (most specific first)."""
-  for name in ("preference", "kto", "rl", "sft", "messages"):
+  for name in ("preference", "ranked", "kto", "rl", "sft", "messages"):
     if all(k in record for k in FORMATS[name]):
       return name
   raise DataFormatError(f"cannot infer the dataset format from fields {sorted(record)}; "
@@ -95,6 +97,11 @@ def _check_value(kind: str, value: Any, field: str) -> Any:
     if isinstance(value, int) and value in (0, 1):
       return bool(value)
     raise DataFormatError(f"field '{field}': expected true/false, got {value!r:.40}")
+  if kind == _RANKED:
+    if not isinstance(value, list) or len(value) < 2:
+      raise DataFormatError(f"field '{field}': expected a list of >= 2 responses (best first), "
+                            f"got {value!r:.60}")
+    return [_check_value(_TEXT_OR_CHAT, v, f"{field}[{i}]") for i, v in enumerate(value)]
   if kind == _ANSWER:
     if isinstance(value, str):
       return value

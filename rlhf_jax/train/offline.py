@@ -16,6 +16,10 @@ scalar loss (`make_batch_loss`):
   the mismatched `kl_*` sequences) feed an unpaired loss such as KTO:
   `logps`, `ref_logps`, `desirable`, and `reference_point`
   z = max(0, mean(log π − log π_ref) over the mismatched pairs), no gradient.
+  A listwise loss (PRO, TRPA, GRAO: `logps`, `lengths`, `mask` [B, K]) takes list
+  batches (`responses_ids` / `_mask` / `_loss_mask` [B, K, T], best first, optional
+  `responses_valid` [B, K] and per-response fields such as `levels` [B, K]) or paired
+  batches as lists of two.
 - "reward_model": any registered reward-model loss over the scalar rewards a
   reward-head model gives the chosen / rejected sequences (`chosen_rewards`,
   `rejected_rewards`; a listwise loss gets `rewards` [B, 2], chosen first);
@@ -41,6 +45,7 @@ from rlhf_jax import models as models_lib
 PARADIGMS = ("sft", "preference", "reward_model")
 PAIRED_KEYS = ("chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
                "rejected_mask", "rejected_loss_mask")
+LIST_KEYS = ("responses_ids", "responses_mask", "responses_loss_mask")
 UNPAIRED_KEYS = ("completion_ids", "completion_mask", "completion_loss_mask", "label",
                  "kl_ids", "kl_mask", "kl_loss_mask")
 
@@ -137,6 +142,14 @@ def is_unpaired_loss(loss_fn: Optional[Callable]) -> bool:
     return False
   params = inspect.signature(loss_fn).parameters
   return "desirable" in params and "chosen_logps" not in params
+
+
+def is_list_loss(loss_fn: Optional[Callable]) -> bool:
+  """True for listwise losses over `logps` / `mask` [B, K] (PRO, TRPA, GRAO signatures)."""
+  if loss_fn is None:
+    return False
+  params = inspect.signature(loss_fn).parameters
+  return "logps" in params and "mask" in params and "desirable" not in params
 
 
 def sft_loss(model, params, batch, *, packed: bool = False):
@@ -244,6 +257,48 @@ def _unpaired_preference(model, loss_fn, loss_kwargs, what):
   return batch_loss
 
 
+def _list_logps(model, params, batch):
+  """Summed log-probs and lengths [B, K] of the K responses per row, as one [B*K, T] pass."""
+  b, k, t = batch["responses_ids"].shape
+  flat = lambda name: batch[name].reshape(b * k, t)  # noqa: E731
+  lp, n = sequence_logps(model, params, *(flat(name) for name in LIST_KEYS))
+  return lp.reshape(b, k), n.reshape(b, k)
+
+
+def _list_preference(model, loss_fn, loss_kwargs, what):
+  """A listwise loss on list batches (`responses_*` [B, K, T], best first, optional
+  `responses_valid` [B, K]) or on paired batches (a list of two: chosen, rejected)."""
+  def batch_loss(params, ref_params, batch):
+    if "responses_ids" in batch:
+      _check_keys(batch, LIST_KEYS, "listwise preference")
+      if batch["responses_ids"].ndim != 3:
+        raise ValueError(f"responses_ids must be [B, K, T], got {batch['responses_ids'].shape}")
+      lp, n = _list_logps(model, params, batch)
+      (ref,) = _reference(ref_params, batch, ("ref_responses_logps",),
+                          lambda p: (_list_logps(model, p, batch)[0],))
+      valid = batch.get("responses_valid")
+      valid = jnp.ones(lp.shape, bool) if valid is None else valid.astype(bool)
+      taken = LIST_KEYS + ("responses_valid", "ref_responses_logps")
+    else:
+      _check_keys(batch, PAIRED_KEYS, f"{what} (listwise; or pass responses_* lists)")
+      (c, r), (lc, lr) = _both(model, params, batch, "chosen", "rejected")
+      rc, rr = _reference(ref_params, batch, ("ref_chosen_logps", "ref_rejected_logps"),
+                          lambda p: _both(model, p, batch, "chosen", "rejected")[0])
+      lp, n = jnp.stack([c, r], 1), jnp.stack([lc, lr], 1)
+      ref = None if rc is None else jnp.stack([rc, rr], 1)
+      valid = jnp.ones(lp.shape, bool)
+      taken = PAIRED_KEYS + ("ref_chosen_logps", "ref_rejected_logps")
+    available = {"logps": lp, "lengths": n, "mask": valid, "ref_logps": ref}
+    available.update({k: v for k, v in batch.items() if k not in taken and k not in available})
+    losses, _ = call_with_available(loss_fn, available, loss_kwargs, what)
+    # Top-1: the first valid response has the highest length-normalised log-prob.
+    s = jnp.where(valid, lp / jnp.maximum(n, 1.0), -jnp.inf)
+    top1 = jnp.argmax(s, axis=1) == jnp.argmax(valid, axis=1)
+    return jnp.mean(losses), {"top1_logp_accuracy": jnp.mean(top1.astype(jnp.float32)),
+                              "num_valid_responses": jnp.mean(jnp.sum(valid, axis=1))}
+  return batch_loss
+
+
 def _reward_model(model, loss_fn, loss_kwargs, what):
   def batch_loss(params, ref_params, batch):
     del ref_params
@@ -284,6 +339,8 @@ def make_batch_loss(paradigm: str, model, loss_fn: Optional[Callable], loss_kwar
       return offline_heads.headed_batch_loss(model, loss_fn, loss_kwargs, what,
                                              lambda f, a, k, w: call_with_available(f, a, k, w))
     return _reward_model(model, loss_fn, loss_kwargs, what)
+  if is_list_loss(loss_fn):
+    return _list_preference(model, loss_fn, loss_kwargs, what)
   unpaired_loss = is_unpaired_loss(loss_fn)
   if unpaired_loss if unpaired is None else unpaired:
     return _unpaired_preference(model, loss_fn, loss_kwargs, what)

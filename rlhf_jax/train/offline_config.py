@@ -41,7 +41,7 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
                 min_len=1, max_len=8, prompt_len=6, **(task or {}))
   c.data = dict(source="synthetic", train_size=2048, eval_size=256, max_length=20,
                 max_prompt_length=8, eval_batch_size=64, truncation="error",
-                skip_invalid=False, packing=False)
+                skip_invalid=False, packing=False, num_responses=0, passthrough=())
   c.loss = loss or ""
   c.loss_kwargs = dict(loss_kwargs or {})
   c.precompute_ref = False

@@ -1,8 +1,8 @@
 """Data adapters for the offline loop: sources, unpaired (KTO) batches, cached reference log-probs.
 
 * `load_records(config)` -> (train, eval) record sequences from `config.data.source`.
-* `batch_fns(kind, tok, data_cfg)` -> (example_fn, collate) for "sft", "preference" or
-  "unpaired"; `iterator(...)` wraps them in a resumable `DataIterator`.
+* `batch_fns(kind, tok, data_cfg)` -> (example_fn, collate) for "sft", "preference",
+  "unpaired" or "list" (ranked responses); `iterator(...)` wraps them in a resumable `DataIterator`.
 * `to_unpaired(pairs)`: each (prompt, chosen, rejected) becomes two labelled completions.
 * `collate_unpaired`: `completion_*`, `label` and the mismatched `kl_*` sequences (a
   record's prompt with another record's completion) KTO's reference point is estimated from.
@@ -209,8 +209,68 @@ def collate_unpaired(examples: Sequence[dict], *, pad_id: int, max_length: int) 
   return out
 
 
+def make_list_example_fn(tok, *, num_responses: int, max_prompt_length: int, max_length: int,
+                         truncation: str = "error", passthrough: Sequence[str] = (),
+                         **kwargs) -> Callable:
+  """record {"prompt", "responses": [best, ..., worst]} -> `responses_ids` /
+  `responses_loss_mask` (K lists of prompt + response), `responses_valid` (K bools; rows with
+  fewer than K responses are padded with invalid entries). Passthrough fields that are
+  lists (per-response values, e.g. "levels") are padded to K with 0."""
+  encode = batching.make_response_encoder(
+      tok, max_prompt_length=max_prompt_length, max_length=max_length, truncation=truncation,
+      **kwargs)
+
+  def fn(record, index):
+    responses = record.get("responses")
+    if not isinstance(responses, (list, tuple)) or not responses:
+      raise KeyError(f"example {index} has no list field 'responses'; listwise records need "
+                     "prompt and responses (best first)")
+    if len(responses) > num_responses:
+      raise ValueError(f"example {index} has {len(responses)} responses, more than "
+                       f"data.num_responses={num_responses}; raise it or drop responses")
+    out = {"responses_ids": [], "responses_loss_mask": [],
+           "responses_valid": [i < len(responses) for i in range(num_responses)]}
+    where = batching._describe(index, record)  # pylint: disable=protected-access
+    for i, r in enumerate(responses):
+      ids, mask = encode(record["prompt"], r, f"response {i}", where)
+      out["responses_ids"].append(ids)
+      out["responses_loss_mask"].append(mask)
+    pad = num_responses - len(responses)
+    out["responses_ids"] += [[]] * pad
+    out["responses_loss_mask"] += [[]] * pad
+    for k in passthrough:
+      v = record[k]
+      if isinstance(v, (list, tuple)):
+        if len(v) != len(responses):
+          raise ValueError(f"example {index}: field {k!r} has {len(v)} values for "
+                           f"{len(responses)} responses")
+        v = list(v) + [0] * pad
+      out[k] = v
+    return out
+  return fn
+
+
+def collate_list(examples: Sequence[dict], *, pad_id: int, max_length: int) -> dict:
+  """Right-pads `responses_*` to [B, K, T]; `responses_valid` [B, K]; passthrough fields
+  stacked (integer lists stay integer, e.g. TRPA's `levels` [B, K])."""
+  b, k = len(examples), len(examples[0]["responses_ids"])
+  out = {}
+  for name, pad in (("ids", pad_id), ("loss_mask", 0)):
+    flat = [seq for e in examples for seq in e[f"responses_{name}"]]
+    arr, mask = pad_sequences(flat, length=max_length, pad_id=pad, padding_side="right")
+    out[f"responses_{name}"] = arr.reshape(b, k, max_length)
+    if name == "ids":
+      out["responses_mask"] = mask.reshape(b, k, max_length)
+  out["responses_valid"] = np.asarray([e["responses_valid"] for e in examples], bool)
+  known = {"responses_ids", "responses_loss_mask", "responses_valid"}
+  for key in (key for key in examples[0] if key not in known):
+    vals = np.asarray([e[key] for e in examples])
+    out[key] = vals.astype(np.int32 if vals.dtype.kind in "iub" else np.float32)
+  return out
+
+
 def batch_fns(kind: str, tok, data_cfg, *, passthrough: Sequence[str] = ()):
-  """(example_fn, collate) for kind "sft" | "preference" | "unpaired"."""
+  """(example_fn, collate) for kind "sft" | "preference" | "unpaired" | "list"."""
   d = data_cfg
   trunc = d.get("truncation", "error")
   max_len = int(d["max_length"])
@@ -227,7 +287,14 @@ def batch_fns(kind: str, tok, data_cfg, *, passthrough: Sequence[str] = ()):
   if kind == "unpaired":
     fn = make_unpaired_example_fn(tok, **kw)
     return fn, lambda exs: collate_unpaired(exs, pad_id=tok.pad_id, max_length=max_len)
-  raise ValueError(f"batch kind {kind!r} is unknown; use 'sft', 'preference' or 'unpaired'")
+  if kind == "list":
+    if not d.get("num_responses"):
+      raise ValueError("listwise records (a 'responses' list) need config.data.num_responses "
+                       "(K, the most responses per record)")
+    fn = make_list_example_fn(tok, num_responses=int(d["num_responses"]), **kw)
+    return fn, lambda exs: collate_list(exs, pad_id=tok.pad_id, max_length=max_len)
+  raise ValueError(f"batch kind {kind!r} is unknown; use 'sft', 'preference', 'unpaired' or "
+                   "'list'")
 
 
 def iterator(source, example_fn, collate, *, batch_size: int, seed: int, train: bool,

@@ -10,6 +10,9 @@
   `{"prompt": "question", "completion": "answer"}`).
 `config.rm_head` (reward_model only) selects an ensemble / ArmoRM / GPM / HL-Gauss head
 (`offline_heads`).
+A listwise preference loss (PRO, TRPA) trains on ranked records ({"prompt", "responses":
+[best, ..., worst]}, per-response fields such as "levels" via `config.data.passthrough`,
+K = `config.data.num_responses`) or on pairs as lists of two.
 A preference loss with an unpaired signature (KTO) trains on unpaired batches: pairs
 are split into (prompt, chosen, True) and (prompt, rejected, False) records, or "kto"
 JSONL records are used as they are. `config.precompute_ref=True` computes the
@@ -81,11 +84,27 @@ def _check_config(config, paradigm: str) -> None:
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
 
 
+def _is_ranked(records) -> bool:
+  """Whether the records are ranked response lists ({"prompt", "responses"})."""
+  return len(records) > 0 and isinstance(records[0], dict) and "responses" in records[0]
+
+
 def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records, tok):
   """(train iterator, eval-iterator factory, train example_fn/collate) for the paradigm."""
   d = config.data
   kind = "sft" if paradigm == "sft" else ("unpaired" if unpaired else "preference")
   precompute = bool(config.get("precompute_ref"))
+  listwise = _is_ranked(train_records)
+  if listwise:
+    loss = config.get("loss")
+    if paradigm != "preference" or not loss or not offline.is_list_loss(losses_lib.get(loss)):
+      raise ValueError(f"records with a 'responses' list need a listwise preference loss "
+                       f"(e.g. 'pro', 'trpa'); got paradigm={paradigm!r}, "
+                       f"loss={config.get('loss')!r}")
+    if precompute:
+      raise ValueError("config.precompute_ref is not supported for listwise ('responses') "
+                       "records; keep the reference model (precompute_ref=False)")
+    kind = "list"
   passthrough = ((od.INDEX_KEY,) if precompute else ()) + tuple(d.get("passthrough") or ())
   if od.plain(config.get("rm_head")).get("name") == "hl_gauss":
     passthrough += offline_heads.TARGET_KEYS
@@ -99,7 +118,8 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   pack = int(d.max_length) if d.get("packing") else None
   batches = od.iterator(train_src, *train_fns, batch_size=int(config.train.batch_size),
                         seed=seed, train=True, pack_max_length=pack, pad_id=tok.pad_id)
-  eval_kind = "sft" if paradigm == "sft" else "preference"
+  eval_kind = "sft" if paradigm == "sft" else ("list" if _is_ranked(eval_records) else
+                                                "preference")
   eval_src = od.with_index(eval_records) if precompute else eval_records
   eval_fns = od.batch_fns(eval_kind, tok, d, passthrough=passthrough)
   eval_bs = int(d.get("eval_batch_size") or config.train.batch_size)
