@@ -200,12 +200,19 @@ def make_ref_logps(model, *, unpaired: bool = False) -> Callable:
   return ref_logps
 
 
+def _pair_logps(model, params, ref_params, batch):
+  """(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len) of a paired batch;
+  the reference values are None when there is neither a reference nor precomputed ones."""
+  (c, r), (lc, lr) = _both(model, params, batch, "chosen", "rejected")
+  rc, rr = _reference(ref_params, batch, ("ref_chosen_logps", "ref_rejected_logps"),
+                      lambda p: _both(model, p, batch, "chosen", "rejected")[0])
+  return c, r, rc, rr, lc, lr
+
+
 def _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss):
   def batch_loss(params, ref_params, batch):
     _check_keys(batch, PAIRED_KEYS, "paired preference")
-    (c, r), (lc, lr) = _both(model, params, batch, "chosen", "rejected")
-    rc, rr = _reference(ref_params, batch, ("ref_chosen_logps", "ref_rejected_logps"),
-                        lambda p: _both(model, p, batch, "chosen", "rejected")[0])
+    c, r, rc, rr, lc, lr = _pair_logps(model, params, ref_params, batch)
     metrics = pair_metrics(c, r, rc, rr, lc, lr)
     if unpaired_loss:  # evaluate an unpaired loss on pairs: chosen desirable, z = 0
       available = {"logps": jnp.concatenate([c, r]), "ref_logps": _cat_or_none(rc, rr),
@@ -281,9 +288,7 @@ def _list_preference(model, loss_fn, loss_kwargs, what):
       taken = LIST_KEYS + ("responses_valid", "ref_responses_logps")
     else:
       _check_keys(batch, PAIRED_KEYS, f"{what} (listwise; or pass responses_* lists)")
-      (c, r), (lc, lr) = _both(model, params, batch, "chosen", "rejected")
-      rc, rr = _reference(ref_params, batch, ("ref_chosen_logps", "ref_rejected_logps"),
-                          lambda p: _both(model, p, batch, "chosen", "rejected")[0])
+      c, r, rc, rr, lc, lr = _pair_logps(model, params, ref_params, batch)
       lp, n = jnp.stack([c, r], 1), jnp.stack([lc, lr], 1)
       ref = None if rc is None else jnp.stack([rc, rr], 1)
       valid = jnp.ones(lp.shape, bool)
