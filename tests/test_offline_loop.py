@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from offline_testlib import config as _config  # tests/offline_testlib.py
 from offline_testlib import run_config as _run
@@ -43,12 +44,17 @@ def test_kto_unpaired_trains(tmp_path):
 
 
 
-def test_dpo_on_a_mesh_matches_one_device(tmp_path):
+@pytest.mark.parametrize("paradigm,loss,rm_head", [
+    ("preference", "dpo", None),
+    ("reward_model", "bt", dict(name="ensemble", num_members=3))])
+def test_on_a_mesh_matches_one_device(tmp_path, paradigm, loss, rm_head):
   import jax  # pylint: disable=g-import-not-at-top
   rows = []
   for name, mesh in (("one", None), ("mesh", dict(data=2, fsdp=2, tensor=2))):
-    c = _config("preference", tmp_path / name, loss="dpo")
+    c = _config(paradigm, tmp_path / name, loss=loss)
     c.train.steps, c.train.eval_every = 3, 0
+    if rm_head:
+      c.rm_head = rm_head
     if mesh:
       c.mesh = mesh
     summary = _run(c)

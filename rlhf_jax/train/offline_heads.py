@@ -81,6 +81,11 @@ class HeadedRewardModel:
     args = (h, h) if self.name in ("armorm", "gpm") else (h,)
     return {"backbone": backbone_params, "head": mod.init(rng, *args)["params"]}
 
+  def logical_axes(self, params):
+    """The backbone's logical axes; the (small) head is replicated."""
+    return {"backbone": self.backbone.logical_axes(params["backbone"]),
+            "head": jax.tree.map(lambda x: (None,) * x.ndim, params["head"])}
+
   def outputs(self, params, ids, mask, loss_mask):
     """Head outputs for sequences [B, T] (response marked by `loss_mask`)."""
     h = self.backbone.hidden(params["backbone"], ids, mask)

@@ -202,9 +202,6 @@ def train(config) -> Dict[str, Any]:
   writer = MetricsWriter(config.workdir, total_steps=steps, desc=paradigm,
                          show=("loss",), progress=config.get("progress", True))
   run = Runner(config, state, batches)
-  if config.get("mesh") and not hasattr(model, "logical_axes"):
-    raise ValueError("config.mesh needs a model with logical axes; config.rm_head models "
-                     "run on one device (remove config.mesh)")
   put_state, put_batch, _ = placement(config, model, run.state)
   state = put_state(run.state)
   do_eval = lambda s: evaluate(eval_fn, s, make_eval_iter, eval_table)  # noqa: E731
