@@ -23,7 +23,7 @@ _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progres
            "model": None, "task": None, "data": None, "optim": None}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
-    "online": dict(_COMMON, sft=None, sampling=None, rewards=None, rl=None, mesh=None,
+    "online": dict(_COMMON, sft=None, sampling=None, rewards=None, rl=None, value=None, mesh=None,
                    distributed=None,
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
     "offline": dict(_COMMON, mesh=None, loss=str, loss_kwargs=None, precompute_ref=bool,

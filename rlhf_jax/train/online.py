@@ -6,13 +6,15 @@
 Data flow (all inside one `jax.jit`, state donated):
 prompts -> G samples per prompt (KV-cache sampler, policy params) -> rewards
 (reward functions, weighted) and reference log-probs -> advantages (any
-registered estimator) -> `epochs` x `num_minibatches` optimiser updates of the
+registered estimator; ReMax's greedy baseline is one more, greedy, decode per prompt)
+-> `epochs` x `num_minibatches` optimiser updates of the
 surrogate + KL + entropy (+ value) loss, each accumulated over `micro_batches`
 with a global normaliser so the update does not depend on the split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -157,12 +159,18 @@ def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_re
     if name in available and available[name] is not None:
       kwargs[name] = available[name]
     elif p.default is inspect.Parameter.empty:
+      fix = ("give the step a value model (make_update(..., value_model=...))"
+             if name == "values" else "pass it in rl.advantage_kwargs or the prompt batch")
       raise ValueError(f"advantage estimator {settings.advantage!r} needs {name!r}, which the "
-                       f"RL step does not provide; pass it in rl.advantage_kwargs or the batch")
+                       f"RL step does not provide; {fix}")
   first = {"token": token_rewards, "multi_reward": each_rewards}.get(family, rewards)
   out = fn(first, **kwargs)
-  if isinstance(out, tuple):  # (advantages, new_state) for stateful estimators
-    return out[0], out[1]
+  if isinstance(out, tuple):
+    if "state" in params:  # (advantages, new_state) for stateful estimators
+      return out[0], out[1]
+    raise ValueError(f"advantage estimator {settings.advantage!r} returns several arrays "
+                     f"({type(out).__name__}: {', '.join(getattr(out, '_fields', ()))}), not "
+                     "one advantage; combine them in a custom estimator to use it in the RL step")
   return out, adv_state
 
 
@@ -230,6 +238,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                      f"rl.group_size={g}; set them equal")
   if not reward_fns:
     raise ValueError("make_update needs at least one reward function")
+  needs_greedy = "greedy_rewards" in settings.estimator_inputs()
+  greedy_config = dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
+                                      num_samples=1) if needs_greedy else None
 
   def policy_loss(params, value_params, mb, normalizer, beta):
     # Minibatches keep whole groups only when the batch is not shuffled into several.
@@ -311,6 +322,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
               if k not in ("prompt_ids", "prompt_mask")}
     rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
                           out.completion_mask, extras)
+    adv_inputs = dict(extras)
+    if needs_greedy:  # ReMax's baseline: the reward of one greedy decode per prompt
+      greedy = sampling_lib.sample(model, state.params, prompt_ids, prompt_mask, rng_sample,
+                                   greedy_config)
+      adv_inputs["greedy_rewards"] = jax.lax.stop_gradient(score(
+          reward_fns, weights, greedy.prompt_ids, greedy.completion_ids, greedy.completion_mask,
+          {k: v for k, v in prompt_batch.items() if k not in ("prompt_ids", "prompt_mask")})[0])
     ids, attn = _sequence_batch(out)
     ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len, g)
     old_logps = out.logps
@@ -325,8 +343,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       values = v[:, prompt_len - 1:-1] * mask
     adv, adv_state = compute_advantages(settings, rewards, mask=mask, lengths=lengths,
                                         token_rewards=token_rewards, each_rewards=each,
-                                        values=values,
-                                        adv_state=state.adv_state)
+                                        values=values, adv_state=state.adv_state,
+                                        extras=adv_inputs)
     if value_model is not None:
       adv_tok = adv if adv.ndim == 2 else adv[:, None] * mask
       mb_extra = {"old_values": values, "returns": (adv_tok + values) * mask}
@@ -364,6 +382,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
         "wrong_response_length": _masked_mean_length(lengths, rewards <= 0.5),
         "correct_response_length": _masked_mean_length(lengths, rewards > 0.5),
     })
+    if needs_greedy:
+      metrics["greedy_reward_mean"] = jnp.mean(adv_inputs["greedy_rewards"])
     for i in range(each.shape[1]):
       metrics[f"reward_{i}_mean"] = jnp.mean(each[:, i])
       metrics[f"reward_{i}_std"] = jnp.std(each[:, i])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as data_lib
+from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.train.placement import fetch as _fetch, host_arrays, placement
@@ -82,6 +83,23 @@ def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWri
   return state.params
 
 
+def value_setup(config, model, params, rng):
+  """(value_model, value_params, value_optimizer) from `config.value`, or (None,) * 3.
+
+  The value model is the policy's decoder with a per-token scalar head (`head="value"`),
+  initialised from the policy's weights (`params`) and a fresh head; it trains with
+  `config.value.optim` (default: `config.optim`).
+  """
+  vcfg = config.get("value")
+  if not vcfg:
+    return None, None, None
+  value_model = model.with_head("value")
+  value_params = {k: jnp.copy(v) if not isinstance(v, dict) else jax.tree.map(jnp.copy, v)
+                  for k, v in models_lib.stack_layers(params).items() if k != "lm_head"}
+  value_params["score"] = value_model.init_score(jax.random.fold_in(rng, 2))
+  return value_model, value_params, optim.make_optimizer(vcfg.get("optim") or config.optim)
+
+
 def train(config) -> Dict[str, Any]:
   """Runs the configured online experiment; returns a summary dict."""
   config_schema.check(config, "online")
@@ -109,7 +127,17 @@ def train(config) -> Dict[str, Any]:
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size)
   rng = jax.random.PRNGKey(int(config.seed))
-  state = online.init_state(params, optimizer, jax.random.fold_in(rng, 1), settings)
+  if "values" in settings.estimator_inputs() and not config.get("value"):
+    raise ValueError(f"rl.advantage={settings.advantage!r} needs a value model: add "
+                     "config.value = dict(optim=dict(learning_rate=...)) (or optim=None to "
+                     "reuse config.optim)")
+
+  def init_state(params):
+    value_model, value_params, value_opt = value_setup(config, model, params, rng)
+    return value_model, value_opt, online.init_state(
+        params, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
+        value_optimizer=value_opt)
+  value_model, value_opt, state = init_state(params)
   batches = prompt_iterator(tok, train_ex, batch_size=nprompts, prompt_length=plen,
                             answer_length=alen, seed=int(config.seed))
   run = Runner(config, state, batches)
@@ -118,7 +146,7 @@ def train(config) -> Dict[str, Any]:
       t0 = time.time()
       params = sft_warmup(config, model, params, tok, train_ex, writer=writer)
       summary["sft_seconds"] = time.time() - t0
-      state = online.init_state(params, optimizer, jax.random.fold_in(rng, 1), settings)
+      _, _, state = init_state(params)
     summary["accuracy_before"] = evaluate(state.params)
     writer.write(0, {"accuracy": summary["accuracy_before"]}, prefix="eval/")
     logging.info("held-out accuracy before RL: %.3f", summary["accuracy_before"])
@@ -128,6 +156,7 @@ def train(config) -> Dict[str, Any]:
   put_state, put_batch, out_shardings = placement(config, model, state)
   state = put_state(state)
   update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg,
+                              value_model=value_model, value_optimizer=value_opt,
                               out_shardings=out_shardings)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []

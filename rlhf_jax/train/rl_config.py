@@ -107,6 +107,12 @@ class RLSettings:
         raise ValueError(f"rl.surrogate_kwargs has {k!r}, which {self.surrogate!r} does not "
                          f"take; it takes {sorted(sparams)[4:] if len(sparams) > 4 else []}")
 
+  def estimator_inputs(self) -> frozenset:
+    """Names of the inputs the advantage estimator takes that rl.advantage_kwargs does not
+    set (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
+    params = inspect.signature(advantages_lib.get(self.advantage)).parameters
+    return frozenset(params) - {"rewards"} - {k for k, _ in self.advantage_kwargs}
+
   def kl_controller(self):
     """The `(init, update)` KL controller these settings describe."""
     if self.kl_target is None:

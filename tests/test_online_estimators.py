@@ -1,0 +1,124 @@
+"""Estimators that need more than the sampled rewards, in the fused online step and loop:
+ReMax's greedy baseline, PPO + GAE with a value model from the config, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models, sampling
+from rlhf_jax.sampling.config import SamplingConfig
+from rlhf_jax.train import online, optim
+from rlhf_jax.train.rl_config import RLSettings
+from test_online import EOS, HF, PAD, prompts
+
+
+def _step(advantage, reward_fn, *, kl_coef=0.0, entropy_coef=0.0, **adv_kwargs):
+  model = models.from_config(HF)
+  params = model.init(jax.random.PRNGKey(0))
+  settings = RLSettings.from_config(dict(group_size=4, advantage=advantage, kl_coef=kl_coef,
+                                         entropy_coef=entropy_coef,
+                                         advantage_kwargs=adv_kwargs))
+  sc = SamplingConfig(max_new_tokens=4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD,
+                      num_samples=4)
+  opt = optim.make_optimizer(dict(learning_rate=1e-2))
+  state = online.init_state(params, opt, jax.random.PRNGKey(1), settings)
+  update = online.make_update(model, [reward_fn], opt, settings, sc, donate=False)
+  return model, params, sc, state, update
+
+
+def _token_reward(prompt_ids, completion_ids, completion_mask, extras):
+  """Fraction of completion tokens that are even (depends on what was sampled)."""
+  del prompt_ids, extras
+  m = completion_mask.astype(jnp.float32)
+  return jnp.sum((completion_ids % 2 == 0) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+
+
+def test_remax_baseline_is_the_greedy_decode_reward():
+  model, params, sc, state, update = _step("remax", _token_reward)
+  batch = prompts()
+  _, m = update(state, batch, jax.random.PRNGKey(7))
+  greedy_cfg = SamplingConfig(max_new_tokens=4, temperature=0.0, eos_ids=(EOS,), pad_id=PAD)
+  g = sampling.sample(model, models.unstack_layers(params), jnp.asarray(batch["prompt_ids"]),
+                      jnp.asarray(batch["prompt_mask"]), jax.random.PRNGKey(0), greedy_cfg)
+  want = np.mean(np.asarray(_token_reward(None, g.completion_ids, g.completion_mask, None)))
+  np.testing.assert_allclose(m["greedy_reward_mean"], want, rtol=1e-6)
+  assert np.isfinite(m["pg_loss"]) and m["grad_norm"] > 0
+
+
+def test_remax_with_a_constant_reward_has_no_policy_gradient():
+  # r_i − r_greedy = 0 for every sample: nothing to learn (a zero baseline would give A = 1).
+  ones = lambda p, c, m, e: jnp.ones(c.shape[0], jnp.float32)  # noqa: E731
+  _, _, _, state, update = _step("remax", ones)
+  _, m = update(state, prompts(), jax.random.PRNGKey(7))
+  assert float(m["greedy_reward_mean"]) == 1.0 and float(m["grad_norm"]) == 0.0
+  _, _, _, state, update = _step("rloo", ones, kl_coef=0.0)  # same here (leave-one-out)
+  assert float(update(state, prompts(), jax.random.PRNGKey(7))[1]["grad_norm"]) == 0.0
+
+
+def test_estimators_the_step_cannot_feed_are_named():
+  with pytest.raises(ValueError, match="'gae' needs 'values'.*value_model"):
+    _, _, _, state, update = _step("gae", _token_reward)
+    update(state, prompts(), jax.random.PRNGKey(7))
+  with pytest.raises(ValueError, match="'gigpo' needs 'step_rewards'"):
+    _, _, _, state, update = _step("gigpo", _token_reward)
+    update(state, prompts(), jax.random.PRNGKey(7))
+  # COPO gets `answer_ids` from the batch, then returns its global / local advantages and
+  # blend weight separately.
+  batch = dict(prompts(), answer_ids=np.arange(4, dtype=np.int32))
+  _, _, _, state, update = _step("copo", _token_reward)
+  with pytest.raises(ValueError, match="'copo' returns several arrays.*global_, local, weight"):
+    update(state, batch, jax.random.PRNGKey(7))
+
+
+def test_hyper_parameters_without_defaults_come_from_advantage_kwargs():
+  _, _, _, state, update = _step("passk", _token_reward)
+  with pytest.raises(ValueError, match="'passk' needs 'k'.*rl.advantage_kwargs"):
+    update(state, prompts(), jax.random.PRNGKey(7))
+  _, _, _, state, update = _step("passk", _token_reward, k=2)
+  assert np.isfinite(update(state, prompts(), jax.random.PRNGKey(7))[1]["pg_loss"])
+
+
+def test_loop_ppo_gae_with_a_value_model_from_the_config(tmp_path):
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("ppo", "experiments/ppo_gae_arithmetic.py")
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  c = exp.get_config("runlocal")
+  c.workdir = str(tmp_path / "ppo")
+  c.sft.steps = 5
+  s = online_loop.train(c)
+  vp = s["state"].value_params
+  assert vp["score"].shape == (c.model.hf_config.hidden_size, 1) and "lm_head" not in vp
+  with open(tmp_path / "ppo" / "metrics.jsonl") as f:
+    rows = [json.loads(l) for l in f if '"value_loss"' in l]
+  assert len(rows) == c.train.steps and all(np.isfinite(r["value_loss"]) for r in rows)
+  c2 = exp.get_config("runlocal")
+  c2.workdir = str(tmp_path / "no_value")
+  del c2["value"]
+  with pytest.raises(ValueError, match="'gae' needs a value model: add config.value"):
+    online_loop.train(c2)
+
+
+def test_value_model_starts_from_the_policy():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  model = models.from_config(HF)
+  params = model.init(jax.random.PRNGKey(0))
+  c = ml_collections.ConfigDict(dict(value=dict(optim=None), optim=dict(learning_rate=1e-3)))
+  vm, vp, vopt = online_loop.value_setup(c, model, params, jax.random.PRNGKey(3))
+  assert vm.head == "value" and vopt is not None
+  for k, v in params.items():
+    if k != "lm_head":
+      for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(vp[k])):
+        np.testing.assert_array_equal(a, b)
+        assert a is not b  # copies: the step donates both
+  values = vm.apply(vp, jnp.ones((2, 3), jnp.int32))
+  assert values.shape == (2, 3)
+  assert online_loop.value_setup(ml_collections.ConfigDict(), model, params, None) == (
+      None, None, None)
