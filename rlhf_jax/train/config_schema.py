@@ -26,7 +26,7 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, sft=None, sampling=None, rewards=None, rl=None, value=None, mesh=None,
                    distributed=None,
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
-    "offline": dict(_COMMON, mesh=None, loss=str, loss_kwargs=None, precompute_ref=bool,
+    "offline": dict(_COMMON, mesh=None, distributed=None, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,
                     train={"steps": int, "batch_size": int, "eval_every": (int, _NONE)}),
 }

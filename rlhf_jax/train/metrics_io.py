@@ -22,21 +22,29 @@ def _drop_partial_last_line(path: str) -> None:
 class MetricsWriter:
   """Writes metrics to `<workdir>/metrics.jsonl`, TensorBoard and a progress bar.
 
-  `plot(keys)` draws the recorded curves to `<workdir>/<name>.png`.
+  `plot(keys)` draws the recorded curves to `<workdir>/<name>.png`. In a multi-process
+  run only process 0 writes (`primary`); the others keep the history in memory only.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, desc: str = "train",
-               show: Sequence[str] = ("reward_mean", "kl"), progress: bool = True):
-    os.makedirs(workdir, exist_ok=True)
+               show: Sequence[str] = ("reward_mean", "kl"), progress: bool = True,
+               primary: Optional[bool] = None):
     self.workdir = workdir
     self.history: List[Dict[str, float]] = []
     self._show = tuple(show)
+    if primary is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      primary = jax.process_index() == 0
+    self.primary = primary
+    self._jsonl = self._tb = self._bar = None
+    if not primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
     _drop_partial_last_line(path)
     self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self._bar = None
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True)
@@ -45,6 +53,8 @@ class MetricsWriter:
     row = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
     row["step"] = int(step)
     self.history.append(row)
+    if not self.primary:
+      return
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     for k, v in row.items():
@@ -60,7 +70,7 @@ class MetricsWriter:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     keys = [k for k in keys if any(k in r for r in self.history)]
-    if not keys:
+    if not keys or not self.primary:
       return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
@@ -77,5 +87,6 @@ class MetricsWriter:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    self._tb.close()
-    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._jsonl.close()

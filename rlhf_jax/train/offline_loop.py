@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses as losses_lib
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.train import config_schema
 from rlhf_jax.train.placement import fetch, host_arrays, placement
 from rlhf_jax.train import build, offline, optim
@@ -158,6 +159,7 @@ def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]
 def train(config) -> Dict[str, Any]:
   """Runs the configured offline experiment; returns a summary dict."""
   config_schema.check(config, "offline")
+  sharding_lib.init_distributed(config.get("distributed"))
   t_start = time.time()
   paradigm = config.paradigm
   _check_config(config, paradigm)
