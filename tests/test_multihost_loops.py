@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from test_online import _free_port
+from multihost_testlib import launch
 
 _WORKER = textwrap.dedent("""
     import sys
@@ -43,22 +41,13 @@ _WORKER = textwrap.dedent("""
 @pytest.mark.parametrize("loop,keys", [("offline", ("loss", "grad_norm", "logp_accuracy")),
                                        ("online", ("reward_mean", "kl", "pg_loss", "grad_norm"))])
 def test_two_processes_equal_one(tmp_path, loop, keys):
-  here = os.path.dirname(os.path.abspath(__file__))
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  here = os.path.dirname(os.path.abspath(__file__))
   rows = {}
   for nproc, devices in ((1, 2), (2, 1)):
     workdir = tmp_path / f"run{nproc}"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc), loop,
-                               str(workdir), here], env=env, cwd=here,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(nproc)]
-    for p in procs:
-      out, _ = p.communicate(timeout=400)
-      assert p.returncode == 0, out.decode()[-3000:]
+    launch(script, nproc, devices, args=(loop, workdir, here))
     with open(workdir / "metrics.jsonl") as f:
       rows[nproc] = [json.loads(l) for l in f if f'"{keys[0]}"' in l and '"step"' in l]
   assert len(rows[1]) == len(rows[2]) > 0  # process 1 wrote nothing: no duplicate rows

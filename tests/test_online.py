@@ -1,10 +1,6 @@
 """The fused online RL step: one program, sharding-, micro-batch- and host-invariant."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from multihost_testlib import launch
 from rlhf_jax import models
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.rewards import verifiers
@@ -176,29 +173,13 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_multi_host_equals_single_process(tmp_path):
-  here = os.path.dirname(os.path.abspath(__file__))
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=here + os.pathsep +
-             os.environ.get("PYTHONPATH", ""))
   results = {}
   for nproc, devices in ((1, 2), (2, 1)):
     out = tmp_path / f"out{nproc}.json"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc), str(out)],
-                              env=env, cwd=here, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for i in range(nproc)]
-    for p in procs:
-      stdout, _ = p.communicate(timeout=300)
-      assert p.returncode == 0, stdout.decode()[-3000:]
+    launch(script, nproc, devices, args=(out,), timeout=300)
     results[nproc] = json.loads(out.read_text())
   a, b = results[1], results[2]
   assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)

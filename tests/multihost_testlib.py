@@ -1,0 +1,30 @@
+"""Launching a test worker script as N CPU processes under `jax.distributed` on localhost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(script, nproc: int, devices: int, args=(), timeout: float = 400) -> None:
+  """Runs `python script PORT PID NPROC *args` as `nproc` processes of `devices` CPU devices
+  each (cwd and PYTHONPATH: the tests directory); asserts every one exits with 0."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  port = str(free_port())
+  procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc),
+                             *map(str, args)], env=env, cwd=here, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(nproc)]
+  for p in procs:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out.decode()[-3000:]
