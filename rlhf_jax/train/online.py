@@ -318,8 +318,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     out = jax.tree.map(jax.lax.stop_gradient, out)
     mask = out.completion_mask.astype(jnp.float32)
     lengths = jnp.sum(mask, axis=1)
-    extras = {k: jnp.repeat(v, g, axis=0) for k, v in prompt_batch.items()
-              if k not in ("prompt_ids", "prompt_mask")}
+    prompt_extras = {k: v for k, v in prompt_batch.items()
+                     if k not in ("prompt_ids", "prompt_mask")}
+    extras = {k: jnp.repeat(v, g, axis=0) for k, v in prompt_extras.items()}
     rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
                           out.completion_mask, extras)
     adv_inputs = dict(extras)
@@ -328,7 +329,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                                    greedy_config)
       adv_inputs["greedy_rewards"] = jax.lax.stop_gradient(score(
           reward_fns, weights, greedy.prompt_ids, greedy.completion_ids, greedy.completion_mask,
-          {k: v for k, v in prompt_batch.items() if k not in ("prompt_ids", "prompt_mask")})[0])
+          prompt_extras)[0])
     ids, attn = _sequence_batch(out)
     ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len, g)
     old_logps = out.logps

@@ -94,8 +94,8 @@ def value_setup(config, model, params, rng):
   if not vcfg:
     return None, None, None
   value_model = model.with_head("value")
-  value_params = {k: jnp.copy(v) if not isinstance(v, dict) else jax.tree.map(jnp.copy, v)
-                  for k, v in models_lib.stack_layers(params).items() if k != "lm_head"}
+  value_params = jax.tree.map(jnp.copy, {k: v for k, v in models_lib.stack_layers(params).items()
+                                         if k != "lm_head"})
   value_params["score"] = value_model.init_score(jax.random.fold_in(rng, 2))
   return value_model, value_params, optim.make_optimizer(vcfg.get("optim") or config.optim)
 
