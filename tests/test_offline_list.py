@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 
 from offline_testlib import config as _config  # tests/offline_testlib.py
 from offline_testlib import pairs as _pairs
@@ -192,9 +195,28 @@ def test_loop_list_errors(tmp_path):
   c.loss = "pro"
   with pytest.raises(ValueError, match="config.data.num_responses"):
     _run(c)
-  c.data.num_responses, c.precompute_ref = 3, True
-  with pytest.raises(ValueError, match="precompute_ref"):
-    _run(c)
+
+
+def test_loop_ranked_precompute_ref_matches_on_the_fly(tmp_path):
+  path = tmp_path / "ranked.jsonl"
+  write_jsonl(path, _ranked_records(160))  # eval: the first 16
+  c = _config("preference", tmp_path / "a", "trpa")  # TRPA reads ref_logps [B, K]
+  c.data.source, c.data.path = "jsonl", str(path)
+  c.data.num_responses, c.data.max_length, c.data.eval_batch_size = 3, 24, 16
+  c.data.passthrough = ("levels",)
+  c.train.steps = 4
+  on_the_fly = _run(c)
+  c.workdir, c.precompute_ref = str(tmp_path / "b"), True
+  cached = _run(c)
+  files = sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("ref_logps_"))
+  assert [f.split("_")[2] for f in files] == ["eval", "train"]
+  assert cached["state"].ref_params is None
+  table = safetensors.numpy.load_file(str(tmp_path / "b" / files[1]))
+  assert table["ref_responses_logps"].shape == (160, 3)
+  assert np.all(np.isfinite(table["ref_responses_logps"]))
+  for when in ("eval_before", "eval_after"):
+    for k, v in on_the_fly[when].items():
+      np.testing.assert_allclose(cached[when][k], v, rtol=1e-4, atol=1e-5, err_msg=f"{when} {k}")
 
 
 def test_loop_pro_on_synthetic_pairs(tmp_path):

@@ -185,16 +185,20 @@ def _reference(ref_params, batch, keys, compute):
   return tuple(jax.lax.stop_gradient(x) for x in compute(ref_params))
 
 
-def make_ref_logps(model, *, unpaired: bool = False) -> Callable:
-  """`ref_logps(ref_params, batch) -> {key: [B]}`: the batch keys the step reads as
-  precomputed reference log-probs (`ref_chosen_logps`/`ref_rejected_logps`, or
-  `ref_logps`/`ref_kl_logps` for unpaired batches)."""
-  names = ("completion", "kl") if unpaired else ("chosen", "rejected")
-  keys = ("ref_logps", "ref_kl_logps") if unpaired else ("ref_chosen_logps",
-                                                         "ref_rejected_logps")
+def make_ref_logps(model) -> Callable:
+  """`ref_logps(ref_params, batch) -> {key: array}`: the batch keys the step reads as
+  precomputed reference log-probs, for the batch's kind: `ref_chosen_logps` /
+  `ref_rejected_logps` [B] (pairs), `ref_logps` / `ref_kl_logps` [B] (unpaired),
+  `ref_responses_logps` [B, K] (lists, `responses_ids`)."""
 
   @jax.jit
   def ref_logps(ref_params, batch):
+    if "responses_ids" in batch:
+      return {"ref_responses_logps": _list_logps(model, ref_params, batch)[0]}
+    if "completion_ids" in batch:
+      names, keys = ("completion", "kl"), ("ref_logps", "ref_kl_logps")
+    else:
+      names, keys = ("chosen", "rejected"), ("ref_chosen_logps", "ref_rejected_logps")
     (a, b), _ = _both(model, ref_params, batch, *names)
     return dict(zip(keys, (a, b)))
   return ref_logps

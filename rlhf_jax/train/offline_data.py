@@ -324,7 +324,7 @@ class RefTable:
   @classmethod
   def build(cls, path: str, source: Sequence, example_fn, collate, ref_fn: Callable,
             *, batch_size: int) -> "RefTable":
-    """Loads `path` if present, else runs `ref_fn(batch) -> {key: [B]}` over every record
+    """Loads `path` if present, else runs `ref_fn(batch) -> {key: [B, ...]}` over every record
     of `source` in order (the last batch padded by repetition) and saves it there."""
     if os.path.exists(path):
       try:
@@ -352,8 +352,9 @@ class RefTable:
       out = ref_fn({k: v for k, v in collate(chunk).items()
                     if isinstance(v, np.ndarray) and v.dtype != object})
       for k, v in out.items():
-        col = arrays.setdefault(k, np.full(len(source), np.nan, np.float32))
-        col[index[start:start + n]] = np.asarray(v)[:n]
+        v = np.asarray(v)
+        col = arrays.setdefault(k, np.full((len(source),) + v.shape[1:], np.nan, np.float32))
+        col[index[start:start + n]] = v[:n]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     safetensors.numpy.save_file(arrays, tmp)  # write then rename: never a partial cache

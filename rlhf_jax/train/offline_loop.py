@@ -62,10 +62,8 @@ def _compiled(paradigm: str, model, loss: str, loss_kwargs: str, optim_cfg: str,
   optimizer = optim.make_optimizer(json.loads(optim_cfg))
   step = offline.make_step(paradigm, model, loss_fn, optimizer, loss_kwargs=kw, packed=packed)
   evaluate = offline.make_eval(paradigm, model, loss_fn, loss_kwargs=kw, packed=packed)
-  unpaired = offline.is_unpaired_loss(loss_fn)
-  ref = offline.make_ref_logps(model, unpaired=unpaired) if paradigm == "preference" else None
-  eval_ref = offline.make_ref_logps(model) if paradigm == "preference" else None
-  return optimizer, step, evaluate, ref, eval_ref
+  ref = offline.make_ref_logps(model) if paradigm == "preference" else None
+  return optimizer, step, evaluate, ref
 
 
 def _check_config(config, paradigm: str) -> None:
@@ -95,16 +93,12 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   d = config.data
   kind = "sft" if paradigm == "sft" else ("unpaired" if unpaired else "preference")
   precompute = bool(config.get("precompute_ref"))
-  listwise = _is_ranked(train_records)
-  if listwise:
+  if _is_ranked(train_records):
     loss = config.get("loss")
     if paradigm != "preference" or not loss or not offline.is_list_loss(losses_lib.get(loss)):
       raise ValueError(f"records with a 'responses' list need a listwise preference loss "
                        f"(e.g. 'pro', 'trpa'); got paradigm={paradigm!r}, "
                        f"loss={config.get('loss')!r}")
-    if precompute:
-      raise ValueError("config.precompute_ref is not supported for listwise ('responses') "
-                       "records; keep the reference model (precompute_ref=False)")
     kind = "list"
   passthrough = ((od.INDEX_KEY,) if precompute else ()) + tuple(d.get("passthrough") or ())
   if od.plain(config.get("rm_head")).get("name") == "hl_gauss":
@@ -129,16 +123,16 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   return batches, make_eval_iter, (train_src, train_fns), (eval_src, eval_fns, eval_bs)
 
 
-def _ref_tables(config, ref_fn, eval_ref_fn, ref_params, train, evals, batch_size: int):
+def _ref_tables(config, ref_fn, ref_params, train, evals, batch_size: int):
   """Reference log-probs for the train and eval sets, cached in the workdir."""
   key = od.fingerprint(od.plain(config.model), od.plain(config.data),
                        od.plain(config.get("task")), config.get("tokenizer", "char"),
                        int(config.seed), config.get("loss"), len(train[0]), len(evals[0]))
   out = []
-  for name, (src, (fn, collate)), f, bs in (("train", train, ref_fn, batch_size),
-                                            ("eval", evals[:2], eval_ref_fn, evals[2])):
+  run = lambda b: jax.device_get(ref_fn(ref_params, host_arrays(b)))  # noqa: E731
+  for name, (src, (fn, collate)), bs in (("train", train, batch_size),
+                                         ("eval", evals[:2], evals[2])):
     path = os.path.join(config.workdir, f"ref_logps_{name}_{key}.safetensors")
-    run = lambda b, f=f: jax.device_get(f(ref_params, host_arrays(b)))  # noqa: E731
     out.append(od.RefTable.build(path, src, fn, collate, run, batch_size=bs))
   return out
 
@@ -178,7 +172,7 @@ def train(config) -> Dict[str, Any]:
     if loss not in family:
       raise ValueError(f"config.loss={loss!r} is not a {paradigm!r} loss; use one of {family}")
   unpaired = offline.is_unpaired_loss(loss_fn)
-  optimizer, step_fn, eval_fn, ref_fn, eval_ref_fn = _compiled(
+  optimizer, step_fn, eval_fn, ref_fn = _compiled(
       paradigm, model, loss, json.dumps(od.plain(config.get("loss_kwargs")), sort_keys=True),
       json.dumps(od.plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
   precompute = bool(config.get("precompute_ref"))
@@ -193,7 +187,7 @@ def train(config) -> Dict[str, Any]:
                       info["skipped"], info["records"], config.data.get("truncation"))
   eval_table = None
   if precompute:
-    train_table, eval_table = _ref_tables(config, ref_fn, eval_ref_fn, params, train_parts,
+    train_table, eval_table = _ref_tables(config, ref_fn, params, train_parts,
                                           eval_parts, int(config.train.batch_size))
     batches = od.WithRef(batches, train_table)
   ref = jax.tree.map(jnp.copy, params) if keep_ref and not precompute else None
