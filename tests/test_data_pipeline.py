@@ -243,3 +243,15 @@ def test_kto_labels_pass_through():
                                 passthrough=("label",)))
   np.testing.assert_array_equal(b["label"], np.array([1.0, 0.0], np.float32))
   assert b["label"].dtype == np.float32 and b["input_ids"].shape == (2, 8)
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired", "list"])
+def test_missing_passthrough_field_names_the_example_and_the_setting(kind):
+  from rlhf_jax.train import offline_data as od  # pylint: disable=g-import-not-at-top
+  record = {"prompt": "1+1=", "completion": "2", "label": True, "chosen": "2",
+            "rejected": "3", "responses": ["2", "3"], "kl_completion": "4"}
+  data = {"max_length": 12, "max_prompt_length": 6, "num_responses": 2}
+  fn, _ = od.batch_fns(kind, TOK, data, passthrough=("weight",))
+  fn(dict(record, weight=1.0), 0)
+  with pytest.raises(KeyError, match=r"example 3 .* no field 'weight'.*config\.data\.passthrough"):
+    fn(record, 3)

@@ -43,6 +43,18 @@ def _describe(index: Any, record: Mapping[str, Any]) -> str:
   return f"example {index} (prompt {str(prompt)!r:.50})"
 
 
+def passthrough_fields(record: Mapping[str, Any], keys: Sequence[str], index: Any) -> dict:
+  """{key: record[key]} for the passthrough `keys`; a missing one is a KeyError naming the
+  example, the field and the config setting that asked for it."""
+  missing = [k for k in keys if k not in record]
+  if missing:
+    raise KeyError(f"{_describe(index, record)} has no field {missing[0]!r}, one of the "
+                   f"fields {tuple(keys)} passed through to the batch (config.data.passthrough "
+                   f"or a reward head's targets); add it to every record (this one has "
+                   f"{sorted(record)}) or stop passing it through")
+  return {k: record[k] for k in keys}
+
+
 def fit(ids: list[int], limit: int, *, truncation: str, what: str, where: str,
         fix: str) -> list[int]:
   """Applies the truncation policy to `ids` of `what` (e.g. "prompt") against `limit`."""
@@ -141,7 +153,7 @@ def make_sft_example_fn(tok: Tokenizer, *, max_length: int, truncation: str = "e
       keep = fit(list(range(len(ids))), max_length, truncation=truncation, what="sequence",
                  where=where, fix=f"max_length={max_length}")
       ids, loss = [ids[i] for i in keep], [loss[i] for i in keep]
-    return {"input_ids": ids, "loss_mask": loss, **{k: record[k] for k in passthrough}}
+    return {"input_ids": ids, "loss_mask": loss, **passthrough_fields(record, passthrough, index)}
   return fn
 
 
@@ -179,7 +191,7 @@ def make_preference_example_fn(tok: Tokenizer, *, passthrough: Sequence[str] = (
 
   def fn(record, index):
     where = _describe(index, record)
-    out = {k: record[k] for k in passthrough}
+    out = passthrough_fields(record, passthrough, index)
     for side in ("chosen", "rejected"):
       out[f"{side}_ids"], out[f"{side}_loss_mask"] = encode(
           record["prompt"], record[side], f"{side} response", where)

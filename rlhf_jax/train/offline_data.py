@@ -175,7 +175,8 @@ def make_unpaired_example_fn(tok, *, max_prompt_length: int, max_length: int,
         raise KeyError(f"example {index} has no field {k!r}; unpaired (KTO) records need "
                        "prompt, completion and label (kl_completion is added by to_unpaired)")
     where = batching._describe(index, record)  # pylint: disable=protected-access
-    out = {"label": float(bool(record["label"])), **{k: record[k] for k in passthrough}}
+    out = {"label": float(bool(record["label"])),
+           **batching.passthrough_fields(record, passthrough, index)}
     for name, field in (("completion", "completion"), ("kl", "kl_completion")):
       p, r, m = batching.encode_prompt_response(tok, record["prompt"], record[field], **kwargs)
       p = batching.fit(p, max_prompt_length, truncation=truncation, what="prompt",
@@ -238,8 +239,7 @@ def make_list_example_fn(tok, *, num_responses: int, max_prompt_length: int, max
     pad = num_responses - len(responses)
     out["responses_ids"] += [[]] * pad
     out["responses_loss_mask"] += [[]] * pad
-    for k in passthrough:
-      v = record[k]
+    for k, v in batching.passthrough_fields(record, passthrough, index).items():
       if isinstance(v, (list, tuple)):
         if len(v) != len(responses):
           raise ValueError(f"example {index}: field {k!r} has {len(v)} values for "
