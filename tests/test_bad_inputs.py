@@ -111,6 +111,16 @@ CONFIG_CASES = [
     ("offline_precompute_and_reference_free", "dpo",
      {"precompute_ref": True, "reference_free": True}, ValueError,
      r"config\.precompute_ref and config\.reference_free are exclusive"),
+    ("online_no_prompts_per_step", "online", {"train.prompts_per_step": 0}, ValueError,
+     r"config key 'train\.prompts_per_step'=0 must be > 0"),
+    ("offline_no_batch_size", "dpo", {"train.batch_size": 0}, ValueError,
+     r"config key 'train\.batch_size'=0 must be > 0"),
+    ("online_negative_learning_rate", "online", {"optim.learning_rate": -1e-3}, ValueError,
+     r"optim\.learning_rate=-0\.001 must be a finite number >= 0"),
+    ("offline_negative_learning_rate", "dpo", {"optim.learning_rate": -1e-3}, ValueError,
+     r"optim\.learning_rate=-0\.001 must be a finite number >= 0"),
+    ("offline_beta_out_of_range", "dpo", {"optim.b2": 1.0}, ValueError,
+     r"optim\.b2=1\.0 must be in \[0, 1\)"),
 ]
 
 

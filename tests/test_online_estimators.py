@@ -83,6 +83,14 @@ def test_hyper_parameters_without_defaults_come_from_advantage_kwargs():
   assert np.isfinite(update(state, prompts(), jax.random.PRNGKey(7))[1]["pg_loss"])
 
 
+def test_an_estimator_error_names_the_rl_settings():
+  settings = RLSettings.from_config(dict(group_size=1, advantage="grpo",
+                                         advantage_kwargs=dict(unbiased=True)))
+  with pytest.raises(ValueError, match=r"rl\.advantage='grpo' \(rl\.group_size=1, "
+                     r"rl\.advantage_kwargs=\{'unbiased': True\}\): group_size must be >= 2"):
+    online.compute_advantages(settings, jnp.ones(4), mask=jnp.ones((4, 3)), lengths=jnp.ones(4))
+
+
 def test_loop_ppo_gae_with_a_value_model_from_the_config(tmp_path):
   from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top

@@ -52,3 +52,18 @@ def test_make_optimizer_with_clip_matches_optax_chain():
   u2, _ = ref.update(grads, ref.init(params), params)
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("learning_rate", -1e-4, r"optim\.learning_rate=-0\.0001 must be a finite number >= 0"),
+    ("learning_rate", float("nan"), r"optim\.learning_rate=nan must be a finite number"),
+    ("warmup_steps", -1, r"optim\.warmup_steps=-1 must be >= 0"),
+    ("weight_decay", -0.1, r"optim\.weight_decay=-0\.1 must be >= 0"),
+    ("b1", 1.0, r"optim\.b1=1\.0 must be in \[0, 1\)"),
+    ("eps", -1e-8, r"optim\.eps=-1e-08 must be >= 0"),
+])
+def test_make_optimizer_rejects_out_of_range_settings(key, value, msg):
+  cfg = {"learning_rate": 1e-3, key: value}
+  with pytest.raises(ValueError, match=msg):
+    optim.make_optimizer(cfg)
+  optim.make_optimizer({"learning_rate": 0.0})  # a zero rate (frozen weights) is allowed

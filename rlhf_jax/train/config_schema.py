@@ -39,6 +39,8 @@ def check(config, loop: str) -> None:
   config_utils.validate_config(config, SCHEMAS[loop])
   if config_utils.get_key(config, "resume", None) is not None:
     config_utils.require_in(config, "resume", RESUME_MODES)
-  for key in ("train.steps", "checkpoint.every_steps", "max_bad_steps"):
+  for key in ("train.steps", "checkpoint.every_steps", "max_bad_steps",
+              "train.prompts_per_step", "train.batch_size"):
     if config_utils.get_key(config, key, None) is not None:
-      config_utils.require_positive(config, key, allow_zero=key != "max_bad_steps")
+      config_utils.require_positive(config, key,
+                                    allow_zero=key in ("train.steps", "checkpoint.every_steps"))

@@ -149,6 +149,7 @@ def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_re
   fn = advantages_lib.get(settings.advantage)
   family = advantages_lib.REGISTRY.family(settings.advantage)
   kwargs = dict(settings.advantage_kwargs)
+  kwargs_given = dict(kwargs)
   available = {"group_size": settings.group_size, "mask": mask, "lengths": lengths,
                "values": values, "state": adv_state}
   available.update(extras or {})
@@ -164,7 +165,11 @@ def compute_advantages(settings: RLSettings, rewards, *, mask, lengths, token_re
       raise ValueError(f"advantage estimator {settings.advantage!r} needs {name!r}, which the "
                        f"RL step does not provide; {fix}")
   first = {"token": token_rewards, "multi_reward": each_rewards}.get(family, rewards)
-  out = fn(first, **kwargs)
+  try:
+    out = fn(first, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"rl.advantage={settings.advantage!r} (rl.group_size="
+                     f"{settings.group_size}, rl.advantage_kwargs={kwargs_given}): {e}") from e
   if isinstance(out, tuple):
     if "state" in params:  # (advantages, new_state) for stateful estimators
       return out[0], out[1]

@@ -113,6 +113,7 @@ def train(config) -> Dict[str, Any]:
   settings = RLSettings.from_config(config.rl)
   steps, nprompts = int(config.train.steps), int(config.train.prompts_per_step)
   settings.check_batch(nprompts)
+  optimizer = optim.make_optimizer(config.optim)
   reward_fns = build.build_reward_fns(list(config.rewards), tok)
   plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
   train_ex = task.generate(int(config.data.train_size), seed=config.seed, split="train")
@@ -121,7 +122,6 @@ def train(config) -> Dict[str, Any]:
                          progress=config.get("progress", True))
   evaluate = make_evaluator(model, tok, task, eval_ex, prompt_length=plen, max_new_tokens=alen)
   summary: Dict[str, Any] = {}
-  optimizer = optim.make_optimizer(config.optim)
   sampling_cfg = SamplingConfig(
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),

@@ -11,6 +11,7 @@ config keys (all optional but `learning_rate`):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -26,10 +27,18 @@ def _get(cfg: Mapping[str, Any], key: str, default):
   return default if value is None else value
 
 
+def _check_range(name: str, value: float, ok: bool, want: str) -> None:
+  if not ok:
+    raise ValueError(f"optim.{name}={value!r} must be {want}")
+
+
 def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
   """Warm-up then constant / cosine / linear decay, from `cfg`."""
   lr = float(cfg["learning_rate"])
+  _check_range("learning_rate", lr, math.isfinite(lr) and lr >= 0,
+               "a finite number >= 0 (a negative rate would ascend the loss)")
   warmup = int(_get(cfg, "warmup_steps", 0))
+  _check_range("warmup_steps", warmup, warmup >= 0, ">= 0")
   kind = _get(cfg, "schedule", "constant")
   total = int(_get(cfg, "total_steps", 0))
   end = lr * float(_get(cfg, "end_value_ratio", 0.0))
@@ -64,6 +73,10 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   wd = float(_get(cfg, "weight_decay", 0.0))
   b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
   eps = float(_get(cfg, "eps", 1e-8))
+  _check_range("weight_decay", wd, wd >= 0, ">= 0")
+  for key, beta in (("b1", b1), ("b2", b2)):
+    _check_range(key, beta, 0 <= beta < 1, "in [0, 1)")
+  _check_range("eps", eps, eps >= 0, ">= 0")
   if name == "adamw":
     opt = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=wd)
   elif name == "adam":
