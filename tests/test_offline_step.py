@@ -159,3 +159,12 @@ def test_clear_errors():
   with pytest.raises(KeyError, match="no field 'chosen'"):
     od.to_unpaired([{"prompt": "a>", "text": "b"}])[0]
 
+
+
+def test_a_loss_input_the_batch_lacks_names_the_fixes():
+  available = {"chosen_logps": jnp.zeros(2), "rejected_logps": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"osp needs 'preference_strength', which this batch "
+                     r"cannot provide \(it provides \['chosen_logps', 'rejected_logps'\]\); "
+                     r"pass a constant in config\.loss_kwargs, a per-example field of the "
+                     r"records through config\.data\.passthrough"):
+    offline.call_with_available(losses.get("osp"), available, {}, "osp")

@@ -131,8 +131,10 @@ def call_with_available(fn: Callable, available: Mapping[str, Any], kwargs: Mapp
       args[name] = available[name]
     elif p.default is inspect.Parameter.empty:
       raise ValueError(f"{what} needs {name!r}, which this batch cannot provide (it provides "
-                       f"{sorted(k for k, v in available.items() if v is not None)}); pass it "
-                       "in loss_kwargs or use a loss with a matching signature")
+                       f"{sorted(k for k, v in available.items() if v is not None)}); pass a "
+                       "constant in config.loss_kwargs, a per-example field of the records "
+                       "through config.data.passthrough, or use a loss with a matching "
+                       "signature")
   return fn(**args, **kwargs)
 
 
