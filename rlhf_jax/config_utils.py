@@ -155,3 +155,13 @@ def require_le(config: Mapping | Any, smaller: str, larger: str) -> None:
   if a > b:
     raise ValueError(f"config {smaller!r}={a} must be <= {larger!r}={b}; "
                      f"lower {smaller} or raise {larger}.")
+
+
+def optional_blocks(config, *names: str) -> None:
+  """Adds each of `names` to `config` as an unset (None) block that the command line can
+  set whole, e.g. `--config.mesh="{'data': -1, 'fsdp': 2}"`, and a config file can set to
+  a dict (an ml_collections placeholder: a plain `None` field cannot be overridden)."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  for name in names:
+    if name not in config:
+      config[name] = config_dict.placeholder(object)

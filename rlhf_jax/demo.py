@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from rlhf_jax import config_utils
+
 
 def get_config(arg=None):
   """Demo config; `arg="runlocal"` shrinks it to a seconds-long smoke run."""
@@ -33,6 +35,7 @@ def get_config(arg=None):
               aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1)
   c.optim = dict(learning_rate=1e-3, max_grad_norm=1.0)
   c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
+  config_utils.optional_blocks(c, "value", "mesh", "distributed")
   if arg == "runlocal":
     c.sft.steps, c.train.steps, c.data.eval_size, c.train.eval_every = 20, 3, 16, 0
     c.progress = False

@@ -32,3 +32,18 @@ def test_cli_rejects_unknown_paradigm(tmp_path):
                        check=False)
   assert out.returncode != 0
   assert "config.paradigm='dpo' is unknown" in out.stderr
+
+
+def test_cli_sets_the_optional_blocks_whole(tmp_path):
+  """`mesh` / `distributed` / `value` / `rm_head` are unset in the shipped configs and can be
+  set from the command line (here a mesh larger than the one CPU device, so the run stops
+  at once with make_mesh's error: the override reached the loop)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  for config in ("experiments/grpo_arithmetic.py:runlocal", "experiments/dpo_synthetic.py:fast"):
+    cmd = [sys.executable, "-m", "rlhf_jax.train", f"--config={config}",
+           "--config.mesh={'data': 2, 'fsdp': 1}", f"--config.workdir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode != 0
+    assert "make_mesh: data*fsdp*tensor = 2*1*1 = 2 but there are 1 devices" in out.stderr, (
+        out.stderr[-3000:])

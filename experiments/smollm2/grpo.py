@@ -19,6 +19,8 @@ import sys
 
 import ml_collections
 
+from rlhf_jax import config_utils
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -50,4 +52,5 @@ def get_config(arg=None):
     c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
   elif arg == "smoke":  # seconds of compute: checks that the config runs end to end
     c.sft.steps, c.train.steps, c.data.eval_size, c.progress = 2, 2, 8, False
+  config_utils.optional_blocks(c, "value", "mesh", "distributed")
   return c
