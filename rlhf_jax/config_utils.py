@@ -165,3 +165,29 @@ def optional_blocks(config, *names: str) -> None:
   for name in names:
     if name not in config:
       config[name] = config_dict.placeholder(object)
+
+
+def run_app(make_main, argv: Sequence[str] | None = None) -> None:
+  """`absl.app.run(make_main())`, where a `--config.<key>=...` override naming a key the
+  config does not define exits with a one-line error instead of a parser traceback.
+
+  `make_main` defines the config flag (if not yet defined) and returns absl's `main`."""
+  import re  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    app.run(make_main(), argv=argv)
+  except (AttributeError, KeyError) as e:
+    if flags.FLAGS.is_parsed():  # raised by the run itself, not by the flag parser
+      raise
+    text = str(e).replace("\\n", " ").replace("\\'", "'")
+    key = re.search(r"'([^'\\]+)'", text)
+    key = key.group(1) if key else "?"
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    flag = next((g for g in given if key in g.split(".")[1:]), "a --config.* override")
+    sys.exit(f"{flag}: the config does not define {key!r}"
+             + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+             + "; an override can only change a key the config file defines: check the "
+             "spelling, or add the key to the config file")

@@ -43,9 +43,7 @@ def get_config(arg=None):
 
 
 def main(argv=None) -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flag = config_flags.DEFINE_config_dict("config", get_config())
 
   def run(argv):
     del argv
@@ -57,7 +55,14 @@ def main(argv=None) -> None:
     print(f"first (compiling) step: {s['first_step_seconds']:.1f} s; steady step: "
           f"{s['steady_step_seconds']:.3f} s; total {s['total_seconds']:.0f} s")
     print(f"reward curve: {s['plot']}")
-  app.run(run, argv=argv)
+
+  def make_main():
+    nonlocal flag
+    flag = config_flags.DEFINE_config_dict("config", get_config())
+    return run
+
+  flag = None
+  config_utils.run_app(make_main, argv)
 
 
 if __name__ == "__main__":

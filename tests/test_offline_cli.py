@@ -47,3 +47,17 @@ def test_cli_sets_the_optional_blocks_whole(tmp_path):
     assert out.returncode != 0
     assert "make_mesh: data*fsdp*tensor = 2*1*1 = 2 but there are 1 devices" in out.stderr, (
         out.stderr[-3000:])
+
+
+def test_cli_override_of_an_undefined_key_is_one_line():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  for module, extra in (("rlhf_jax.train", ["--config=experiments/dpo_synthetic.py:fast"]),
+                        ("rlhf_jax.demo", [])):
+    for override, want in (
+        ("--config.optim.b2=0.99", "--config.optim.b2: the config does not define 'b2'; "),
+        ("--config.trian.steps=3", "--config.trian.steps: the config does not define 'trian' "
+                                   "(did you mean 'train'?)")):
+      out = subprocess.run([sys.executable, "-m", module, *extra, override], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+      assert out.returncode == 1, out.stderr[-2000:]
+      assert want in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

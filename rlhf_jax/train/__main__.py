@@ -9,6 +9,8 @@ from __future__ import annotations
 from absl import app
 from ml_collections import config_flags
 
+from rlhf_jax import config_utils
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True)
 
@@ -21,4 +23,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_utils.run_app(lambda: main)
