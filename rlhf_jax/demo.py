@@ -10,6 +10,7 @@ The same config is `experiments/grpo_arithmetic.py`.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from rlhf_jax import config_utils
 
@@ -32,7 +33,8 @@ def get_config(arg=None):
   c.sampling = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None)
   c.rewards = ["exact_match"]
   c.rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
-              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1)
+              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
+              ref_update_every=0, ref_ema_decay=config_dict.placeholder(float))
   c.optim = dict(learning_rate=1e-3, max_grad_norm=1.0)
   c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
   config_utils.optional_blocks(c, "value", "mesh", "distributed")

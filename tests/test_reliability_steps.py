@@ -48,10 +48,10 @@ def poisonable_reward(prompt_ids, completion_ids, completion_mask, extras):
   return jnp.where(extras["poison"] > 0, jnp.nan, r)
 
 
-def online_setup():
+def online_setup(**rl):
   model = models.from_config(HF)
   params = model.init(jax.random.PRNGKey(0))
-  settings = RLSettings.from_config(dict(group_size=4, kl_coef=0.05, entropy_coef=0.01))
+  settings = RLSettings.from_config(dict(group_size=4, kl_coef=0.05, entropy_coef=0.01, **rl))
   sc = SamplingConfig(max_new_tokens=4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD,
                       num_samples=4)
   opt = optim.make_optimizer(dict(learning_rate=1e-2, max_grad_norm=1.0))
@@ -79,13 +79,16 @@ def _runner_stops_after(max_bad, bad_counts, tmp_path):
     run.after_step(i + 1, None, {"bad_steps_in_a_row": np.int32(n)})
 
 
-def test_online_nan_batch_is_skipped_and_counted(tmp_path):
-  model, settings, sc, opt, state = online_setup()
+@pytest.mark.parametrize("reference", [{}, {"ref_ema_decay": 0.5}, {"ref_update_every": 1}],
+                         ids=["fixed_ref", "ema_ref", "synced_ref"])
+def test_online_nan_batch_is_skipped_and_counted(tmp_path, reference):
+  model, settings, sc, opt, state = online_setup(**reference)
   update = online.make_update(model, [poisonable_reward], opt, settings, sc, donate=False)
   rng = jax.random.PRNGKey(7)
   s1, m1 = update(state, prompt_batch(False), rng)
   assert float(m1["skipped"]) == 0 and np.isfinite(float(m1["pg_loss"]))
   assert not _leaves_equal(s1.params, state.params)  # a good step trains
+  assert _leaves_equal(s1.ref_params, state.ref_params) == (not reference)
   s2, m2 = update(s1, prompt_batch(True), rng)
   assert float(m2["skipped"]) == 1
   assert int(m2["bad_steps_in_a_row"]) == 1 and int(m2["skipped_total"]) == 1

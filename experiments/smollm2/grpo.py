@@ -18,6 +18,7 @@ import os
 import sys
 
 import ml_collections
+from ml_collections import config_dict
 
 from rlhf_jax import config_utils
 
@@ -40,7 +41,8 @@ def get_config(arg=None):
   c.sampling = dict(max_new_tokens=3, temperature=1.0, top_k=None, top_p=None)
   c.rewards = ["exact_match"]
   c.rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
-              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1)
+              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
+              ref_update_every=0, ref_ema_decay=config_dict.placeholder(float))
   c.optim = dict(learning_rate=1e-5, max_grad_norm=1.0)
   c.train = dict(steps=30, prompts_per_step=4, eval_every=0)
   if arg == "gpu":  # 2-digit sums, more SFT, more and larger GRPO steps

@@ -40,7 +40,8 @@ RewardFn = Callable[..., jax.Array]
 class RLState:
   """Everything one RL update reads and writes (a pytree; donated to the step).
 
-  ref_params: the frozen reference policy (or a lagged / EMA copy).
+  ref_params: the reference policy: fixed, or a lagged / EMA copy of the policy
+    (`rl.ref_update_every` / `rl.ref_ema_decay`, `rlhf_jax.train.reference`).
   value_params / value_opt_state: the PPO value model (None without one).
   kl_state: the KL controller state (`rlhf_jax.losses.kl` controllers).
   adv_state: estimator state such as BNPO moments (None when stateless).
@@ -71,7 +72,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   """
   kl_controller = settings.kl_controller()
   params = _per_layer(params)
-  ref = jax.tree.map(jnp.copy, params) if ref_params is None else _per_layer(ref_params)
+  ref = settings.reference_update().init(params) if ref_params is None else _per_layer(ref_params)
   vopt = None
   if value_params is not None:
     if value_optimizer is None:
@@ -244,6 +245,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   if not reward_fns:
     raise ValueError("make_update needs at least one reward function")
   needs_greedy = "greedy_rewards" in settings.estimator_inputs()
+  ref_update = settings.reference_update()
   greedy_config = dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                       num_samples=1) if needs_greedy else None
 
@@ -405,6 +407,10 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     if settings.epochs * nmb == 1:
       kept = kept.replace(**trained)
     new_state = guards.select_tree(skipped, kept, new_state)
+    if settings.moves_reference:  # a lagged / EMA reference follows the (kept) policy
+      ref = ref_update.update(state.ref_params, new_state.params, state.step + 1)
+      new_state = new_state.replace(
+          ref_params=guards.select_tree(skipped, state.ref_params, ref))
     guard = guards.nonfinite_update(guard, metrics["pg_loss"], skipped)
     new_state = new_state.replace(guard=guard)
     metrics["skipped"] = skipped.astype(jnp.float32)

@@ -15,6 +15,7 @@ from rlhf_jax import advantages as advantages_lib
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.losses import aggregate as aggregate_lib
 from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.train import reference as reference_lib
 
 
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
@@ -39,6 +40,9 @@ class RLSettings:
     micro-batches (a memory knob: the update does not depend on it).
   value_coef, value_clip: PPO value loss (only with a value model).
   reward_weights: one weight per reward function (default all 1).
+  ref_update_every, ref_ema_decay: the reference policy is fixed (default), set to the
+    policy after every k-th update (`ref_update_every=k`), or an EMA of the policy
+    (`ref_ema_decay=δ`: ref ← δ·ref + (1 − δ)·θ after each update); `rlhf_jax.train.reference`.
   """
   group_size: int = 4
   advantage: str = "grpo"
@@ -58,6 +62,8 @@ class RLSettings:
   value_coef: float = 0.5
   value_clip: Optional[float] = 0.2
   reward_weights: Tuple[float, ...] = ()
+  ref_update_every: int = 0
+  ref_ema_decay: Optional[float] = None
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -95,6 +101,14 @@ class RLSettings:
     for key in ("epochs", "num_minibatches", "micro_batches"):
       if getattr(self, key) < 1:
         raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+    if self.ref_update_every < 0:
+      raise ValueError(f"rl.ref_update_every must be >= 0 (0: a fixed reference), got "
+                       f"{self.ref_update_every}")
+    if self.ref_ema_decay is not None:
+      if self.ref_update_every:
+        raise ValueError("rl.ref_update_every and rl.ref_ema_decay are exclusive; set one")
+      if not 0.0 <= self.ref_ema_decay <= 1.0:
+        raise ValueError(f"rl.ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
     fn = advantages_lib.get(self.advantage)
     params = inspect.signature(fn).parameters
     for k, _ in self.advantage_kwargs:
@@ -112,6 +126,18 @@ class RLSettings:
     set (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
     params = inspect.signature(advantages_lib.get(self.advantage)).parameters
     return frozenset(params) - {"rewards"} - {k for k, _ in self.advantage_kwargs}
+
+  def reference_update(self):
+    """The `(init, update)` reference policy rule these settings describe."""
+    if self.ref_ema_decay is not None:
+      return reference_lib.ema_reference(decay=float(self.ref_ema_decay))
+    if self.ref_update_every:
+      return reference_lib.periodic_reference(every=int(self.ref_update_every))
+    return reference_lib.fixed_reference()
+
+  @property
+  def moves_reference(self) -> bool:
+    return self.ref_ema_decay is not None or self.ref_update_every > 0
 
   def kl_controller(self):
     """The `(init, update)` KL controller these settings describe."""
