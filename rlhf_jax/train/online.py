@@ -45,6 +45,7 @@ class RLState:
   value_params / value_opt_state: the PPO value model (None without one).
   kl_state: the KL controller state (`rlhf_jax.losses.kl` controllers).
   adv_state: estimator state such as BNPO moments (None when stateless).
+  reward_state: constrained RLHF's Lagrange multipliers (None without constraints).
   guard: `guards.NonFiniteState` counting skipped (non-finite) updates.
   """
   step: jax.Array
@@ -57,6 +58,7 @@ class RLState:
   value_opt_state: Any = None
   adv_state: Any = None
   guard: Any = None
+  reward_state: Any = None
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -71,6 +73,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   `models.stack_layers` for the stacked (checkpoint / Hugging Face) layout.
   """
   kl_controller = settings.kl_controller()
+  dual = settings.reward_constraints()
   params = _per_layer(params)
   ref = settings.reference_update().init(params) if ref_params is None else _per_layer(ref_params)
   vopt = None
@@ -81,6 +84,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                  ref_params=ref, kl_state=kl_controller.init(), rng=rng,
                  value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
+                 reward_state=None if dual is None else dual.init(),
                  guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
@@ -124,14 +128,20 @@ def state_shardings(state, model, mesh, rules=None):
   return jax.tree.map(pick, state, is_leaf=is_params)
 
 
-def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, completion_ids,
-          completion_mask, extras: Mapping[str, jax.Array]):
-  """Weighted sum of reward functions: returns (total [N], each [N, K])."""
+def score_each(reward_fns: Sequence[RewardFn], prompt_ids, completion_ids, completion_mask,
+               extras: Mapping[str, jax.Array]) -> jax.Array:
+  """The reward functions' outputs side by side: [N, K] (a function may return [N, k])."""
   cols = []
   for fn in reward_fns:
     r = jnp.asarray(fn(prompt_ids, completion_ids, completion_mask, extras), jnp.float32)
     cols.append(r[:, None] if r.ndim == 1 else r)
-  each = jnp.concatenate(cols, axis=1)
+  return jnp.concatenate(cols, axis=1)
+
+
+def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, completion_ids,
+          completion_mask, extras: Mapping[str, jax.Array]):
+  """Weighted sum of reward functions: returns (total [N], each [N, K])."""
+  each = score_each(reward_fns, prompt_ids, completion_ids, completion_mask, extras)
   if len(weights) != each.shape[1]:
     raise ValueError(f"rl.reward_weights has {len(weights)} entries but the reward functions "
                      f"return {each.shape[1]} rewards; give one weight per reward")
@@ -246,6 +256,20 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     raise ValueError("make_update needs at least one reward function")
   needs_greedy = "greedy_rewards" in settings.estimator_inputs()
   ref_update = settings.reference_update()
+  dual = settings.reward_constraints()
+
+  def rewards_of(sampled, extras, reward_state):
+    """(rewards [N], each [N, K]): weighted, or v_0 + Σ λ_i (v_i − θ_i) with constraints."""
+    args = (sampled.prompt_ids, sampled.completion_ids, sampled.completion_mask, extras)
+    if dual is None:
+      return score(reward_fns, weights, *args)
+    each = score_each(reward_fns, *args)
+    c = len(settings.constraint_thresholds)
+    if each.shape[1] != 1 + c:
+      raise ValueError(f"rl.constraint_thresholds has {c} thresholds, so the reward functions "
+                       f"must return 1 + {c} rewards (task first, then the constraints); "
+                       f"they return {each.shape[1]}")
+    return dual.reward(reward_state, each[:, 0], each[:, 1:]), each
   greedy_config = dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                       num_samples=1) if needs_greedy else None
 
@@ -328,15 +352,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     prompt_extras = {k: v for k, v in prompt_batch.items()
                      if k not in ("prompt_ids", "prompt_mask")}
     extras = {k: jnp.repeat(v, g, axis=0) for k, v in prompt_extras.items()}
-    rewards, each = score(reward_fns, weights, out.prompt_ids, out.completion_ids,
-                          out.completion_mask, extras)
+    rewards, each = rewards_of(out, extras, state.reward_state)
     adv_inputs = dict(extras)
     if needs_greedy:  # ReMax's baseline: the reward of one greedy decode per prompt
       greedy = sampling_lib.sample(model, state.params, prompt_ids, prompt_mask, rng_sample,
                                    greedy_config)
-      adv_inputs["greedy_rewards"] = jax.lax.stop_gradient(score(
-          reward_fns, weights, greedy.prompt_ids, greedy.completion_ids, greedy.completion_mask,
-          prompt_extras)[0])
+      adv_inputs["greedy_rewards"] = jax.lax.stop_gradient(
+          rewards_of(greedy, prompt_extras, state.reward_state)[0])
     ids, attn = _sequence_batch(out)
     ref_logps, _ = _completion_logps(model, state.ref_params, ids, attn, prompt_len, g)
     old_logps = out.logps
@@ -399,7 +421,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     kept = state.replace(step=state.step + 1, guard=guard)
     trained = dict(params=params, opt_state=opt_state, value_params=value_params,
                    value_opt_state=value_opt_state)
-    new_state = kept.replace(kl_state=kl_state, adv_state=adv_state, **trained)
+    reward_state = state.reward_state
+    if dual is not None:  # dual descent on the batch means of the constraint rewards
+      reward_state = dual.update(reward_state, jnp.mean(each[:, 1:], axis=0))
+      for i, lam in enumerate(dual.multipliers(reward_state)):
+        metrics[f"lagrange_multiplier_{i}"] = lam
+    new_state = kept.replace(kl_state=kl_state, adv_state=adv_state, reward_state=reward_state,
+                             **trained)
     # A non-finite reward, loss or gradient keeps the previous state (step still advances).
     # With one update per step that update already kept the old params (see
     # `minibatch_update`), so only the small remaining fields are selected here.

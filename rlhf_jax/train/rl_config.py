@@ -15,6 +15,7 @@ from rlhf_jax import advantages as advantages_lib
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.losses import aggregate as aggregate_lib
 from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.rewards import shaping_state
 from rlhf_jax.train import reference as reference_lib
 
 
@@ -40,6 +41,11 @@ class RLSettings:
     micro-batches (a memory knob: the update does not depend on it).
   value_coef, value_clip: PPO value loss (only with a value model).
   reward_weights: one weight per reward function (default all 1).
+  constraint_thresholds, constraint_equality, constraint_lr: constrained RLHF (Moskovitz
+    et al. 2023): the first reward is the task reward and the next C rewards are
+    constraints v_i ≥ θ_i (or = θ_i); the step trains on v_0 + Σ λ_i (v_i − θ_i) and
+    updates the multipliers λ (state) by dual descent on the batch means
+    (`rlhf_jax.rewards.shaping_state.lagrangian_multipliers`). Exclusive with reward_weights.
   ref_update_every, ref_ema_decay: the reference policy is fixed (default), set to the
     policy after every k-th update (`ref_update_every=k`), or an EMA of the policy
     (`ref_ema_decay=δ`: ref ← δ·ref + (1 − δ)·θ after each update); `rlhf_jax.train.reference`.
@@ -62,6 +68,9 @@ class RLSettings:
   value_coef: float = 0.5
   value_clip: Optional[float] = 0.2
   reward_weights: Tuple[float, ...] = ()
+  constraint_thresholds: Tuple[float, ...] = ()
+  constraint_equality: Tuple[bool, ...] = ()
+  constraint_lr: float = 0.1
   ref_update_every: int = 0
   ref_ema_decay: Optional[float] = None
 
@@ -75,8 +84,10 @@ class RLSettings:
     for key in ("advantage_kwargs", "surrogate_kwargs"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
-    if "reward_weights" in cfg:
-      cfg["reward_weights"] = tuple(float(w) for w in cfg["reward_weights"])
+    for key, kind in (("reward_weights", float), ("constraint_thresholds", float),
+                      ("constraint_equality", bool)):
+      if cfg.get(key) is not None:
+        cfg[key] = tuple(kind(w) for w in cfg[key])
     settings = cls(**cfg)
     settings.validate()
     return settings
@@ -101,6 +112,13 @@ class RLSettings:
     for key in ("epochs", "num_minibatches", "micro_batches"):
       if getattr(self, key) < 1:
         raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+    if self.constraint_thresholds and self.reward_weights:
+      raise ValueError("rl.constraint_thresholds and rl.reward_weights are exclusive: with "
+                       "constraints the rewards are v_0 + sum_i lambda_i (v_i - theta_i)")
+    if self.constraint_equality and (len(self.constraint_equality)
+                                     != len(self.constraint_thresholds)):
+      raise ValueError(f"rl.constraint_equality has {len(self.constraint_equality)} entries "
+                       f"but rl.constraint_thresholds has {len(self.constraint_thresholds)}")
     if self.ref_update_every < 0:
       raise ValueError(f"rl.ref_update_every must be >= 0 (0: a fixed reference), got "
                        f"{self.ref_update_every}")
@@ -126,6 +144,14 @@ class RLSettings:
     set (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
     params = inspect.signature(advantages_lib.get(self.advantage)).parameters
     return frozenset(params) - {"rewards"} - {k for k, _ in self.advantage_kwargs}
+
+  def reward_constraints(self):
+    """Constrained RLHF's `(init, update, multipliers, reward)`, or None without constraints."""
+    if not self.constraint_thresholds:
+      return None
+    return shaping_state.lagrangian_multipliers(
+        thresholds=self.constraint_thresholds, lr=float(self.constraint_lr),
+        equality=self.constraint_equality or None)
 
   def reference_update(self):
     """The `(init, update)` reference policy rule these settings describe."""
