@@ -15,6 +15,18 @@ from ml_collections import config_dict
 from rlhf_jax import config_utils
 
 
+def rl_block(**overrides) -> dict:
+  """The `config.rl` block of the demo (GRPO), every `RLSettings` key a command line is
+  likely to set present (so `--config.rl.<key>=...` can override it)."""
+  rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
+            aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
+            reward_weights=(), constraint_thresholds=(), constraint_equality=(),
+            constraint_lr=0.1, ref_update_every=0,
+            ref_ema_decay=config_dict.placeholder(float))
+  rl.update(overrides)
+  return rl
+
+
 def get_config(arg=None):
   """Demo config; `arg="runlocal"` shrinks it to a seconds-long smoke run."""
   c = ml_collections.ConfigDict()
@@ -31,12 +43,11 @@ def get_config(arg=None):
   c.data = dict(max_prompt_length=6, train_size=4000, eval_size=200)
   c.sft = dict(steps=220, batch_size=64, optim=dict(learning_rate=3e-3, warmup_steps=10))
   c.sampling = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None)
-  c.rewards = ["exact_match"]
-  c.rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
-              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
-              ref_update_every=0, ref_ema_decay=config_dict.placeholder(float))
+  c.rewards = ("exact_match",)
+  c.rl = rl_block()
   c.optim = dict(learning_rate=1e-3, max_grad_norm=1.0)
   c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
+  c.export_hf = False  # True: write the trained policy to <workdir>/hf_model
   config_utils.optional_blocks(c, "value", "mesh", "distributed")
   if arg == "runlocal":
     c.sft.steps, c.train.steps, c.data.eval_size, c.train.eval_every = 20, 3, 16, 0

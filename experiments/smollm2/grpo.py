@@ -18,9 +18,8 @@ import os
 import sys
 
 import ml_collections
-from ml_collections import config_dict
 
-from rlhf_jax import config_utils
+from rlhf_jax import config_utils, demo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,10 +38,8 @@ def get_config(arg=None):
   c.data = dict(max_prompt_length=4, train_size=4000, eval_size=100)
   c.sft = dict(steps=12, batch_size=16, optim=dict(learning_rate=1e-4, warmup_steps=2))
   c.sampling = dict(max_new_tokens=3, temperature=1.0, top_k=None, top_p=None)
-  c.rewards = ["exact_match"]
-  c.rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
-              aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
-              ref_update_every=0, ref_ema_decay=config_dict.placeholder(float))
+  c.rewards = ("exact_match",)
+  c.rl = demo.rl_block()
   c.optim = dict(learning_rate=1e-5, max_grad_norm=1.0)
   c.train = dict(steps=30, prompts_per_step=4, eval_every=0)
   if arg == "gpu":  # 2-digit sums, more SFT, more and larger GRPO steps
@@ -54,5 +51,6 @@ def get_config(arg=None):
     c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
   elif arg == "smoke":  # seconds of compute: checks that the config runs end to end
     c.sft.steps, c.train.steps, c.data.eval_size, c.progress = 2, 2, 8, False
+  c.export_hf = False
   config_utils.optional_blocks(c, "value", "mesh", "distributed")
   return c

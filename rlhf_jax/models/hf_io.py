@@ -214,11 +214,13 @@ def params_from_tensors(model: Model, fetch, param_dtype, *, rng: jax.Array | No
 
 
 def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None = None,
-            remat: bool = False, rng: jax.Array | None = None) -> tuple[Model, dict]:
+            remat: bool = False, rng: jax.Array | None = None,
+            require_score: bool = False) -> tuple[Model, dict]:
   """Loads a transformers safetensors checkpoint as (Model, params).
 
   head: "lm", "value" or "reward"; default "reward" for *ForSequenceClassification
-  checkpoints, else "lm". A missing `score.weight` gets a fresh head from `rng`.
+  checkpoints, else "lm". A missing `score.weight` gets a fresh head from `rng`, or is a
+  ValueError with `require_score` (loading a trained reward / value model).
   """
   hf = _read_config(path)
   if head is None:
@@ -245,6 +247,10 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
                    f"model_type={model.config.model_type!r}.")
 
   fresh_score = not files.has("score.weight")
+  if fresh_score and require_score and head != "lm":
+    raise ValueError(f"{files.desc} has no 'score.weight': it is not a trained {head} model "
+                     "(a *ForSequenceClassification checkpoint, e.g. saved by the offline "
+                     "reward_model loop with export_hf=True)")
   params = params_from_tensors(model, fetch, param_dtype, rng=rng, fresh_score=fresh_score)
   return model, params
 

@@ -7,6 +7,6 @@ Submodules: `verifiers` (pure-jnp), `callback` (Python checks via
 `shaping_state`, `starc`.
 """
 
-from rlhf_jax.rewards.base import RewardFn, combine, from_model  # noqa: F401
+from rlhf_jax.rewards.base import RewardFn, combine, from_model, reward_model  # noqa: F401
 from rlhf_jax.rewards import ensemble, shaping, shaping_state, starc, verifiers  # noqa: F401
 from rlhf_jax.rewards import callback, judge  # noqa: F401

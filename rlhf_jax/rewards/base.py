@@ -81,3 +81,24 @@ def from_model(apply_fn: Callable, params: Any, *, stop_gradient: bool = True) -
                        f"N={jnp.shape(completion_ids)[0]}")
     return r
   return fn
+
+
+def reward_model(model, params: Any, *, stop_gradient: bool = True) -> RewardFn:
+  """A reward-head model's score of each prompt + completion: r = RM([prompt; completion]).
+
+  `model.apply(params, ids, attention_mask)` -> [N] (the rlhf_jax reward head: the score at the
+  last attended token). The prompt's padding comes from `batch_extras["prompt_mask"]`
+  [N, P] (the fused RL step passes it); left-padded prompts and right-padded completions
+  give one contiguous sequence per row, so padding does not change the reward.
+  """
+  who = "reward_model"
+
+  def apply_fn(p, prompt_ids, completion_ids, completion_mask, batch_extras):
+    prompt_mask = get_extra(batch_extras, "prompt_mask", who)
+    if jnp.shape(prompt_mask) != jnp.shape(prompt_ids):
+      raise ValueError(f"{who}: prompt_mask has shape {jnp.shape(prompt_mask)} but prompt_ids "
+                       f"has {jnp.shape(prompt_ids)}")
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
+    return model.apply(p, ids, attention_mask=mask)
+  return from_model(apply_fn, params, stop_gradient=stop_gradient)

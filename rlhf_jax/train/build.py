@@ -16,6 +16,7 @@ import numpy as np
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
+from rlhf_jax.rewards import base as rewards_base
 from rlhf_jax.rewards import callback as callback_lib
 from rlhf_jax.rewards import verifiers
 
@@ -147,15 +148,19 @@ def prompt_batch(tokenizer, examples: Sequence[Mapping[str, Any]], *, prompt_len
   return {"prompt_ids": pids, "prompt_mask": pmask, "answer_ids": aids, "answer_mask": amask}
 
 
-def build_reward_fns(names: Sequence[str], tokenizer) -> List:
-  """config.rewards: names of reward functions.
+def build_reward_fns(specs: Sequence, tokenizer) -> List:
+  """config.rewards: reward names, or dicts for reward models.
 
   "exact_match": completion tokens (before EOS) equal the answer tokens (in jit).
   "math_answer": a Python checker of the decoded answer (host callback).
   "terminated": 1 when the completion ends with EOS.
+  {"name": "reward_model", "path": dir}: a trained reward model (transformers
+  *ForSequenceClassification safetensors, e.g. the offline loop's `export_hf`) scoring
+  prompt + completion inside the step.
   """
   fns = []
-  for name in names:
+  for spec in specs:
+    name = spec.get("name") if hasattr(spec, "get") else spec
     if name == "exact_match":
       fns.append(verifiers.exact_match(pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id))
     elif name == "terminated":
@@ -164,7 +169,37 @@ def build_reward_fns(names: Sequence[str], tokenizer) -> List:
       fns.append(callback_lib.python_verifier(
           callback_lib.math_answer_check, decode=lambda ids: tokenizer.decode(list(ids)),
           pad_id=tokenizer.pad_id, fallback=0.0))
+    elif name == "reward_model":
+      fns.append(_reward_model_fn(_dict(spec), tokenizer))
     else:
-      raise ValueError(f"config.rewards has unknown reward {name!r}; known: "
-                       "'exact_match', 'math_answer', 'terminated'")
+      raise ValueError(f"config.rewards has unknown reward {spec!r}; known: 'exact_match', "
+                       "'math_answer', 'terminated', {'name': 'reward_model', 'path': dir}")
   return fns
+
+
+def _reward_model_fn(spec: dict, tokenizer):
+  unknown = sorted(set(spec) - {"name", "path"})
+  if unknown or not spec.get("path"):
+    raise ValueError(f"config.rewards entry {spec!r}: a reward model needs exactly 'name' and "
+                     f"'path' (a safetensors directory){f'; unknown keys {unknown}' if unknown else ''}")
+  model, params = models_lib.load_hf(spec["path"], head="reward", require_score=True)
+  if model.config.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"reward model {spec['path']} has vocab_size={model.config.vocab_size} but "
+                     f"the run's tokenizer has {tokenizer.vocab_size} ids; score with a reward "
+                     "model trained with the same tokenizer")
+  return rewards_base.reward_model(model, params)
+
+
+def export_hf(config, model, params) -> str:
+  """Writes the trained model to `<workdir>/hf_model` (transformers safetensors; reward /
+  value heads as *ForSequenceClassification), for `config.export_hf`. Returns the path."""
+  if not isinstance(model, models_lib.Model):
+    raise ValueError(f"config.export_hf: {type(model).__name__} models (config.rm_head) have "
+                     "no transformers layout; unset export_hf")
+  path = os.path.join(config.workdir, "hf_model")
+  if jax.process_count() > 1:  # every process joins the gather; process 0 writes
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+  if jax.process_index() == 0:
+    models_lib.save_hf(path, model, params)
+  return path

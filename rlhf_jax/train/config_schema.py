@@ -20,7 +20,7 @@ CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
 
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,
            "tokenizer": str, "max_bad_steps": int, "checkpoint": CHECKPOINT,
-           "model": None, "task": None, "data": None, "optim": None}
+           "model": None, "task": None, "data": None, "optim": None, "export_hf": bool}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, sft=None, sampling=None, rewards=None, rl=None, value=None, mesh=None,

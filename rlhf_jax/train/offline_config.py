@@ -50,6 +50,7 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
   c.optim = dict(learning_rate=learning_rate, warmup_steps=10, max_grad_norm=1.0)
   c.train = dict(steps=steps, batch_size=batch_size, eval_every=100)
   c.checkpoint = dict(every_steps=0, max_to_keep=2, async_save=False)
+  c.export_hf = False  # True: write the trained model to <workdir>/hf_model
   config_utils.optional_blocks(c, "rm_head", "mesh", "distributed")
   if fast:
     c.train.steps = fast_steps

@@ -79,6 +79,9 @@ def _check_config(config, paradigm: str) -> None:
     raise ValueError("config.data.packing=True applies to paradigm 'sft' only")
   if config.get("precompute_ref") and paradigm != "preference":
     raise ValueError("config.precompute_ref=True applies to paradigm 'preference' only")
+  if config.get("export_hf") and config.get("rm_head"):
+    raise ValueError("config.export_hf cannot write config.rm_head models (no transformers "
+                     "layout); unset one of them")
   if config.get("precompute_ref") and config.get("reference_free"):
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
 
@@ -221,6 +224,8 @@ def train(config) -> Dict[str, Any]:
   summary["eval_after"] = do_eval(state)
   writer.write(steps, summary["eval_after"], prefix="eval/")
   summary["final_train_loss"] = last_loss
+  if config.get("export_hf"):
+    summary["hf_model"] = build.export_hf(config, model, state.params)
   summary["plot"] = writer.plot(["loss", "eval/loss"], name="loss_curve")
   run.finish(steps, state)
   writer.close()

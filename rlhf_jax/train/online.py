@@ -260,7 +260,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
 
   def rewards_of(sampled, extras, reward_state):
     """(rewards [N], each [N, K]): weighted, or v_0 + Σ λ_i (v_i − θ_i) with constraints."""
-    args = (sampled.prompt_ids, sampled.completion_ids, sampled.completion_mask, extras)
+    args = (sampled.prompt_ids, sampled.completion_ids, sampled.completion_mask,
+            dict(extras, prompt_mask=sampled.prompt_mask))
     if dual is None:
       return score(reward_fns, weights, *args)
     each = score_each(reward_fns, *args)

@@ -179,6 +179,8 @@ def train(config) -> Dict[str, Any]:
       return dict(summary, stopped_at=i + 1, state=state)
   summary["accuracy_after"] = evaluate(state.params)
   writer.write(steps, {"accuracy": summary["accuracy_after"]}, prefix="eval/")
+  if config.get("export_hf"):
+    summary["hf_model"] = build.export_hf(config, model, state.params)
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
   summary["plot"] = writer.plot(["reward_mean", "eval/accuracy", "kl", "response_length"],
                                 name="reward_curve")
