@@ -181,7 +181,7 @@ def _reward_model_fn(spec: dict, tokenizer):
   unknown = sorted(set(spec) - {"name", "path"})
   if unknown or not spec.get("path"):
     raise ValueError(f"config.rewards entry {spec!r}: a reward model needs exactly 'name' and "
-                     f"'path' (a safetensors directory){f'; unknown keys {unknown}' if unknown else ''}")
+                     f"'path' (a safetensors directory); unknown keys: {unknown}")
   model, params = models_lib.load_hf(spec["path"], head="reward", require_score=True)
   if model.config.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"reward model {spec['path']} has vocab_size={model.config.vocab_size} but "
