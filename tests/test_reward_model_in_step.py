@@ -55,8 +55,15 @@ def test_loading_a_checkpoint_without_a_score_head_is_an_error(tmp_path):
   models.save_hf(str(tmp_path), lm, lm.init(jax.random.PRNGKey(0)))
   with pytest.raises(ValueError, match="has no 'score.weight': it is not a trained reward"):
     models.load_hf(str(tmp_path), head="reward", require_score=True)
+  tok = build.build_tokenizer({})
   with pytest.raises(ValueError, match="needs exactly 'name' and 'path'"):
-    build.build_reward_fns([{"name": "reward_model"}], build.build_tokenizer({}))
+    build.build_reward_fns([{"name": "reward_model"}], tok)
+  model, params = _rm()  # vocabulary 16 < the char tokenizer's
+  models.save_hf(str(tmp_path / "rm"), model, params)
+  with pytest.raises(ValueError, match=rf"has vocab_size=16 but the run's tokenizer has "
+                                       rf"{tok.vocab_size} ids"):
+    build.build_reward_fns(["exact_match", {"name": "reward_model", "path": str(tmp_path / "rm")}],
+                           tok)
 
 
 def test_offline_reward_model_exported_then_scoring_the_online_step(tmp_path):
