@@ -235,6 +235,23 @@ def test_rdpo_eps_may_be_traced():
                              rtol=1e-6)
 
 
+BETA_CHECKED = ("dpo", "cdpo", "rdpo", "ipo", "hinge", "nca", "bco_pair", "sppo_hard",
+                "apo_zero", "apo_down", "discopop", "exo")
+
+
+@pytest.mark.parametrize("name", BETA_CHECKED)
+def test_non_positive_beta_is_named_and_a_traced_beta_passes(name):
+  d = make_inputs(0)
+  c, r, rc, rr, lc, lr = (jnp.asarray(d[k], jnp.float32) for k in ("c", "r", "rc", "rr", "lc",
+                                                                  "lr"))
+  fn = losses.get(name)
+  for bad in (0.0, -0.1):
+    with pytest.raises(ValueError, match=rf"{name}: beta must be > 0 .*got {bad}"):
+      fn(c, r, rc, rr, lc, lr, beta=bad)
+  traced = jax.jit(lambda b: fn(c, r, rc, rr, lc, lr, beta=b)[0])(0.3)
+  np.testing.assert_allclose(traced, fn(c, r, rc, rr, lc, lr, beta=0.3)[0], rtol=1e-5)
+
+
 # ---- special-case reductions -------------------------------------------------------------
 
 def _args(seed=1, scale=20.0):

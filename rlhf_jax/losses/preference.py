@@ -99,7 +99,16 @@ def soft_bce(logits, p):
   return -p * log_sigmoid(logits) - (1.0 - p) * log_sigmoid(-logits)
 
 
-def _prep(args, *, need_ref=False, need_lengths=False, method="loss", normalise=False):
+def check_beta(beta, method: str) -> None:
+  """β must be > 0 (checked when concrete; a traced β, e.g. a schedule under jit, passes)."""
+  if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
+    raise ValueError(f"{method}: beta must be > 0 (the implicit reward's scale), got {beta}")
+
+
+def _prep(args, *, need_ref=False, need_lengths=False, method="loss", normalise=False,
+          beta=None):
+  if beta is not None:
+    check_beta(beta, method)
   c, r, rc, rr, lc, lr = args
   lc, lr = check_pair(c, r, rc, rr, lc, lr, need_ref=need_ref, need_lengths=need_lengths,
                       method=method)
@@ -121,7 +130,7 @@ def dpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   reference log-probs this is reference-free DPO (π_ref ≡ 1).
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="dpo")
+                chosen_lengths, rejected_lengths), method="dpo", beta=beta)
   return -log_sigmoid(beta * (a - b)), pair_extras(beta * a, beta * b)
 
 
@@ -137,7 +146,7 @@ def cdpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   ε = 0 gives DPO.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="cdpo")
+                chosen_lengths, rejected_lengths), method="cdpo", beta=beta)
   return soft_bce(beta * (a - b), 1.0 - eps), pair_extras(beta * a, beta * b)
 
 
@@ -154,7 +163,7 @@ def rdpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   if not isinstance(eps, jax.core.Tracer) and not 0.0 <= float(eps) < 0.5:
     raise ValueError(f"rdpo: eps (label flip rate) must be in [0, 0.5), got {eps}")
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="rdpo")
+                chosen_lengths, rejected_lengths), method="rdpo", beta=beta)
   z = beta * (a - b)
   loss = (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1.0 - 2.0 * eps)
   return loss, pair_extras(beta * a, beta * b)
@@ -174,7 +183,7 @@ def ipo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   lengths are passed, sequence-level otherwise.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="ipo", normalise=True)
+                chosen_lengths, rejected_lengths), method="ipo", normalise=True, beta=beta)
   return (a - b - 0.5 / beta) ** 2, pair_extras(beta * a, beta * b)
 
 
@@ -190,7 +199,7 @@ def hinge(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logp
   Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="hinge")
+                chosen_lengths, rejected_lengths), method="hinge", beta=beta)
   return jax.nn.relu(1.0 - beta * (a - b)), pair_extras(beta * a, beta * b)
 
 
@@ -251,7 +260,7 @@ def osp(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   preference_strength [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="osp")
+                chosen_lengths, rejected_lengths), method="osp", beta=beta)
   check_inputs(chosen_logps=chosen_logps, preference_strength=preference_strength)
   return soft_bce(beta * (a - b), sg(preference_strength)), pair_extras(beta * a, beta * b)
 
@@ -267,7 +276,7 @@ def nca(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   (Chen et al., 2024). Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="nca")
+                chosen_lengths, rejected_lengths), method="nca", beta=beta)
   ra, rb = beta * a, beta * b
   loss = -log_sigmoid(ra) - 0.5 * log_sigmoid(-ra) - 0.5 * log_sigmoid(-rb)
   return loss, pair_extras(ra, rb)
@@ -287,7 +296,7 @@ def bco_pair(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
   Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="bco_pair")
+                chosen_lengths, rejected_lengths), method="bco_pair", beta=beta)
   d = sg(jnp.asarray(delta, a.dtype))
   if d.ndim > 1 or (d.ndim == 1 and d.shape != a.shape):
     raise ValueError(f"bco_pair: delta must be a scalar or [B]={a.shape}, got {d.shape}")
@@ -306,7 +315,7 @@ def sppo_hard(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_
   al., 2024). Shapes [B] -> [B]; sequence-level. Needs the reference log-probs.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), need_ref=True, method="sppo_hard")
+                chosen_lengths, rejected_lengths), need_ref=True, method="sppo_hard", beta=beta)
   return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2, pair_extras(beta * a, beta * b)
 
 
@@ -322,7 +331,7 @@ def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
   Use when chosen outputs are better than the model's. Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), need_ref=True, method="apo_zero")
+                chosen_lengths, rejected_lengths), need_ref=True, method="apo_zero", beta=beta)
   return jax.nn.sigmoid(-beta * a) + jax.nn.sigmoid(beta * b), pair_extras(beta * a, beta * b)
 
 
@@ -337,7 +346,7 @@ def apo_down(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
   et al., 2024). Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), need_ref=True, method="apo_down")
+                chosen_lengths, rejected_lengths), need_ref=True, method="apo_down", beta=beta)
   return jax.nn.sigmoid(beta * a) + jax.nn.sigmoid(-beta * (a - b)), pair_extras(beta * a, beta * b)
 
 
@@ -355,7 +364,7 @@ def discopop(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
   Language Models (Chris Lu et al., 2024). Shapes [B] -> [B]; sequence-level.
   """
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="discopop")
+                chosen_lengths, rejected_lengths), method="discopop", beta=beta)
   z = beta * (a - b)
   loss = jax.nn.sigmoid(-z / tau) * -log_sigmoid(z) + jnp.exp(-z + log_sigmoid(z / tau))
   return loss, pair_extras(beta * a, beta * b)
@@ -375,7 +384,7 @@ def exo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   if not 0.0 < eps < 1.0:
     raise ValueError(f"exo: eps (label smoothing) must be in (0, 1), got {eps}")
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths, rejected_lengths), method="exo")
+                chosen_lengths, rejected_lengths), method="exo", beta=beta)
   z = beta * (a - b)
   loss = (jax.nn.sigmoid(z) * (log_sigmoid(z) - jnp.log1p(-eps))
           + jax.nn.sigmoid(-z) * (log_sigmoid(-z) - jnp.log(eps)))
