@@ -236,7 +236,7 @@ def test_rdpo_eps_may_be_traced():
 
 
 BETA_CHECKED = ("dpo", "cdpo", "rdpo", "ipo", "hinge", "nca", "bco_pair", "sppo_hard",
-                "apo_zero", "apo_down", "discopop", "exo")
+                "apo_zero", "apo_down", "discopop", "exo", "simpo", "rpo", "aot")
 
 
 @pytest.mark.parametrize("name", BETA_CHECKED)

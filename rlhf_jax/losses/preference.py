@@ -216,6 +216,7 @@ def simpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logp
   equals reference-free DPO. Reference arguments are ignored. `gamma` is the
   margin γ itself (the paper's γ/β ratio times β).
   """
+  check_beta(beta, "simpo")
   lc, lr = check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       chosen_lengths, rejected_lengths, method="simpo")
   a, b = logratios(chosen_logps, rejected_logps, None, None, lc, lr)
@@ -237,6 +238,7 @@ def rpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   """
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
+  check_beta(beta, "rpo")
   no_nll = isinstance(eta, (int, float)) and eta == 0
   lc, _ = check_pair(*args, need_lengths=not no_nll, method="rpo")
   a, b = logratios(*args[:4])
@@ -408,6 +410,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   """
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
+  check_beta(beta, "aot")
   check_pair(*args, need_ref=True, method="aot")
   a, b = logratios(*args[:4])
   if paired:
