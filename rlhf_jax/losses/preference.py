@@ -19,7 +19,7 @@ arguments; for DPO-style methods the reference may be omitted (treated as 0,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,16 +99,21 @@ def soft_bce(logits, p):
   return -p * log_sigmoid(logits) - (1.0 - p) * log_sigmoid(-logits)
 
 
-def check_beta(beta, method: str) -> None:
-  """β must be > 0 (checked when concrete; a traced β, e.g. a schedule under jit, passes)."""
-  if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
-    raise ValueError(f"{method}: beta must be > 0 (the implicit reward's scale), got {beta}")
+def _check_range(method: str, name: str, value, ok: Callable[[float], bool], want: str):
+  """Range-checks a hyper-parameter when it is concrete (a traced one, e.g. scheduled inside
+  a jitted step, passes)."""
+  if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
+    raise ValueError(f"{method}: {name} must be {want}, got {value}")
+
+
+def _check_beta(beta, method: str) -> None:
+  _check_range(method, "beta", beta, lambda b: b > 0, "> 0 (the implicit reward's scale)")
 
 
 def _prep(args, *, need_ref=False, need_lengths=False, method="loss", normalise=False,
           beta=None):
   if beta is not None:
-    check_beta(beta, method)
+    _check_beta(beta, method)
   c, r, rc, rr, lc, lr = args
   lc, lr = check_pair(c, r, rc, rr, lc, lr, need_ref=need_ref, need_lengths=need_lengths,
                       method=method)
@@ -160,8 +165,7 @@ def rdpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   Paper: Provably Robust DPO: Aligning Language Models with Noisy Feedback
   (Chowdhury et al., 2024). Shapes [B] -> [B]; sequence-level. ε = 0 gives DPO.
   """
-  if not isinstance(eps, jax.core.Tracer) and not 0.0 <= float(eps) < 0.5:
-    raise ValueError(f"rdpo: eps (label flip rate) must be in [0, 0.5), got {eps}")
+  _check_range("rdpo", "eps (label flip rate)", eps, lambda e: 0.0 <= e < 0.5, "in [0, 0.5)")
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths), method="rdpo", beta=beta)
   z = beta * (a - b)
@@ -216,7 +220,7 @@ def simpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logp
   equals reference-free DPO. Reference arguments are ignored. `gamma` is the
   margin γ itself (the paper's γ/β ratio times β).
   """
-  check_beta(beta, "simpo")
+  _check_beta(beta, "simpo")
   lc, lr = check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       chosen_lengths, rejected_lengths, method="simpo")
   a, b = logratios(chosen_logps, rejected_logps, None, None, lc, lr)
@@ -238,7 +242,7 @@ def rpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   """
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
-  check_beta(beta, "rpo")
+  _check_beta(beta, "rpo")
   no_nll = isinstance(eta, (int, float)) and eta == 0
   lc, _ = check_pair(*args, need_lengths=not no_nll, method="rpo")
   a, b = logratios(*args[:4])
@@ -410,7 +414,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   """
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
-  check_beta(beta, "aot")
+  _check_beta(beta, "aot")
   check_pair(*args, need_ref=True, method="aot")
   a, b = logratios(*args[:4])
   if paired:
