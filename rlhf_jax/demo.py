@@ -58,23 +58,21 @@ def get_config(arg=None):
 def main(argv=None) -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  def run(argv):
-    del argv
-    from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
-    s = online_loop.train(flag.value)
-    print(f"\nheld-out accuracy before GRPO: {s['accuracy_before']:.3f}")
-    print(f"held-out accuracy after GRPO:  {s['accuracy_after']:.3f}  "
-          f"({100 * (s['accuracy_after'] - s['accuracy_before']):+.1f} points)")
-    print(f"first (compiling) step: {s['first_step_seconds']:.1f} s; steady step: "
-          f"{s['steady_step_seconds']:.3f} s; total {s['total_seconds']:.0f} s")
-    print(f"reward curve: {s['plot']}")
-
   def make_main():
-    nonlocal flag
     flag = config_flags.DEFINE_config_dict("config", get_config())
+
+    def run(argv):
+      del argv
+      from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+      s = online_loop.train(flag.value)
+      print(f"\nheld-out accuracy before GRPO: {s['accuracy_before']:.3f}")
+      print(f"held-out accuracy after GRPO:  {s['accuracy_after']:.3f}  "
+            f"({100 * (s['accuracy_after'] - s['accuracy_before']):+.1f} points)")
+      print(f"first (compiling) step: {s['first_step_seconds']:.1f} s; steady step: "
+            f"{s['steady_step_seconds']:.3f} s; total {s['total_seconds']:.0f} s")
+      print(f"reward curve: {s['plot']}")
     return run
 
-  flag = None
   config_utils.run_app(make_main, argv)
 
 
