@@ -31,6 +31,7 @@ Typical loop::
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -202,6 +203,34 @@ def _abstract_target(target, shardings):
     else:
       out.append(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh))
   return treedef.unflatten(out)
+
+
+def _saved_fields(state_dir: str) -> set[str] | None:
+  """Top-level names of the state tree on disk (None when Orbax cannot say)."""
+  absl_log = logging.getLogger("absl")  # Orbax warns that a step-level metadata file is absent
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    md = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    return set(tree.keys())
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    absl_log.setLevel(level)
+
+
+def _added_fields(target, saved: set[str] | None) -> tuple[list[str], list[str]]:
+  """Fields of a dataclass state that the saved tree lacks: (empty in `target`, not empty).
+
+  A checkpoint written before a field was added to the train state (e.g. `RLState.
+  reward_state`) restores when this run leaves the field empty (None)."""
+  if saved is None or not dataclasses.is_dataclass(target):
+    return [], []
+  added = [f.name for f in dataclasses.fields(target) if f.name not in saved]
+  empty = [n for n in added if not jax.tree_util.tree_leaves(getattr(target, n))]
+  return empty, [n for n in added if n not in empty]
 
 
 # ------------------------------------------------------------------ integrity
@@ -447,13 +476,27 @@ class Checkpointer:
     self.verify(step)
     args = {"data_state": ocp.args.JsonRestore(), "config": ocp.args.JsonRestore(),
             "meta": ocp.args.JsonRestore()}
+    abstract, empty, needed = None, [], []
     if target is not None:
-      args["state"] = ocp.args.StandardRestore(_abstract_target(target, shardings))
+      abstract = _abstract_target(target, shardings)
+      empty, needed = _added_fields(
+          abstract, _saved_fields(os.path.join(self.step_dir(step), "state")))
+    if needed:
+      raise CheckpointError(
+          f"checkpoint step {step} at {self.step_dir(step)} was written without the state "
+          f"field(s) {needed}, which this run uses: resume with the settings it was written "
+          "with, or start in a new workdir.")
+    if empty:  # restore the saved fields only; the added ones keep this run's empty value
+      item = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)
+              if f.name not in empty}
+      args["state"] = ocp.args.StandardRestore(item)
     else:
-      args["state"] = ocp.args.StandardRestore()
+      args["state"] = ocp.args.StandardRestore(abstract)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**args))
       state = out["state"]
+      if empty:
+        state = dataclasses.replace(abstract, **state)
       jax.block_until_ready(state)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"checkpoint step {step} at {self.step_dir(step)} "

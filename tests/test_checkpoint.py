@@ -5,7 +5,9 @@ from __future__ import annotations
 import glob
 import os
 import signal
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -229,6 +231,41 @@ def test_restore_single_device_checkpoint_onto_8_device_mesh(tmp_path):
   out2, _, _, _ = ck.restore(target)
   assert out2["params"]["b"].sharding == shardings["params"]["b"]
   assert_tree_equal(out2, state)
+
+
+@flax.struct.dataclass
+class _Old:
+  params: dict
+  rng: jax.Array
+  step: jax.Array
+
+
+@flax.struct.dataclass
+class _New:  # a field added to the train state after the checkpoint was written
+  params: dict
+  rng: jax.Array
+  step: jax.Array
+  added: Any = None
+
+
+def test_checkpoint_from_before_an_added_state_field(tmp_path):
+  """An added field that this run leaves empty restores from an older checkpoint (state
+  equal, the field None); one that this run fills is an error naming the field."""
+  s = make_state(3)
+  old = _Old(params=s["params"], rng=s["rng"], step=s["step"])
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  assert ck.save(4, old, config=CONFIG)
+  out, _, _, step = ck.restore(abstract(_New(params=s["params"], rng=s["rng"],
+                                              step=s["step"])))
+  assert step == 4 and isinstance(out, _New) and out.added is None
+  assert_tree_equal((out.params, out.rng, out.step), (old.params, old.rng, old.step))
+  filled = _New(params=s["params"], rng=s["rng"], step=s["step"], added=jnp.zeros(2))
+  with pytest.raises(C.CheckpointError, match=r"without the state field\(s\) \['added'\]"):
+    ck.restore(abstract(filled))
+  # the fallback path reports the same and leaves the files alone
+  with pytest.raises(C.CheckpointError, match="added"):
+    ck.restore_latest_valid(abstract(filled))
+  assert ck.all_steps() == [4]
 
 
 def test_config_mismatch_names_keys(tmp_path):
