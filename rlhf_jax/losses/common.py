@@ -77,6 +77,34 @@ def check_inputs(*, rank: Optional[int] = None, floats: bool = True, **arrays) -
           f"{jnp.shape(first)}; they must match")
 
 
+def check_range(method: str, name: str, value, ok, want: str) -> None:
+  """Range-checks a scalar hyper-parameter when it is concrete: ValueError naming the method,
+  the parameter and the allowed range. Traced values (e.g. a schedule inside a jitted step),
+  arrays and None pass."""
+  if value is None or isinstance(value, jax.core.Tracer) or jnp.ndim(value) != 0:
+    return
+  if not ok(float(value)):
+    raise ValueError(f"{method}: {name} must be {want}, got {value}")
+
+
+def check_positive(method: str, **values) -> None:
+  """`check_range` with value > 0 for every keyword (scales, temperatures, step sizes)."""
+  for name, value in values.items():
+    check_range(method, name, value, lambda v: v > 0, "> 0")
+
+
+def check_nonnegative(method: str, **values) -> None:
+  """`check_range` with value >= 0 for every keyword (weights, coefficients, clip widths)."""
+  for name, value in values.items():
+    check_range(method, name, value, lambda v: v >= 0, ">= 0")
+
+
+def check_unit_interval(method: str, **values) -> None:
+  """`check_range` with value in [0, 1] for every keyword (discounts, mixture weights)."""
+  for name, value in values.items():
+    check_range(method, name, value, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
 def check_group_size(n: int, group_size: int, name: str = "rewards") -> None:
   """Raise a clear ValueError unless `group_size` divides `n`."""
   if not isinstance(group_size, int) or group_size < 1:

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_rank
+from rlhf_jax.losses.common import check_inputs, check_nonnegative, check_positive, check_rank
 from rlhf_jax.losses.registry import register
 
 
@@ -52,6 +52,7 @@ def k3(logps, ref_logps, mask=None, *, clamp: Optional[float] = None,
   `log_ratio_clamp` clips log(π_ref/π) to ±c before exp; `clamp` caps the
   result at +clamp. Used by GRPO (Shao et al., 2024). Shapes: [B, T] -> [B, T].
   """
+  check_positive("k3", clamp=clamp, log_ratio_clamp=log_ratio_clamp)
   lr = _masked(_log_ratio(logps, ref_logps, mask), mask)  # padding cannot overflow expm1
   if log_ratio_clamp is not None:
     lr = jnp.clip(lr, -log_ratio_clamp, log_ratio_clamp)
@@ -81,6 +82,7 @@ def kl_in_reward(scores, kl, mask, *, beta: float):
   rewards [B, T] for `advantages.gae` / `advantages.reinforce_pp`.
   The KL is a constant here (stop-gradient).
   """
+  check_nonnegative("kl_in_reward", beta=beta)
   check_rank(scores, 1, "scores")
   check_rank(kl, 2, "kl")
   if kl.shape != mask.shape or scores.shape[0] != kl.shape[0]:
@@ -102,6 +104,7 @@ def kl_in_loss(kl, mask, *, beta: float):
 
   Shapes: kl, mask [B, T] -> (loss [B, T], KLExtras); reduce with `aggregate`.
   """
+  check_nonnegative("kl_in_loss", beta=beta)
   check_rank(kl, 2, "kl")
   return _masked(beta * kl, mask), KLExtras(kl=jax.lax.stop_gradient(kl))
 
@@ -124,6 +127,7 @@ def adaptive_kl_controller(*, init_beta: float = 0.2, target: float = 6.0,
   Ziegler et al. (2019), Section 2.2. `kl` is the observed mean sequence KL,
   `n_steps` the number of samples since the last update.
   """
+  check_nonnegative("adaptive_kl_controller", init_beta=init_beta)
   if target <= 0 or horizon <= 0:
     raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
 
@@ -139,6 +143,7 @@ def adaptive_kl_controller(*, init_beta: float = 0.2, target: float = 6.0,
 
 def fixed_kl_controller(*, beta: float) -> KLController:
   """Constant β; `update` ignores the observed KL."""
+  check_nonnegative("fixed_kl_controller", beta=beta)
 
   def init() -> KLState:
     return KLState(beta=jnp.asarray(beta, jnp.float32))

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_rank
+from rlhf_jax.losses.common import check_inputs, check_nonnegative, check_positive, check_rank
 from rlhf_jax.losses.registry import register
 
 sg = jax.lax.stop_gradient
@@ -56,6 +56,7 @@ def _safe_ratio(logps, old, m):
 def clipped_surrogate(ratio, adv, *, epsilon_low: float, epsilon_high: float,
                       dual_clip: Optional[float] = None):
   """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), optionally dual-clipped at −c·A for A < 0."""
+  check_nonnegative("clipped_surrogate", epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   loss = jnp.maximum(unclipped, clipped)
@@ -82,6 +83,7 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon_low: float = 0.2,
   Games with Deep RL (Ye et al., 2020). Shapes: [B, T] (advantages [B] or
   [B, T]) -> loss [B, T]; token-level, reduce with `aggregate`.
   """
+  check_nonnegative("ppo_clip", epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   eh = epsilon_low if epsilon_high is None else epsilon_high
@@ -110,6 +112,7 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon_low: float = 3e-4,
   Group Sequence Policy Optimization (Zheng et al., 2025). Shapes: [B, T] ->
   loss [B, T]; sequence-normalised ratio.
   """
+  check_nonnegative("gspo", epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   s = jnp.exp(sequence_log_ratio(logps, old, m))[:, None]
   ratio = sg(s) * jnp.exp(logps - sg(logps))
@@ -127,6 +130,7 @@ def cispo(logps, old_logps, advantages, mask, *, epsilon_low: Optional[float] = 
   MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention
   (MiniMax, 2025). Shapes: [B, T] -> loss [B, T]; token-level.
   """
+  check_nonnegative("cispo", epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   lo = 0.0 if epsilon_low is None else 1.0 - epsilon_low
@@ -144,6 +148,7 @@ def sapo(logps, old_logps, advantages, mask, *, tau_pos: float = 1.0, tau_neg: f
 
   Soft Adaptive Policy Optimization (Gao et al., 2025). Shapes: [B, T] -> loss [B, T].
   """
+  check_positive("sapo", tau_pos=tau_pos, tau_neg=tau_neg)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   tau = jnp.where(adv > 0, tau_pos, tau_neg)
@@ -178,6 +183,7 @@ def opmd(logps, old_logps, advantages, mask, *, tau: float = 0.1, epsilon_low: f
   Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm (Yao et al.,
   2025). Shapes: [B, T] -> loss [B, T]; use `advantages.rec` (A = r − mean_G r).
   """
+  check_nonnegative("opmd", tau=tau, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   ratio = jnp.exp(logps - old)
   keep = ((adv >= 0) & (ratio <= 1 + epsilon_high)) | ((adv <= 0) & (ratio >= 1 - epsilon_low))
@@ -197,6 +203,7 @@ def dro(logps, old_logps, advantages, mask, *, tau: float = 0.1):
   ½(r − V − τ log(π/π_ref))², written per token (choice). Here `old_logps`
   are the reference log-probs. Shapes: [B, T] -> loss [B, T].
   """
+  check_nonnegative("dro", tau=tau)
   old, adv, m = _prepare(logps, old_logps, advantages, mask)
   loss = -adv * logps + 0.5 * tau * (logps - old) ** 2
   return _masked(loss, m), PGExtras(ratio=jnp.exp(logps - old), clipped=jnp.zeros_like(m, bool))
@@ -221,6 +228,7 @@ def rover_loss(logps, old_logps, advantages, mask, *, rho: float = 1.0):
   He et al., 2025 (see `rlhf_jax.advantages.rover`, which builds the targets y
   passed here as `advantages [B, T]`). Shapes: [B, T] -> loss [B, T].
   """
+  check_positive("rover_loss", rho=rho)
   old, y, m = _prepare(logps, old_logps, advantages, mask)
   q = rho * (logps - old)
   return _masked((q - y) ** 2, m), PGExtras(ratio=jnp.exp(logps - old),
@@ -237,6 +245,7 @@ def value_loss(values, old_values, returns, mask, *, clip_range: Optional[float]
   Schulman et al. (2017) as implemented in PPO baselines. Shapes: [B, T] ->
   loss [B, T] (0 where masked); clip_range=None gives ½(V − R)².
   """
+  check_positive("value_loss", clip_range=clip_range)
   check_inputs(rank=2, values=values, old_values=old_values, returns=returns)
   m = mask.astype(values.dtype)
   old, ret = sg(old_values), sg(returns)
@@ -282,6 +291,8 @@ def token_mismatch_weights(old_logps, sampler_logps, mask, *, cap: float = 2.0,
   Your Efficient RL Framework Secretly Brings You Off-Policy RL Training (Yao
   et al., 2025). Shapes: [B, T] -> weights [B, T] (stop-gradient, 0 where masked).
   """
+  check_positive("token_mismatch_weights", cap=cap)
+  check_nonnegative("token_mismatch_weights", lower=lower)
   check_inputs(rank=2, old_logps=old_logps, sampler_logps=sampler_logps)
   return _mismatch(old_logps - sampler_logps, mask, cap=cap, truncate=truncate, lower=lower)
 
@@ -292,6 +303,8 @@ def sequence_mismatch_weights(old_logps, sampler_logps, mask, *, cap: float = 2.
 
   Same paper and options as `token_mismatch_weights`. Shapes: [B, T] -> [B, T].
   """
+  check_positive("sequence_mismatch_weights", cap=cap)
+  check_nonnegative("sequence_mismatch_weights", lower=lower)
   check_inputs(rank=2, old_logps=old_logps, sampler_logps=sampler_logps)
   m = mask.astype(old_logps.dtype)
   log_w = jnp.sum((old_logps - sampler_logps) * m, axis=-1, keepdims=True)

@@ -19,12 +19,12 @@ arguments; for DPO-style methods the reference may be omitted (treated as 0,
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, log_sigmoid
+from rlhf_jax.losses.common import check_inputs, check_range, log_sigmoid
 from rlhf_jax.losses.registry import register
 
 sg = jax.lax.stop_gradient
@@ -99,15 +99,8 @@ def soft_bce(logits, p):
   return -p * log_sigmoid(logits) - (1.0 - p) * log_sigmoid(-logits)
 
 
-def _check_range(method: str, name: str, value, ok: Callable[[float], bool], want: str):
-  """Range-checks a hyper-parameter when it is concrete (a traced one, e.g. scheduled inside
-  a jitted step, passes)."""
-  if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
-    raise ValueError(f"{method}: {name} must be {want}, got {value}")
-
-
 def _check_beta(beta, method: str) -> None:
-  _check_range(method, "beta", beta, lambda b: b > 0, "> 0 (the implicit reward's scale)")
+  check_range(method, "beta", beta, lambda b: b > 0, "> 0 (the implicit reward's scale)")
 
 
 def _prep(args, *, need_ref=False, need_lengths=False, method="loss", normalise=False,
@@ -165,7 +158,7 @@ def rdpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   Paper: Provably Robust DPO: Aligning Language Models with Noisy Feedback
   (Chowdhury et al., 2024). Shapes [B] -> [B]; sequence-level. ε = 0 gives DPO.
   """
-  _check_range("rdpo", "eps (label flip rate)", eps, lambda e: 0.0 <= e < 0.5, "in [0, 0.5)")
+  check_range("rdpo", "eps (label flip rate)", eps, lambda e: 0.0 <= e < 0.5, "in [0, 0.5)")
   a, b = _prep((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths), method="rdpo", beta=beta)
   z = beta * (a - b)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_rank, log_sigmoid, masked_sum
+from rlhf_jax.losses.common import (check_inputs, check_nonnegative, check_positive, check_rank, check_unit_interval, log_sigmoid, masked_sum)
 from rlhf_jax.losses.preference import check_batch_vector, check_pair, logratios, pair_extras, soft_bce
 from rlhf_jax.losses.registry import register
 
@@ -38,6 +38,7 @@ def orpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   et al., 2024). Shapes [B] -> [B]; token-normalised (lengths required);
   reference arguments are ignored. ℓ̄ is clipped to ≤ −1e-6 inside log(1 − e^ℓ̄).
   """
+  check_nonnegative("orpo", lam=lam)
   lc, lr = check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       chosen_lengths, rejected_lengths, need_lengths=True, method="orpo")
   mw, ml = chosen_logps / lc, rejected_logps / lr
@@ -66,6 +67,8 @@ def kto(logps, ref_logps, desirable, *, reference_point, beta: float = 0.1,
   al., 2024). Shapes: logps, ref_logps [B], desirable [B] bool -> [B];
   sequence-level.
   """
+  check_positive("kto", beta=beta)
+  check_nonnegative("kto", desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
   check_inputs(logps=logps, ref_logps=ref_logps)
   check_batch_vector(logps, "logps")
   if jnp.shape(desirable) != jnp.shape(logps):
@@ -85,6 +88,7 @@ def discounted_logp_sum(token_logps, mask, *, gamma: float = 1.0):
 
   Shapes: token_logps, mask [B, T] -> [B].
   """
+  check_unit_interval("discounted_logp_sum", gamma=gamma)
   check_inputs(rank=2, token_logps=token_logps)
   check_rank(mask, 2, "mask")
   disc = gamma ** jnp.arange(token_logps.shape[1], dtype=token_logps.dtype)
@@ -105,6 +109,8 @@ def cpl(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   lists apply to every sorted pair. Shapes [B] -> [B]; sequence-level;
   reference arguments are ignored.
   """
+  check_positive("cpl", alpha=alpha)
+  check_nonnegative("cpl", lam=lam)
   check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths, rejected_lengths, method="cpl")
   ap, am = alpha * chosen_logps, alpha * rejected_logps
@@ -127,6 +133,8 @@ def vpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   reparametrisation the value of π_cal is β·E_{π_cal}[log π/π_ref] up to a
   constant, giving the term above.] Shapes [B] -> [B]; sequence-level.
   """
+  check_positive("vpo", beta=beta)
+  check_nonnegative("vpo", alpha=alpha)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, need_ref=True, method="vpo")
@@ -163,6 +171,8 @@ def sspo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   logps [B]; degree_logits [B, M, C]; degree_labels int [B, M]; degree_mask
   [B, M] (masked variants are ignored) -> [B]. Sequence-level.
   """
+  check_positive("sspo", beta=beta)
+  check_nonnegative("sspo", weight=weight)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, method="sspo")
@@ -210,6 +220,8 @@ def treg(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   [summary form from methods-exact.md.] Shapes: logps [B]; token arrays
   [B, T] -> [B]. DPO term sequence-level; regulariser token-summed.
   """
+  check_positive("treg", beta=beta)
+  check_nonnegative("treg", alpha=alpha)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, need_ref=True, method="treg")
@@ -240,6 +252,8 @@ def power_dl(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
   methods-exact.md.] Shapes [B] (labels [B]) -> [B]; token-normalised
   (lengths required); reference arguments are ignored.
   """
+  check_positive("power_dl", beta=beta)
+  check_nonnegative("power_dl", eta=eta)
   lc, lr = check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       chosen_lengths, rejected_lengths, need_lengths=True, method="power_dl")
   rw, rl = beta * chosen_logps / lc, beta * rejected_logps / lr
@@ -253,5 +267,6 @@ def power_dl(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
 
 def power_dl_update_labels(labels, margins, *, gamma: float = 0.1):
   """Dynamic labels l ← (1 − γ) l + γ σ(m) with m the (stop-gradient) reward margins [B]."""
+  check_unit_interval("power_dl_update_labels", gamma=gamma)
   check_inputs(rank=1, labels=labels, margins=margins)
   return (1.0 - gamma) * labels + gamma * jax.nn.sigmoid(sg(margins))

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_rank, log_sigmoid, masked_sum
+from rlhf_jax.losses.common import (check_inputs, check_nonnegative, check_positive, check_rank, log_sigmoid, masked_sum)
 from rlhf_jax.losses.registry import register
 
 sg = jax.lax.stop_gradient
@@ -53,6 +53,8 @@ def pro(logps, lengths, mask, *, temperature: float = 1.0, sft_weight: float = 0
   the scores by the caller.] Shapes: logps, lengths, mask [B, K] -> [B].
   Token-normalised.
   """
+  check_positive("pro", temperature=temperature)
+  check_nonnegative("pro", sft_weight=sft_weight)
   m, lengths = check_list(mask, lengths, logps=logps)
   s = logps / lengths
   z = jnp.where(m, s / temperature, _NEG)
@@ -84,6 +86,8 @@ def grao(logps, lengths, rewards, mask, *, ref_answer_logps, ref_answer_lengths,
   denominator [choice]. Shapes: logps, lengths, rewards, mask [B, G];
   ref_answer_* [B] -> [B]. Token-normalised.
   """
+  check_nonnegative("grao", beta=beta, lam=lam)
+  check_positive("grao", eps=eps)
   m, lengths = check_list(mask, lengths, logps=logps, rewards=rewards)
   check_inputs(rank=1, ref_answer_logps=ref_answer_logps, ref_answer_rewards=ref_answer_rewards)
   check_rank(ref_answer_lengths, 1, "ref_answer_lengths")
@@ -126,6 +130,8 @@ def trpa(logps, ref_logps, lengths, levels, mask, *, kl_penalty=None, beta: floa
   reasoning (Su et al., 2025). Shapes: logps, ref_logps, lengths, levels (int),
   mask [B, K] -> [B] (0 where a prompt has no cross-level pair). Token-normalised.
   """
+  check_positive("trpa", beta=beta, best_level_scale=best_level_scale)
+  check_nonnegative("trpa", kl_coef=kl_coef)
   m, lengths = check_list(mask, lengths, logps=logps, ref_logps=ref_logps)
   check_rank(levels, 2, "levels")
   if levels.shape != logps.shape or not jnp.issubdtype(levels.dtype, jnp.integer):

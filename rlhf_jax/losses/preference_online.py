@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_float, check_inputs, check_rank, log_sigmoid
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive, check_rank, check_unit_interval, log_sigmoid)
 from rlhf_jax.losses.preference import check_batch_vector, check_pair, logratios, pair_extras
 from rlhf_jax.losses.registry import register
 
@@ -33,6 +33,7 @@ def copg(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   supervised-friendly fashion (Flet-Berliac et al., 2024). "chosen"/"rejected"
   are just the two samples y, y′ with rewards [B]. Shapes [B] -> [B]; sequence-level.
   """
+  check_positive("copg", beta=beta)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, need_ref=True, method="copg")
@@ -58,6 +59,7 @@ def dno(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
   Models to Self-Improve with General Preferences (Rosset et al., 2024).
   Shapes [B] -> [B]; sequence-level.
   """
+  check_positive("dno", eta=eta)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, need_ref=True, method="dno (ref_* = previous iterate π_t)")
@@ -78,6 +80,8 @@ def inpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps
   Preferences via No-Regret Learning (Zhang et al., 2024). Shapes [B] -> [B];
   sequence-level.
   """
+  check_positive("inpo", eta=eta)
+  check_nonnegative("inpo", tau=tau)
   args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           chosen_lengths, rejected_lengths)
   check_pair(*args, need_ref=True, method="inpo")
@@ -98,6 +102,7 @@ def nash_md_mixture_logits(logits, ref_logits, *, beta: float = 0.125):
   log_softmax(ref_logits)). β = 0 is the policy itself (self-play); β = 1 is the
   reference. No gradient flows (the opponent is sampled). Shapes [..., V] -> [..., V].
   """
+  check_unit_interval("nash_md_mixture_logits", beta=beta)
   check_inputs(logits=logits, ref_logits=ref_logits)
   lp = jax.nn.log_softmax(logits, axis=-1)
   lr = jax.nn.log_softmax(ref_logits, axis=-1)
@@ -123,6 +128,7 @@ def nash_md(logps, ref_logps, preference_probs, *, tau: float = 0.008):
   gradient on the win-rate. Shapes: logps, ref_logps, preference_probs [B] -> [B];
   sequence-level.
   """
+  check_nonnegative("nash_md", tau=tau)
   check_inputs(logps=logps, ref_logps=ref_logps, preference_probs=preference_probs)
   check_batch_vector(logps, "logps")
   lr = logps - ref_logps
@@ -174,6 +180,7 @@ def rso_sample(rng, rewards, mask=None, *, num_samples: int, beta: float = 0.5):
   et al., 2024). Shapes: rewards [K], mask [K] -> RSOSample([N], [N]); vmap for
   batches. Not a loss: pair the accepted samples and use `hinge` or `dpo`.
   """
+  check_positive("rso_sample", beta=beta)
   check_rank(rewards, 1, "rewards")
   check_float(rewards, "rewards")
   if not isinstance(num_samples, int) or num_samples < 1:

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_float, check_rank, log_sigmoid, masked_sum
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive, check_rank, log_sigmoid, masked_sum)
 from rlhf_jax.losses.registry import register
 
 ArrayOrFloat = Union[jax.Array, float]
@@ -89,6 +89,7 @@ def bt(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
   Returns:
     (losses [B], PairwiseExtras). Sequence-level (one reward per response).
   """
+  check_nonnegative("bt", center_coef=center_coef)
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   margins = chosen_rewards - rejected_rewards
   losses = -log_sigmoid(margins) + center_coef * (chosen_rewards + rejected_rewards) ** 2
@@ -204,6 +205,7 @@ def bt_regression(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
   Returns:
     (losses [B], RegressionExtras).
   """
+  check_nonnegative("bt_regression", bt_coef=bt_coef, regression_coef=regression_coef)
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                chosen_targets=chosen_targets, rejected_targets=rejected_targets)
   bt_losses, ex = bt_margin(chosen_rewards, rejected_rewards, margin=margin)
@@ -234,6 +236,7 @@ def plackett_luce(rewards: jax.Array, *, mask: Optional[jax.Array] = None,
   Returns:
     (losses [B], ListwiseExtras). Sum over positions (not normalised by K).
   """
+  check_positive("plackett_luce", temperature=temperature)
   check_rank(rewards, 2, "rewards")
   check_float(rewards, "rewards")
   if mask is None:

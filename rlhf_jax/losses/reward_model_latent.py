@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_float, check_inputs, check_rank, masked_sum
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_rank, masked_sum)
 from rlhf_jax.losses.registry import register
 from rlhf_jax.losses.reward_model import PairwiseExtras, smoothed_log_likelihood
 
@@ -133,6 +133,7 @@ def vpl(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
   Returns:
     (losses [B] per user, VPLExtras). Summed over pairs (not normalised).
   """
+  check_nonnegative("vpl", kl_coef=kl_coef)
   check_inputs(rank=2, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   check_inputs(rank=2, mean=mean, log_var=log_var)
   if mean.shape[0] != chosen_rewards.shape[0]:
