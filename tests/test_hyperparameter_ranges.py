@@ -107,3 +107,27 @@ def test_boundary_values_pass():
   kl.kl_in_loss(logps, mask, beta=0.0)
   pg.ppo_clip(logps, logps, jnp.array([1.0]), mask, epsilon_low=0.0)
   pon.nash_md(jnp.array([-1.0]), jnp.array([-1.0]), jnp.array([0.7]), tau=0.0)
+
+
+ESTIMATOR_BAD = [  # advantage estimators: (name, parameter, out-of-range value, range)
+    ("gae", "lam", 1.5, "in [0, 1]"),
+    ("gae", "gamma", -0.1, "in [0, 1]"),
+    ("reinforce_pp", "gamma", 2.0, "in [0, 1]"),
+    ("rover", "rho", -1.0, ">= 0"),
+    ("grpo", "eps", -1e-6, ">= 0"),
+    ("w_reinforce", "negative_weight", -1.0, ">= 0"),
+    ("adora", "weight", -0.1, ">= 0"),
+    ("thr", "p", 1.5, "in [0, 1]"),
+    ("copo", "k", 0.0, "> 0"),
+    ("bnpo", "max_inverse_density", 0.0, "> 0"),
+]
+
+
+@pytest.mark.parametrize("name,param,value,want", ESTIMATOR_BAD,
+                         ids=[f"{n}-{p}-{v}" for n, p, v, _ in ESTIMATOR_BAD])
+def test_estimator_out_of_range_is_named(name, param, value, want):
+  from rlhf_jax import advantages  # pylint: disable=import-outside-toplevel
+  fn = advantages.get(name)
+  with pytest.raises(ValueError) as e:
+    _call(fn, **{param: value})
+  assert str(e.value).startswith(f"{name}: {param} must be {want}, got "), str(e.value)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
 
 
 def dynamic_sampling_filter(rewards: jax.Array, *, group_size: int, atol: float = 0.0,
@@ -24,6 +24,7 @@ def dynamic_sampling_filter(rewards: jax.Array, *, group_size: int, atol: float 
   DAPO: An Open-Source LLM Reinforcement Learning System at Scale (Yu et al.,
   2025). Shapes: rewards [N] -> keep [N // G] bool ([N] with per_sample=True).
   """
+  check_nonnegative("dynamic_sampling_filter", atol=atol)
   r = base.group_view(rewards, group_size)
   keep = (jnp.max(r, axis=-1) - jnp.min(r, axis=-1)) > atol
   return jnp.repeat(keep, group_size) if per_sample else keep
@@ -145,6 +146,7 @@ def pcl_select(predicted_success: jax.Array, *, num_select: int,
   Prompt Curriculum Learning for Efficient LLM Post-Training (Gao et al., 2025).
   Shapes: predicted_success [P] (value-model output) -> score [P], keep [P] bool.
   """
+  check_unit_interval("pcl_select", target=target)
   check_rank(predicted_success, 1, "predicted_success")
   if not 0 < num_select <= predicted_success.shape[0]:
     raise ValueError(f"num_select must be in [1, {predicted_success.shape[0]}], got {num_select}")

@@ -10,6 +10,7 @@ from jax.scipy.special import betaln, xlogy
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
+from rlhf_jax.losses.common import check_positive
 
 
 class BetaMoments(NamedTuple):
@@ -60,6 +61,7 @@ def bnpo_moments(*, group_size: int, momentum: float = 0.9) -> MomentsTransform:
 
 def beta_parameters(mean: jax.Array, var: jax.Array, *, eps: float = 1e-8):
   """α = max(1, 1 + a/3), β = max(1, 1 + b/3), with k = μ(1−μ)/σ² − 1, a = kμ, b = k(1−μ)."""
+  check_positive("beta_parameters", eps=eps)
   k = jnp.maximum(mean * (1.0 - mean) / (var + eps) - 1.0, 0.0)
   return jnp.maximum(1.0, 1.0 + k * mean / 3.0), jnp.maximum(1.0, 1.0 + k * (1.0 - mean) / 3.0)
 
@@ -77,6 +79,7 @@ def bnpo(rewards: jax.Array, *, group_size: int, state: Optional[BetaMoments] = 
   BNPO: Beta Normalization Policy Optimization (Xiao et al., 2025).
   Shapes: rewards [N] -> [N]; `state` from `bnpo_update` (else batch moments).
   """
+  check_positive("bnpo", max_inverse_density=max_inverse_density)
   r = base.group_view(rewards, group_size)
   if state is None:
     mu, var = batch_moments(rewards, group_size=group_size)

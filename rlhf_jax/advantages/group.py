@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank
 
 
 @register("grpo", family="group")
@@ -29,6 +29,7 @@ def grpo(rewards: jax.Array, *, group_size: int, eps: float = 1e-6,
   Models (Shao et al., 2024). Shapes: rewards [N] -> [N]. `unbiased` picks the
   (G−1) std used by common implementations; all-equal groups give 0.
   """
+  check_nonnegative("grpo", eps=eps)
   r = base.group_view(rewards, group_size)
   return base.safe_div(base.centred(r), base.group_std(r, unbiased=unbiased), eps).reshape(-1)
 
@@ -94,6 +95,7 @@ def reinforce_pp_baseline(rewards: jax.Array, *, group_size: int, eps: float = 1
   a is 0 exactly (each group sums to 0), so only the std is divided out; this
   keeps all-equal groups at exactly 0.
   """
+  check_nonnegative("reinforce_pp_baseline", eps=eps)
   a = dr_grpo(rewards, group_size=group_size)
   return a / (base.safe_sqrt(jnp.mean(a ** 2)) + eps)
 
@@ -170,6 +172,7 @@ def gdpo(rewards: jax.Array, *, group_size: int, weights: Optional[jax.Array] = 
   rewards [N, K] with K ≥ 2, weights [K] (default ones) -> [N]. The batch mean
   of a is 0 exactly, so only the std is divided out (all-equal groups stay 0).
   """
+  check_nonnegative("gdpo", eps=eps)
   check_rank(rewards, 2, "rewards")
   check_float(rewards, "rewards")
   k = rewards.shape[1]

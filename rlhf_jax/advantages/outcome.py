@@ -11,7 +11,7 @@ from jax.scipy.special import gammaln
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank
 
 
 def _correct(rewards: jax.Array, threshold: float) -> jax.Array:
@@ -31,6 +31,7 @@ def w_reinforce(rewards: jax.Array, *, positive_weight: float = 0.1,
   (Zhu et al., 2025). Shapes: rewards [N] -> [N]. Not group-relative: a group
   that is all wrong still gets −1 (that is the method); no std division.
   """
+  check_nonnegative("w_reinforce", positive_weight=positive_weight, negative_weight=negative_weight)
   c = _correct(rewards, threshold)
   return positive_weight * c - negative_weight * (1.0 - c)
 
@@ -89,6 +90,7 @@ def passk(rewards: jax.Array, *, group_size: int, k: int, threshold: float = 0.5
   1 ≤ k ≤ G. k = 1 gives GRPO's z-score (population std) on binary rewards.
   All-correct and all-wrong groups give 0.
   """
+  check_nonnegative("passk", eps=eps)
   if not isinstance(k, int) or not 1 <= k <= group_size:
     raise ValueError(f"k must be an int in [1, group_size={group_size}], got {k!r}")
   c01 = _correct(rewards, threshold)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.group import grpo
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_rank
+from rlhf_jax.losses.common import (check_nonnegative, check_positive, check_rank,
+                                    check_unit_interval)
 
 
 @register("adora", family="reweight")
@@ -25,6 +26,7 @@ def adora(rewards: jax.Array, *, lengths: jax.Array, group_size: int, weight: fl
   [N], lengths [N] -> [N]. Choice: a group with no correct or no incorrect
   sample is never damped (its GRPO advantage is 0 anyway).
   """
+  check_nonnegative("adora", weight=weight, eps=eps)
   a = grpo(rewards, group_size=group_size, eps=eps).reshape(-1, group_size)
   if lengths.shape != rewards.shape:
     raise ValueError(f"lengths has shape {lengths.shape} but rewards has {rewards.shape}")
@@ -52,6 +54,8 @@ def thr(advantages: jax.Array, *, token_hidden_reward: jax.Array, mask: jax.Arra
   responses). Shapes: advantages [B] or [B, T], token_hidden_reward, mask
   [B, T] -> [B, T] (0 where masked).
   """
+  check_unit_interval("thr", p=p)
+  check_nonnegative("thr", min_abs=min_abs)
   check_rank(token_hidden_reward, 2, "token_hidden_reward")
   if token_hidden_reward.shape != mask.shape:
     raise ValueError(f"token_hidden_reward {token_hidden_reward.shape} and mask "
@@ -91,6 +95,8 @@ def copo(rewards: jax.Array, *, answer_ids: jax.Array, group_size: int, k: float
   rewards [N], answer_ids [N] int -> CopoAdvantages of [N] arrays. By design a
   consistent group (all-equal rewards) gets a non-zero global advantage.
   """
+  check_positive("copo", k=k)
+  check_nonnegative("copo", entropy_penalty=entropy_penalty, eps=eps)
   r = base.group_view(rewards, group_size)
   if answer_ids.shape != rewards.shape or not jnp.issubdtype(answer_ids.dtype, jnp.integer):
     raise ValueError(f"answer_ids must be integer ids of shape {rewards.shape}, got "

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
 
 
 def _next(x: jax.Array) -> jax.Array:
@@ -34,6 +34,7 @@ def reverse_discounted_sum(x: jax.Array, decay: jax.Array) -> jax.Array:
 
 def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0) -> jax.Array:
   """G_t = Σ_{k≥t} γ^{k−t} r_k over the unmasked span. Shapes: [B, T] -> [B, T]."""
+  check_unit_interval("discounted_returns", gamma=gamma)
   base.check_token_inputs(rewards, None, mask)
   m = mask.astype(rewards.dtype)
   return reverse_discounted_sum(rewards * m, gamma * _next(m)) * m
@@ -52,6 +53,7 @@ def gae(rewards: jax.Array, *, values: jax.Array, mask: jax.Array, gamma: float 
   Returns for a value loss are `advantages + values`. Gradients do not flow
   into `values` in typical use: pass `jax.lax.stop_gradient(values)`.
   """
+  check_unit_interval("gae", gamma=gamma, lam=lam)
   base.check_token_inputs(rewards, values, mask)
   m = mask.astype(rewards.dtype)
   v = values * m
@@ -70,6 +72,8 @@ def reinforce_pp(rewards: jax.Array, *, mask: jax.Array, gamma: float = 1.0,
   the last token minus a per-token KL penalty), mask [B, T] -> [B, T]. Token-
   normalised statistics (each valid token counts once).
   """
+  check_unit_interval("reinforce_pp", gamma=gamma)
+  check_nonnegative("reinforce_pp", eps=eps)
   g = discounted_returns(rewards, mask, gamma=gamma)
   m = mask.astype(rewards.dtype)
   count = jnp.maximum(jnp.sum(m), 1.0)
@@ -106,6 +110,8 @@ def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
   int (equal ids = identical observation; compared only within a group),
   step_mask [N, S] -> advantages [N, S] (0 on masked steps).
   """
+  check_unit_interval("gigpo", gamma=gamma)
+  check_nonnegative("gigpo", omega=omega, eps=eps)
   r = base.group_view(rewards, group_size)
   check_rank(step_rewards, 2, "step_rewards")
   check_float(step_rewards, "step_rewards")
@@ -148,6 +154,7 @@ def rover(rewards: jax.Array, *, vocab_mean_log_ratio: jax.Array, mask: jax.Arra
   whole-vocabulary mean of the log-ratio at each position), mask [N, T] ->
   targets [N, T] (0 where masked). Use with `losses.policy_gradient.rover_loss`.
   """
+  check_nonnegative("rover", rho=rho)
   r_t = base.centred(base.group_view(rewards, group_size)).reshape(-1)
   check_rank(vocab_mean_log_ratio, 2, "vocab_mean_log_ratio")
   if vocab_mean_log_ratio.shape != mask.shape or mask.shape[0] != rewards.shape[0]:

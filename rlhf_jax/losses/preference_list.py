@@ -12,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (check_inputs, check_nonnegative, check_positive, check_rank, log_sigmoid, masked_sum)
+from rlhf_jax.losses.common import (check_inputs, check_nonnegative, check_positive, check_rank,
+                                    log_sigmoid, masked_sum)
 from rlhf_jax.losses.registry import register
 
 sg = jax.lax.stop_gradient

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive, check_rank, check_unit_interval, log_sigmoid)
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
+                                    check_rank, check_unit_interval, log_sigmoid)
 from rlhf_jax.losses.preference import check_batch_vector, check_pair, logratios, pair_extras
 from rlhf_jax.losses.registry import register
 

@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive, check_rank, log_sigmoid, masked_sum)
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
+                                    check_rank, log_sigmoid, masked_sum)
 from rlhf_jax.losses.registry import register
 
 ArrayOrFloat = Union[jax.Array, float]

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_rank, masked_sum)
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_rank,
+                                    masked_sum)
 from rlhf_jax.losses.registry import register
 from rlhf_jax.losses.reward_model import PairwiseExtras, smoothed_log_likelihood
 
