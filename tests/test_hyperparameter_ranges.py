@@ -131,3 +131,17 @@ def test_estimator_out_of_range_is_named(name, param, value, want):
   with pytest.raises(ValueError) as e:
     _call(fn, **{param: value})
   assert str(e.value).startswith(f"{name}: {param} must be {want}, got "), str(e.value)
+
+
+def test_reward_transform_out_of_range_is_named():
+  from rlhf_jax.rewards import ensemble, shaping, shaping_state  # pylint: disable=import-outside-toplevel
+  cases = [(ensemble.uwo, "coef", -0.1, ">= 0"),
+           (shaping.length_penalty, "coef", -0.01, ">= 0"),
+           (shaping.cosine_similarity_reward, "eps", 0.0, "> 0"),
+           (shaping_state.lagrangian_multipliers, "lr", 0.0, "> 0"),
+           (shaping_state.dynamic_reward_weights, "lr", -0.1, "> 0"),
+           (shaping_state.dynamic_reward_weights, "min_weight", -0.1, ">= 0")]
+  for fn, name, value, want in cases:
+    with pytest.raises(ValueError) as e:
+      _call(fn, **{name: value})
+    assert str(e.value).startswith(f"{fn.__name__}: {name} must be {want}, got "), str(e.value)

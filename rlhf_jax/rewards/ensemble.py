@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank
 
 
 def _check(rewards: jax.Array) -> None:
@@ -35,6 +35,7 @@ def uwo(rewards: jax.Array, *, coef: float = 0.1, unbiased: bool = False) -> jax
   λ = `coef` (0.5 for best-of-n, 0.1 for PPO in Coste et al.); λ = 0 is `mean`.
   Var is the population variance (ddof 0) unless `unbiased`.
   """
+  check_nonnegative("uwo", coef=coef)
   _check(rewards)
   return jnp.mean(rewards, axis=-1) - coef * jnp.var(rewards, axis=-1,
                                                      ddof=1 if unbiased else 0)

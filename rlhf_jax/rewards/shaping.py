@@ -11,7 +11,8 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_float, check_inputs, check_rank, masked_mean, masked_sum
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
+                                    check_rank, masked_mean, masked_sum)
 
 ArrayOrFloat = Union[jax.Array, float]
 
@@ -136,6 +137,7 @@ def noisy_forward_weights(noisy_rewards: jax.Array, *, rho1: ArrayOrFloat,
 def length_penalty(lengths: jax.Array, *, coef: float, max_length: Optional[int] = None
                    ) -> jax.Array:
   """Linear length penalty −coef·L (or −coef·L/L_max when `max_length` is given). [N]."""
+  check_nonnegative("length_penalty", coef=coef)
   lengths = jnp.asarray(lengths, jnp.float32)
   return -coef * (lengths / max_length if max_length else lengths)
 
@@ -185,6 +187,7 @@ def relative_perplexity_reward(cond_logps: jax.Array, uncond_logps: jax.Array,
 def cosine_similarity_reward(embeddings: jax.Array, ref_embeddings: jax.Array, *,
                              eps: float = 1e-8) -> jax.Array:
   """r = ⟨e, e_ref⟩ / (‖e‖‖e_ref‖) of encoder embeddings. [N, D], [N, D] -> [N]."""
+  check_positive("cosine_similarity_reward", eps=eps)
   check_inputs(rank=2, embeddings=embeddings, ref_embeddings=ref_embeddings)
   num = jnp.sum(embeddings * ref_embeddings, axis=-1)
   den = jnp.linalg.norm(embeddings, axis=-1) * jnp.linalg.norm(ref_embeddings, axis=-1)

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_rank
+from rlhf_jax.losses.common import check_nonnegative, check_positive, check_rank
 
 
 class DualState(NamedTuple):
@@ -41,6 +41,7 @@ def lagrangian_multipliers(*, thresholds: Sequence[float], lr: float = 0.1,
   update(state, constraint_values [C]) takes the current estimates Ĵ_i;
   reward(state, task_rewards [N], constraint_rewards [N, C]) -> [N] mixes them.
   """
+  check_positive("lagrangian_multipliers", lr=lr)
   theta = jnp.asarray(list(thresholds), jnp.float32)
   if theta.ndim != 1 or theta.size == 0:
     raise ValueError("thresholds must be a non-empty sequence, one per constraint")
@@ -99,6 +100,8 @@ def dynamic_reward_weights(num_objectives: int, *, lr: float = 0.1,
   = r·w. [unverified form of the gradient-based variant] "Learning to Optimize
   Multi-Objective Alignment Through Dynamic Reward Weighting" (2025).
   """
+  check_positive("dynamic_reward_weights", lr=lr)
+  check_nonnegative("dynamic_reward_weights", min_weight=min_weight)
   if num_objectives < 1:
     raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
   if not 0.0 <= min_weight * num_objectives <= 1.0:
