@@ -5,13 +5,14 @@ any array is read, so the arrays here are placeholders."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import kl, policy_gradient as pg, preference_aux as aux
+from rlhf_jax.losses import common, kl, policy_gradient as pg, preference_aux as aux
 from rlhf_jax.losses import preference_list as plist, preference_online as pon
 from rlhf_jax.losses import reward_model as rm, reward_model_latent as rml
 
@@ -145,3 +146,23 @@ def test_reward_transform_out_of_range_is_named():
     with pytest.raises(ValueError) as e:
       _call(fn, **{name: value})
     assert str(e.value).startswith(f"{fn.__name__}: {name} must be {want}, got "), str(e.value)
+
+
+def test_check_helpers_bounds_and_what_passes():
+  """check_range / check_positive / check_nonnegative / check_unit_interval: the bounds
+  themselves, NaN, and the values that are not checked (None, arrays, tracers)."""
+  common.check_positive("m", a=1e-12)
+  common.check_nonnegative("m", a=0.0)
+  common.check_unit_interval("m", a=0.0, b=1.0)
+  for fn, value, want in ((common.check_positive, 0.0, "> 0"),
+                          (common.check_nonnegative, -1e-12, ">= 0"),
+                          (common.check_unit_interval, 1.0000001, "in [0, 1]"),
+                          (common.check_unit_interval, float("nan"), "in [0, 1]")):
+    with pytest.raises(ValueError, match=rf"^m: a must be {re.escape(want)}, got "):
+      fn("m", a=value)
+  with pytest.raises(ValueError, match=r"^m: a must be odd, got 2"):
+    common.check_range("m", "a", 2, lambda v: v % 2 == 1, "odd")
+  common.check_positive("m", a=None, b=jnp.array([-1.0, 2.0]))  # not scalars: not checked
+  with pytest.raises(ValueError, match="m: a must be > 0"):
+    common.check_positive("m", a=jnp.float32(-1.0))  # a concrete 0-d array is checked
+  jax.jit(lambda x: common.check_positive("m", a=x) or x)(-1.0)  # traced: not checked
