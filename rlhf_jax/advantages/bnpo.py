@@ -10,7 +10,7 @@ from jax.scipy.special import betaln, xlogy
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_positive
+from rlhf_jax.losses.common import check_positive, check_range
 
 
 class BetaMoments(NamedTuple):
@@ -51,8 +51,7 @@ class MomentsTransform(NamedTuple):
 
 def bnpo_moments(*, group_size: int, momentum: float = 0.9) -> MomentsTransform:
   """`(init, update)` with update(state, rewards) = `bnpo_update(..., momentum=momentum)`."""
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+  check_range("bnpo_moments", "momentum", momentum, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   return MomentsTransform(
       init=bnpo_init,
       update=lambda state, rewards: bnpo_update(state, rewards, group_size=group_size,

@@ -128,8 +128,7 @@ def adaptive_kl_controller(*, init_beta: float = 0.2, target: float = 6.0,
   `n_steps` the number of samples since the last update.
   """
   check_nonnegative("adaptive_kl_controller", init_beta=init_beta)
-  if target <= 0 or horizon <= 0:
-    raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+  check_positive("adaptive_kl_controller", target=target, horizon=horizon)
 
   def init() -> KLState:
     return KLState(beta=jnp.asarray(init_beta, jnp.float32))

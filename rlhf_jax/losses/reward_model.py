@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
-                                    check_rank, log_sigmoid, masked_sum)
+                                    check_range, check_rank, check_unit_interval, log_sigmoid,
+                                    masked_sum)
 from rlhf_jax.losses.registry import register
 
 ArrayOrFloat = Union[jax.Array, float]
@@ -50,13 +51,6 @@ class ListwiseExtras(NamedTuple):
 
 def _pairwise_extras(margins: jax.Array) -> PairwiseExtras:
   return PairwiseExtras(margins=margins, accuracy=(margins > 0).astype(margins.dtype))
-
-
-def _check_unit_interval(value, name: str, upper_open: bool = False) -> None:
-  if isinstance(value, (int, float)):
-    if not 0.0 <= value <= 1.0 or (upper_open and value >= 0.5):
-      bound = "[0, 0.5)" if upper_open else "[0, 1]"
-      raise ValueError(f"{name} must be in {bound}, got {value}")
 
 
 def smoothed_log_likelihood(logits: jax.Array, labels: ArrayOrFloat) -> jax.Array:
@@ -114,8 +108,7 @@ def reward_centering(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
     (losses [B], PairwiseExtras).
   """
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-  if isinstance(coef, (int, float)) and coef < 0:
-    raise ValueError(f"coef must be >= 0, got {coef}")
+  check_nonnegative("reward_centering", coef=coef)
   losses = coef * (chosen_rewards + rejected_rewards) ** 2
   return losses, _pairwise_extras(chosen_rewards - rejected_rewards)
 
@@ -143,7 +136,8 @@ def bt_margin(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
     (losses [B], PairwiseExtras with margins r_w − r_l).
   """
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-  _check_unit_interval(label_smoothing, "label_smoothing", upper_open=True)
+  check_range("bt_margin", "label_smoothing", label_smoothing, lambda v: 0.0 <= v < 0.5,
+              "in [0, 0.5)")
   if jnp.ndim(margin) not in (0, 1) or (jnp.ndim(margin) == 1
                                         and jnp.shape(margin) != chosen_rewards.shape):
     raise ValueError(f"margin must be a scalar or shape {chosen_rewards.shape}, "
@@ -176,8 +170,7 @@ def low_strength_mask(strength: jax.Array, *, fraction: float = 0.2) -> jax.Arra
   Exactly floor(fraction·B) entries are True (ties broken by position).
   """
   check_rank(strength, 1, "strength")
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+  check_unit_interval("low_strength_mask", fraction=fraction)
   k = int(fraction * strength.shape[0])
   ranks = jnp.argsort(jnp.argsort(strength, stable=True), stable=True)
   return ranks < k

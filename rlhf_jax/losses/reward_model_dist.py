@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
-from rlhf_jax.losses.common import check_float, check_rank
+from rlhf_jax.losses.common import check_float, check_positive, check_rank
 from rlhf_jax.losses.registry import register
 
 
@@ -60,8 +60,7 @@ def hl_gauss_targets(values: jax.Array, *, v_min: float, v_max: float, num_bins:
   """
   check_rank(values, 1, "values")
   check_float(values, "values")
-  if sigma_ratio <= 0:
-    raise ValueError(f"sigma_ratio must be > 0, got {sigma_ratio}")
+  check_positive("hl_gauss_targets", sigma_ratio=sigma_ratio)
   edges = hl_gauss_edges(v_min=v_min, v_max=v_max, num_bins=num_bins).astype(values.dtype)
   sigma = sigma_ratio * (v_max - v_min) / num_bins
   y = jnp.clip(values, v_min, v_max)[:, None]

@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_rank,
-                                    masked_sum)
+from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
+                                    check_rank, masked_sum)
 from rlhf_jax.losses.registry import register
 from rlhf_jax.losses.reward_model import PairwiseExtras, smoothed_log_likelihood
 
@@ -83,8 +83,7 @@ def gpm(chosen_embeddings: jax.Array, rejected_embeddings: jax.Array, *,
   Returns:
     (losses [B], PairwiseExtras with margins s/β).
   """
-  if isinstance(beta, (int, float)) and beta <= 0:
-    raise ValueError(f"beta must be > 0, got {beta}")
+  check_positive("gpm_probability", beta=beta)
   logits = gpm_score(chosen_embeddings, rejected_embeddings, eigenvalues=eigenvalues) / beta
   losses = -smoothed_log_likelihood(logits, labels)
   return losses, PairwiseExtras(margins=logits, accuracy=(logits > 0).astype(logits.dtype))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.losses.common import check_positive
 from rlhf_jax.rewards.base import RewardFn, check_reward_inputs, get_extra
 
 
@@ -98,8 +99,7 @@ def python_verifier(check: Callable[[str, Optional[str]], float], *,
   Returns:
     fn(prompt_ids, completion_ids, completion_mask, batch_extras) -> [N] float32.
   """
-  if timeout_s <= 0:
-    raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+  check_positive("python_verifier", timeout_s=timeout_s)
 
   def host(completion_ids, completion_mask, *answer):
     comps = [decode(r) for r in _rows(completion_ids, completion_mask)]

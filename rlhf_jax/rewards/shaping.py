@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
-                                    check_rank, masked_mean, masked_sum)
+                                    check_rank, check_unit_interval, masked_mean, masked_sum)
 
 ArrayOrFloat = Union[jax.Array, float]
 
@@ -62,8 +62,7 @@ def lsc(rewards: jax.Array, ref_rewards: ArrayOrFloat) -> jax.Array:
 def lsc_reference(ref_policy_rewards: jax.Array, *, quantile: float = 0.85,
                   axis: int = -1) -> jax.Array:
   """r_ref = the `quantile` (85th percentile) of reference-policy rewards along `axis`."""
-  if not 0.0 <= quantile <= 1.0:
-    raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+  check_unit_interval("lsc_reference", quantile=quantile)
   return jnp.quantile(ref_policy_rewards, quantile, axis=axis)
 
 
@@ -211,8 +210,7 @@ def pure_min_form(step_rewards: jax.Array, mask: jax.Array, *,
   check_rank(step_rewards, 2, "step_rewards")
   if mask.shape != step_rewards.shape:
     raise ValueError(f"mask has shape {mask.shape} but step_rewards has {step_rewards.shape}")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  check_positive("pure_min_form", temperature=temperature)
   m = mask.astype(bool)
   logits = jnp.where(m, -step_rewards / temperature, jnp.finfo(step_rewards.dtype).min / 4)
   w = jax.nn.softmax(logits, axis=1)
