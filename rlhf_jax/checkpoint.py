@@ -226,7 +226,7 @@ def _added_fields(target, saved: set[str] | None) -> tuple[list[str], list[str]]
 
   A checkpoint written before a field was added to the train state (e.g. `RLState.
   reward_state`) restores when this run leaves the field empty (None)."""
-  if saved is None or not dataclasses.is_dataclass(target):
+  if saved is None:
     return [], []
   added = [f.name for f in dataclasses.fields(target) if f.name not in saved]
   empty = [n for n in added if not jax.tree_util.tree_leaves(getattr(target, n))]
@@ -479,8 +479,9 @@ class Checkpointer:
     abstract, empty, needed = None, [], []
     if target is not None:
       abstract = _abstract_target(target, shardings)
-      empty, needed = _added_fields(
-          abstract, _saved_fields(os.path.join(self.step_dir(step), "state")))
+      if dataclasses.is_dataclass(abstract):  # only a dataclass state gains fields
+        empty, needed = _added_fields(
+            abstract, _saved_fields(os.path.join(self.step_dir(step), "state")))
     if needed:
       raise CheckpointError(
           f"checkpoint step {step} at {self.step_dir(step)} was written without the state "
