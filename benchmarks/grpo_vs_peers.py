@@ -288,7 +288,11 @@ def _safe_run(peer, size, weights_dir, steps, warmup, threads) -> dict:
     return RUNNERS[peer](size, weights_dir, steps, warmup, threads)
   except Exception as e:  # pylint: disable=broad-except
     traceback.print_exc()
-    return dict(status="failed", error=f"{type(e).__name__}: {e}")
+    error = f"{type(e).__name__}: {e}"
+    if peer == "trl" and "revision or a version must be specified" in str(e):
+      error += (" [the `kernels` package installed beside trl breaks trl's GRPO import: "
+                "pip uninstall kernels]")
+    return dict(status="failed", error=error)
 
 
 def _parse_list(value: str, known, flag: str) -> list:
