@@ -15,6 +15,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.common import check_unit_interval
+
 
 class ReferenceUpdate(NamedTuple):
   """An `(init, update)` pair: init(params) -> ref; update(ref, params, step) -> ref."""
@@ -45,8 +47,7 @@ def periodic_reference(*, every: int) -> ReferenceUpdate:
 
 def ema_reference(*, decay: float) -> ReferenceUpdate:
   """ref ← δ·ref + (1 − δ)·θ after every update (δ = `decay`; 1 keeps it fixed, 0 copies θ)."""
-  if not 0.0 <= decay <= 1.0:
-    raise ValueError(f"ema_reference: decay must be in [0, 1], got {decay}")
+  check_unit_interval("ema_reference", decay=decay)
 
   def update(ref, params, step):
     del step
