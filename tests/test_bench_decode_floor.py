@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
+from bench_testlib import ROOT, run_script  # tests/bench_testlib.py
 import jax
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode_floor  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -55,17 +52,13 @@ def test_ceiling_is_the_flop_weighted_floor():
 
 def test_script_writes_table_and_json(tmp_path):
   out = tmp_path / "floor.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [sys.executable, "benchmarks/decode_floor.py", "--sizes=tiny", "--repeats=1",
-       f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = run_script([sys.executable, "benchmarks/decode_floor.py", "--sizes=tiny", "--repeats=1",
+                     f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MFU ceiling" in proc.stdout
   (row,) = json.loads(out.read_text())["rows"]
   assert row["size"] == "tiny" and row["rows"] == 4 and row["tokens"] == 32
   assert row["stream_gb_s"] > 0 and row["matmul_gb_s"] > 0 and row["sampler_ms_per_token"] > 0
   assert 0 < row["mfu_ceiling"] < 10
-  bad = subprocess.run([sys.executable, "benchmarks/decode_floor.py", "--sizes=huge"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  bad = run_script([sys.executable, "benchmarks/decode_floor.py", "--sizes=huge"])
   assert bad.returncode != 0 and "--sizes" in bad.stderr

@@ -4,22 +4,16 @@ is not installed is reported as such), two rounds: the table and the JSON are wr
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from bench_testlib import run_script  # tests/bench_testlib.py
 
 
 def test_tiny_two_rounds_write_table_and_json(tmp_path):
   out = tmp_path / "peers.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
+  proc = run_script(
       [sys.executable, "benchmarks/grpo_vs_peers.py", "--peers=rlhf_jax,tunix", "--sizes=tiny",
-       "--steps=2", "--warmup=1", "--rounds=2", f"--out={out}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+       "--steps=2", "--warmup=1", "--rounds=2", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "rlhf_jax" in proc.stdout and "GFLOP/s" in proc.stdout
   data = json.loads(out.read_text())

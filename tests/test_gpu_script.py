@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import pathlib
-import subprocess
 import sys
 
+from bench_testlib import ROOT, run_script  # tests/bench_testlib.py
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 _spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
 gpu_bench = importlib.util.module_from_spec(_spec)
@@ -19,10 +16,7 @@ _spec.loader.exec_module(gpu_bench)
 
 
 def _run(*args, timeout=300):
-  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return run_script(["bash", str(SCRIPT), *args], timeout=timeout, PYTHON=sys.executable)
 
 
 def test_dry_run_loads_model_and_exits_zero(tmp_path):
