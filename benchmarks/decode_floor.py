@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +35,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpo_vs_peers as peers  # noqa: E402  pylint: disable=g-import-not-at-top
-from sampler import _cpu_name, matmul_peak  # noqa: E402  pylint: disable=g-import-not-at-top
+from sampler import _cpu_name, _timed, matmul_peak  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import SamplingConfig, sample  # noqa: E402
+from rlhf_jax.sampling import sample  # noqa: E402
 
 
 def _median_s(fn, repeats: int) -> tuple[float, float]:
+  """Median and fastest seconds of fn(1..repeats) after a warm-up call fn(0)."""
   jax.block_until_ready(fn(0))
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(i + 1))
-    times.append(time.perf_counter() - t0)
+  times = [_timed(lambda i=i: jax.block_until_ready(fn(i + 1))) for i in range(repeats)]
   return statistics.median(times), min(times)
 
 
@@ -103,8 +99,7 @@ def measure(size: str, repeats: int) -> dict:
 
   ids = jnp.asarray(peers.prompt_ids())
   mask = jnp.ones_like(ids, bool)
-  sc = SamplingConfig(max_new_tokens=tokens, temperature=1.0, eos_ids=(), pad_id=peers.PAD_ID,
-                      num_samples=peers.GROUP)
+  sc = peers.sampling_config()
   run = jax.jit(lambda p, seed: sample(model, p, ids, mask, jax.random.PRNGKey(seed),
                                        sc).completion_ids)
   sampler_s, sampler_min = _median_s(lambda i: run(params, i), repeats)

@@ -88,6 +88,12 @@ def step_flops(hf: dict) -> float:
   return n * (forward_flops(hf, seq - 1) + 4 * forward_flops(hf, seq))
 
 
+def sampling_config() -> SamplingConfig:
+  """The benchmark's sampling: G samples of NEW_TOKENS tokens, temperature 1, no EOS."""
+  return SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, eos_ids=(), pad_id=PAD_ID,
+                        num_samples=GROUP)
+
+
 def prompt_ids(seed: int = SEED) -> np.ndarray:
   return np.random.RandomState(seed).randint(2, VOCAB, (NUM_PROMPTS, PROMPT_LEN)).astype(np.int32)
 
@@ -139,8 +145,7 @@ def run_rlhf_jax(size: str, weights_dir: str, steps: int, warmup: int, threads: 
   settings = RLSettings(group_size=GROUP, advantage="grpo", surrogate="ppo_clip",
                         surrogate_kwargs=(("epsilon_low", EPSILON),), kl_coef=BETA,
                         kl_estimator="k3", aggregation="token_mean")
-  sc = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, eos_ids=(), pad_id=PAD_ID,
-                      num_samples=GROUP)
+  sc = sampling_config()
   opt = optim.make_optimizer(dict(name="adamw", learning_rate=LR, weight_decay=0.0,
                                   max_grad_norm=MAX_GRAD_NORM))
   update = online.make_update(model, [low_token_fraction], opt, settings, sc)
