@@ -474,8 +474,11 @@ class Checkpointer:
         raise FileNotFoundError(f"no committed checkpoint in {self.workdir}.")
     step = int(step)
     self.verify(step)
-    args = {"data_state": ocp.args.JsonRestore(), "config": ocp.args.JsonRestore(),
-            "meta": ocp.args.JsonRestore()}
+    saved_config = _decode_json_item(self._read(step, lambda: self._mngr.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))["config"])
+    if config is not None:  # before the state: a changed model config explains a tree mismatch
+      check_config_compatible(saved_config, config, must_match=must_match)
+    args = {"data_state": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
     abstract, empty, needed = None, [], []
     if target is not None:
       abstract = _abstract_target(target, shardings)
@@ -493,22 +496,23 @@ class Checkpointer:
       args["state"] = ocp.args.StandardRestore(item)
     else:
       args["state"] = ocp.args.StandardRestore(abstract)
-    try:
+
+    def read_state():
       out = self._mngr.restore(step, args=ocp.args.Composite(**args))
-      state = out["state"]
-      if empty:
-        state = dataclasses.replace(abstract, **state)
-      jax.block_until_ready(state)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint step {step} at {self.step_dir(step)} "
-                            f"could not be restored: {type(e).__name__}: "
-                            f"{str(e)[:500]}") from e
+      state = dataclasses.replace(abstract, **out["state"]) if empty else out["state"]
+      return out, jax.block_until_ready(state)
+    out, state = self._read(step, read_state)
     meta = out["meta"] or {}
     state = _rewrap_keys(state, meta.get("key_impls", {}))
-    saved_config = _decode_json_item(out["config"])
-    if config is not None:
-      check_config_compatible(saved_config, config, must_match=must_match)
     return state, _decode_json_item(out["data_state"]), saved_config, step
+
+  def _read(self, step: int, read):
+    """`read()`, any failure raised as a CheckpointError naming the step."""
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"checkpoint step {step} at {self.step_dir(step)} could not be "
+                            f"restored: {type(e).__name__}: {str(e)[:500]}") from e
 
   def restore_latest_valid(self, target=None, *, shardings=None,
                            config: Mapping | Any = None,

@@ -285,6 +285,20 @@ def test_config_mismatch_names_keys(tmp_path):
   ck.restore(abstract(make_state()), config={**CONFIG, "lr": 5.0})
 
 
+def test_config_mismatch_is_named_before_the_state_mismatch_it_causes(tmp_path):
+  ck = C.Checkpointer(tmp_path, async_save=False)
+  ck.save(1, make_state(), config=CONFIG)
+  wider = abstract(make_state())
+  wider["params"]["w"] = jax.ShapeDtypeStruct((3, 3), jnp.float32)  # a wider model's weights
+  other = {**CONFIG, "model": {**CONFIG["model"], "hidden_size": 3}}
+  with pytest.raises(ValueError, match="model.hidden_size: checkpoint=8 current=3"):
+    ck.restore(wider, config=other)
+  with pytest.raises(ValueError, match="model.hidden_size"):  # no fallback to older steps
+    ck.restore_latest_valid(wider, config=other)
+  with pytest.raises(C.CheckpointError, match="checkpoint step 1 .*could not be restored"):
+    ck.restore(wider, config=CONFIG)  # same config, different tree: the state's own error
+
+
 def test_restore_errors(tmp_path):
   ck = C.Checkpointer(tmp_path, async_save=False)
   with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
