@@ -64,18 +64,24 @@ class RLState:
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                settings: RLSettings, *, ref_params=None, value_params=None,
                value_optimizer: Optional[optax.GradientTransformation] = None,
-               adv_state=None) -> RLState:
+               adv_state=None, unroll_layers: bool = True) -> RLState:
   """Builds the initial `RLState`; the reference defaults to a copy of `params`.
 
-  Decoder params (and the reference) are kept per layer (`models.unstack_layers`): the
-  sampler, the reference pass and the gradient then read each layer's weights in place
-  instead of slicing a stacked array inside every decode step and layer loop. Use
-  `models.stack_layers` for the stacked (checkpoint / Hugging Face) layout.
+  With `unroll_layers` (the default) decoder params and the reference are kept per layer
+  (`models.unstack_layers`): the sampler, the reference pass and the gradient then read
+  each layer's weights in place instead of slicing a stacked array inside every decode
+  step and layer loop. Unrolling makes compilation grow with depth; with
+  `unroll_layers=False` they stay stacked (`models.stack_layers`, the checkpoint / Hugging
+  Face layout) and the reference and training passes scan over the layers: for a 24-layer
+  model (hidden 128) on 2 CPU cores, compilation 25 -> 14 s and a 25% slower step. The
+  sampler unrolls the layers in both cases.
   """
   kl_controller = settings.kl_controller()
   dual = settings.reward_constraints()
-  params = _per_layer(params)
-  ref = settings.reference_update().init(params) if ref_params is None else _per_layer(ref_params)
+  layout = models_lib.unstack_layers if unroll_layers else models_lib.stack_layers
+  params = _with_layout(params, layout)
+  ref = (settings.reference_update().init(params) if ref_params is None
+         else _with_layout(ref_params, layout))
   vopt = None
   if value_params is not None:
     if value_optimizer is None:
@@ -89,9 +95,9 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
 
-def _per_layer(params):
+def _with_layout(params, layout):
   if isinstance(params, Mapping) and "layers" in params:
-    return models_lib.unstack_layers(params)
+    return layout(params)
   return params
 
 

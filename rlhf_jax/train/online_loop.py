@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import config_utils
 from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
@@ -132,11 +133,15 @@ def train(config) -> Dict[str, Any]:
                      "config.value = dict(optim=dict(learning_rate=...)) (or optim=None to "
                      "reuse config.optim)")
 
+  unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
+  if not isinstance(unroll_layers, bool):
+    raise TypeError(f"config key 'model.unroll_layers'={unroll_layers!r} must be True or False.")
+
   def init_state(params):
     value_model, value_params, value_opt = value_setup(config, model, params, rng)
     return value_model, value_opt, online.init_state(
         params, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-        value_optimizer=value_opt)
+        value_optimizer=value_opt, unroll_layers=unroll_layers)
   value_model, value_opt, state = init_state(params)
   batches = prompt_iterator(tok, train_ex, batch_size=nprompts, prompt_length=plen,
                             answer_length=alen, seed=int(config.seed))

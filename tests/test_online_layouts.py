@@ -1,0 +1,74 @@
+"""The online step with stacked layers (`unroll_layers=False`) equals the per-layer default."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.train import online
+from test_online import HF, prompts, run_steps, setup
+
+HF2 = dict(HF, num_hidden_layers=2)
+
+
+def _run(unroll_layers, steps=2):
+  _, settings, sc, opt, rewards, _ = setup()
+  model = models.from_config(HF2)
+  params = model.init(jax.random.PRNGKey(0))
+  state = online.init_state(params, opt, jax.random.PRNGKey(1), settings,
+                            unroll_layers=unroll_layers)
+  update = online.make_update(model, rewards, opt, settings, sc)
+  return run_steps(update, state, prompts(), steps)
+
+
+def test_stacked_layers_equal_per_layer():
+  per_layer, m_per_layer = _run(True)
+  stacked, m_stacked = _run(False)
+  assert isinstance(per_layer.params["layers"], tuple)
+  assert isinstance(stacked.params["layers"], dict)  # one array per weight, layers leading
+  assert isinstance(stacked.ref_params["layers"], dict)
+  for a, b in zip(m_per_layer, m_stacked):
+    for k in ("reward_mean", "kl", "pg_loss", "grad_norm", "entropy"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  want = jax.tree.leaves(models.stack_layers(per_layer.params))
+  for x, y in zip(want, jax.tree.leaves(stacked.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  moved = jax.tree.leaves(models.stack_layers(per_layer.params))[0]
+  start = jax.tree.leaves(models.from_config(HF2).init(jax.random.PRNGKey(0)))[0]
+  assert np.abs(np.asarray(moved) - np.asarray(start)).max() > 0  # the steps trained
+
+
+def _loop_config(tmp_path, name, **model_keys):
+  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config("runlocal")
+  c.workdir = str(tmp_path / name)
+  c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
+  c.model.update(model_keys)
+  return c
+
+
+def test_loop_with_stacked_layers_on_a_mesh_matches_the_default(tmp_path):
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, stacked in (("default", False), ("stacked", True)):
+    c = _loop_config(tmp_path, name, **(dict(unroll_layers=False) if stacked else {}))
+    if stacked:
+      c.mesh = dict(data=2, fsdp=2, tensor=2)
+    summary = online_loop.train(c)
+    layers = summary["state"].params["layers"]
+    assert isinstance(layers, dict) == stacked
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      rows.append([json.loads(l) for l in f if '"reward_mean"' in l])
+  assert len(rows[0]) == len(rows[1]) == 2
+  for a, b in zip(*rows):
+    for k in ("reward_mean", "kl", "pg_loss", "grad_norm"):
+      np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_unroll_layers_must_be_a_bool(tmp_path):
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  c = _loop_config(tmp_path, "bad", unroll_layers="no")
+  with pytest.raises(TypeError, match=r"'model.unroll_layers'='no' must be True or False"):
+    online_loop.train(c)
