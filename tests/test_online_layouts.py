@@ -4,7 +4,6 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
 from rlhf_jax import models
 from rlhf_jax.train import online
@@ -66,9 +65,3 @@ def test_loop_with_stacked_layers_on_a_mesh_matches_the_default(tmp_path):
     for k in ("reward_mean", "kl", "pg_loss", "grad_norm"):
       np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
-
-def test_unroll_layers_must_be_a_bool(tmp_path):
-  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
-  c = _loop_config(tmp_path, "bad", unroll_layers="no")
-  with pytest.raises(TypeError, match=r"'model.unroll_layers'='no' must be True or False"):
-    online_loop.train(c)

@@ -77,7 +77,10 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
   Returns (model, params). With `hf_config`, `vocab_size` defaults to the tokenizer's.
   """
   cfg = _dict(model_cfg)
-  dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[cfg.get("dtype", "float32")]
+  dtypes = {"float32": np.float32, "bfloat16": "bfloat16"}
+  if cfg.get("dtype", "float32") not in dtypes:
+    raise ValueError(f"config.model.dtype={cfg['dtype']!r} is unknown; use one of {list(dtypes)}")
+  dtype = dtypes[cfg.get("dtype", "float32")]
   if cfg.get("gguf"):
     model, params, _ = _load_gguf(gguf_path(cfg["gguf"]), cfg.get("dtype", "float32"))
     params = jax.tree.map(jnp.copy, params)  # the caller may donate them; the cache keeps its own

@@ -1,9 +1,9 @@
 """Top-level config schemas of the training loops (checked before anything is built).
 
-`check(config, loop)` rejects an unknown top-level key (naming the closest known
-one) and checks the types of the run-management keys shared by both loops
-(`workdir`, `seed`, `resume`, `max_bad_steps`, `checkpoint.*`, `train.*`).
-Sections such as `model`, `data`, `rl` are validated by their own builders.
+`check(config, loop)` rejects an unknown key (naming the closest known one) at the
+top level and in the sections listed here (`checkpoint.*`, `train.*`, `model.*`; for the
+online loop also `data.*`, `sft.*`, `sampling.*`), and checks their types. Sections such
+as `rl`, `optim`, `task` and the offline `data` are validated by their own builders.
 """
 
 from __future__ import annotations
@@ -18,13 +18,20 @@ _NONE = type(None)
 CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
               "max_to_keep": (int, _NONE), "async_save": bool}
 
+# `hf_config` is a Hugging Face config dict: keys it does not use are ignored, as there.
+MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int}
+
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,
            "tokenizer": str, "max_bad_steps": int, "checkpoint": CHECKPOINT,
-           "model": None, "task": None, "data": None, "optim": None, "export_hf": bool}
+           "model": MODEL, "task": None, "data": None, "optim": None, "export_hf": bool}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
-    "online": dict(_COMMON, sft=None, sampling=None, rewards=None, rl=None, value=None, mesh=None,
-                   distributed=None,
+    "online": dict(_COMMON, rewards=None, rl=None, value=None, mesh=None, distributed=None,
+                   model=dict(MODEL, unroll_layers=bool),
+                   data={"max_prompt_length": int, "train_size": int, "eval_size": int},
+                   sft={"steps": int, "batch_size": int, "optim": None},
+                   sampling={"max_new_tokens": int, "temperature": float,
+                             "top_k": (int, _NONE), "top_p": (float, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
     "offline": dict(_COMMON, mesh=None, distributed=None, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,

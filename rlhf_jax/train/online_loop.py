@@ -134,8 +134,6 @@ def train(config) -> Dict[str, Any]:
                      "reuse config.optim)")
 
   unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
-  if not isinstance(unroll_layers, bool):
-    raise TypeError(f"config key 'model.unroll_layers'={unroll_layers!r} must be True or False.")
 
   def init_state(params):
     value_model, value_params, value_opt = value_setup(config, model, params, rng)
