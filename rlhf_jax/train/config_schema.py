@@ -1,9 +1,10 @@
 """Top-level config schemas of the training loops (checked before anything is built).
 
 `check(config, loop)` rejects an unknown key (naming the closest known one) at the
-top level and in the sections listed here (`checkpoint.*`, `train.*`, `model.*`; for the
-online loop also `data.*`, `sft.*`, `sampling.*`), and checks their types. Sections such
-as `rl`, `optim`, `task` and the offline `data` are validated by their own builders.
+top level and in the sections listed here (`checkpoint`, `train`, `model`, `mesh`,
+`distributed`; for the online loop also `data`, `sft`, `sampling`, `value`), and checks
+their types. Sections such as `rl`, `optim`, `task` and the offline `data` are validated
+by their own builders.
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
 # `hf_config` is a Hugging Face config dict: keys it does not use are ignored, as there.
 MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int}
 
+MESH = {"data": int, "fsdp": int, "tensor": int}
+DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
+OPTIONAL_SECTIONS = ("mesh", "distributed", "value")  # None (or absent): not used
+
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,
            "tokenizer": str, "max_bad_steps": int, "checkpoint": CHECKPOINT,
-           "model": MODEL, "task": None, "data": None, "optim": None, "export_hf": bool}
+           "model": MODEL, "task": None, "data": None, "optim": None, "export_hf": bool,
+           "mesh": MESH, "distributed": DISTRIBUTED}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
-    "online": dict(_COMMON, rewards=None, rl=None, value=None, mesh=None, distributed=None,
+    "online": dict(_COMMON, rewards=None, rl=None, value={"optim": None},
                    model=dict(MODEL, unroll_layers=bool),
                    data={"max_prompt_length": int, "train_size": int, "eval_size": int},
                    sft={"steps": int, "batch_size": int, "optim": None},
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
-    "offline": dict(_COMMON, mesh=None, distributed=None, loss=str, loss_kwargs=None, precompute_ref=bool,
+    "offline": dict(_COMMON, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,
                     train={"steps": int, "batch_size": int, "eval_every": (int, _NONE)}),
 }
@@ -43,7 +49,10 @@ def check(config, loop: str) -> None:
   """Raises KeyError (unknown key, closest known suggested) or TypeError (wrong type)."""
   if loop not in SCHEMAS:
     raise ValueError(f"loop={loop!r} is unknown; use one of {sorted(SCHEMAS)}")
-  config_utils.validate_config(config, SCHEMAS[loop])
+  given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  config_utils.validate_config(
+      {k: v for k, v in given.items() if not (k in OPTIONAL_SECTIONS and v is None)},
+      SCHEMAS[loop])
   if config_utils.get_key(config, "resume", None) is not None:
     config_utils.require_in(config, "resume", RESUME_MODES)
   for key in ("train.steps", "checkpoint.every_steps", "max_bad_steps",
