@@ -109,6 +109,8 @@ CONFIG_CASES = [
      r"'sft\.step'\. Did you mean 'sft\.steps'\?"),
     ("online_max_new_tokens_wrong_type", "online", {"sampling.max_new_tokens": 2.5}, TypeError,
      r"config key 'sampling\.max_new_tokens': expected int, got float"),
+    ("offline_unknown_data_key", "dpo", {"data.max_lenght": 8}, KeyError,
+     r"'data\.max_lenght'\. Did you mean 'data\.max_length'\?"),
     ("unknown_mesh_axis", "dpo", {"mesh": {"data": 1, "fsdpp": 1}}, KeyError,
      r"'mesh\.fsdpp'\. Did you mean 'mesh\.fsdp'\?"),
     ("unknown_distributed_key", "online", {"distributed": {"num_process": 2}}, KeyError,

@@ -2,9 +2,9 @@
 
 `check(config, loop)` rejects an unknown key (naming the closest known one) at the
 top level and in the sections listed here (`checkpoint`, `train`, `model`, `mesh`,
-`distributed`; for the online loop also `data`, `sft`, `sampling`, `value`), and checks
-their types. Sections such as `rl`, `optim`, `task` and the offline `data` are validated
-by their own builders.
+`distributed`, `data`; for the online loop also `sft`, `sampling`, `value`), and checks
+their types. Sections such as `rl`, `optim` and `task` are validated by their own
+builders.
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progres
            "model": MODEL, "task": None, "data": None, "optim": None, "export_hf": bool,
            "mesh": MESH, "distributed": DISTRIBUTED}
 
+OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and the paradigm
+    "source": str, "train_size": int, "eval_size": int, "eval_batch_size": int,
+    "max_length": int, "max_prompt_length": int, "truncation": str, "skip_invalid": bool,
+    "packing": bool, "num_responses": int, "passthrough": None, "precheck": bool,
+    "path": str, "eval_path": (str, _NONE), "format": str,
+    "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE)}
+
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, rewards=None, rl=None, value={"optim": None},
                    model=dict(MODEL, unroll_layers=bool),
@@ -39,7 +46,7 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
-    "offline": dict(_COMMON, loss=str, loss_kwargs=None, precompute_ref=bool,
+    "offline": dict(_COMMON, data=OFFLINE_DATA, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,
                     train={"steps": int, "batch_size": int, "eval_every": (int, _NONE)}),
 }
