@@ -214,23 +214,34 @@ def test_ppo_with_value_model_and_gae():
   assert max(moved) > 0
 
 
-def test_loop_on_a_mesh_matches_one_device(tmp_path):
+def demo_loop(workdir, **changes):
+  """Runs the `runlocal` demo for 2 steps with `changes` (section -> dict of keys to set):
+  (summary, the steps' metric rows)."""
   from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
   from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
-  rows = []
-  for name, mesh in (("one", None), ("mesh", dict(data=2, fsdp=2, tensor=2))):
-    c = demo.get_config("runlocal")
-    c.workdir = str(tmp_path / name)
-    c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
-    if mesh:
-      c.mesh = mesh
-    summary = online_loop.train(c)
-    with open(tmp_path / name / "metrics.jsonl") as f:
-      rows.append([json.loads(l) for l in f if '"reward_mean"' in l])
-    if mesh:
-      leaf = jax.tree.leaves(summary["state"].params)[0]
-      assert len(leaf.sharding.device_set) == 8
-  assert len(rows[0]) == len(rows[1]) == 2
-  for a, b in zip(*rows):
+  c = demo.get_config("runlocal")
+  c.workdir = str(workdir)
+  c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
+  for section, keys in changes.items():
+    if c.get(section) is None:
+      c[section] = keys
+    else:
+      c[section].update(keys)
+  summary = online_loop.train(c)
+  with open(f"{workdir}/metrics.jsonl") as f:
+    return summary, [json.loads(l) for l in f if '"reward_mean"' in l]
+
+
+def assert_same_steps(rows_a, rows_b):
+  assert len(rows_a) == len(rows_b) == 2
+  for a, b in zip(rows_a, rows_b):
     for k in ("reward_mean", "kl", "pg_loss", "grad_norm"):
       np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_loop_on_a_mesh_matches_one_device(tmp_path):
+  _, one = demo_loop(tmp_path / "one")
+  summary, mesh = demo_loop(tmp_path / "mesh", mesh=dict(data=2, fsdp=2, tensor=2))
+  leaf = jax.tree.leaves(summary["state"].params)[0]
+  assert len(leaf.sharding.device_set) == 8
+  assert_same_steps(one, mesh)

@@ -1,13 +1,11 @@
 """The online step with stacked layers (`unroll_layers=False`) equals the per-layer default."""
 
-import json
-
 import jax
 import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.train import online
-from test_online import HF, prompts, run_steps, setup
+from test_online import HF, assert_same_steps, demo_loop, prompts, run_steps, setup
 
 HF2 = dict(HF, num_hidden_layers=2)
 
@@ -39,29 +37,10 @@ def test_stacked_layers_equal_per_layer():
   assert np.abs(np.asarray(moved) - np.asarray(start)).max() > 0  # the steps trained
 
 
-def _loop_config(tmp_path, name, **model_keys):
-  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config("runlocal")
-  c.workdir = str(tmp_path / name)
-  c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
-  c.model.update(model_keys)
-  return c
-
-
 def test_loop_with_stacked_layers_on_a_mesh_matches_the_default(tmp_path):
-  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
-  rows = []
-  for name, stacked in (("default", False), ("stacked", True)):
-    c = _loop_config(tmp_path, name, **(dict(unroll_layers=False) if stacked else {}))
-    if stacked:
-      c.mesh = dict(data=2, fsdp=2, tensor=2)
-    summary = online_loop.train(c)
-    layers = summary["state"].params["layers"]
-    assert isinstance(layers, dict) == stacked
-    with open(tmp_path / name / "metrics.jsonl") as f:
-      rows.append([json.loads(l) for l in f if '"reward_mean"' in l])
-  assert len(rows[0]) == len(rows[1]) == 2
-  for a, b in zip(*rows):
-    for k in ("reward_mean", "kl", "pg_loss", "grad_norm"):
-      np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
-
+  default, rows = demo_loop(tmp_path / "default")
+  stacked, stacked_rows = demo_loop(tmp_path / "stacked", model=dict(unroll_layers=False),
+                                    mesh=dict(data=2, fsdp=2, tensor=2))
+  assert isinstance(default["state"].params["layers"], tuple)
+  assert isinstance(stacked["state"].params["layers"], dict)
+  assert_same_steps(rows, stacked_rows)
