@@ -78,11 +78,12 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
   """
   cfg = _dict(model_cfg)
   dtypes = {"float32": np.float32, "bfloat16": "bfloat16"}
-  if cfg.get("dtype", "float32") not in dtypes:
-    raise ValueError(f"config.model.dtype={cfg['dtype']!r} is unknown; use one of {list(dtypes)}")
-  dtype = dtypes[cfg.get("dtype", "float32")]
+  dtype_name = cfg.get("dtype", "float32")
+  if dtype_name not in dtypes:
+    raise ValueError(f"config.model.dtype={dtype_name!r} is unknown; use one of {list(dtypes)}")
+  dtype = dtypes[dtype_name]
   if cfg.get("gguf"):
-    model, params, _ = _load_gguf(gguf_path(cfg["gguf"]), cfg.get("dtype", "float32"))
+    model, params, _ = _load_gguf(gguf_path(cfg["gguf"]), dtype_name)
     params = jax.tree.map(jnp.copy, params)  # the caller may donate them; the cache keeps its own
     if head != "lm":
       model = model.with_head(head)
