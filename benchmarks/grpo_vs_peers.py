@@ -171,10 +171,6 @@ def run_rlhf_jax(size: str, weights_dir: str, steps: int, warmup: int, threads: 
 # ----------------------------------------------------------------------------- TRL
 
 def run_trl(size: str, weights_dir: str, steps: int, warmup: int, threads: int) -> dict:
-  # transformers imports Hugging Face hub kernels when the `kernels` package is present (a
-  # fresh `pip install trl` brings it): CUDA code fetched from the hub, which this CPU run
-  # must not use, and kernels 0.19.1 makes that import fail. Hide the package from it.
-  sys.modules.setdefault("kernels", None)
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import datasets  # pylint: disable=g-import-not-at-top
@@ -297,7 +293,13 @@ def _safe_run(peer, size, weights_dir, steps, warmup, threads) -> dict:
     return RUNNERS[peer](size, weights_dir, steps, warmup, threads)
   except Exception as e:  # pylint: disable=broad-except
     traceback.print_exc()
-    return dict(status="failed", error=f"{type(e).__name__}: {e}")
+    error = f"{type(e).__name__}: {e}"
+    if peer == "trl" and "revision or a version must be specified" in str(e):
+      import transformers  # pylint: disable=g-import-not-at-top
+      error += (f" [transformers {transformers.__version__} does not work with the `kernels` "
+                "package that trl installs: `pip install -U transformers`, or `pip uninstall "
+                "kernels`]")
+    return dict(status="failed", error=error)
 
 
 def _parse_list(value: str, known, flag: str) -> list:

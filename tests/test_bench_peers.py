@@ -4,6 +4,7 @@ is not installed is reported as such), two rounds: the table and the JSON are wr
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from bench_testlib import run_script  # tests/bench_testlib.py
@@ -26,3 +27,18 @@ def test_tiny_two_rounds_write_table_and_json(tmp_path):
   assert sum(r["peer"] == "rlhf_jax" for r in data["runs"]) == 2
   tunix = [r for r in data["rows"] if r["peer"] == "tunix"][0]
   assert tunix["status"] in ("ok", "not installed")
+
+
+def test_trl_failure_from_a_kernels_mismatch_names_the_fix(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+  import grpo_vs_peers  # pylint: disable=g-import-not-at-top
+
+  def broken(*args):
+    raise RuntimeError("Failed to import trl.trainer.grpo_trainer: Either a revision or a "
+                       "version must be specified.")
+  monkeypatch.setitem(grpo_vs_peers.RUNNERS, "trl", broken)
+  out = grpo_vs_peers._safe_run("trl", "tiny", "unused", 1, 0, 1)
+  assert out["status"] == "failed"
+  assert "`pip install -U transformers`, or `pip uninstall kernels`" in out["error"]
+  monkeypatch.setitem(grpo_vs_peers.RUNNERS, "tunix", broken)  # only TRL's import has it
+  assert "pip uninstall" not in grpo_vs_peers._safe_run("tunix", "tiny", "unused", 1, 0, 1)["error"]
