@@ -56,9 +56,8 @@ def check(config, loop: str) -> None:
   """Raises KeyError (unknown key, closest known suggested) or TypeError (wrong type)."""
   if loop not in SCHEMAS:
     raise ValueError(f"loop={loop!r} is unknown; use one of {sorted(SCHEMAS)}")
-  given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   config_utils.validate_config(
-      {k: v for k, v in given.items() if not (k in OPTIONAL_SECTIONS and v is None)},
+      {k: v for k, v in config.items() if not (k in OPTIONAL_SECTIONS and v is None)},
       SCHEMAS[loop])
   if config_utils.get_key(config, "resume", None) is not None:
     config_utils.require_in(config, "resume", RESUME_MODES)
