@@ -177,7 +177,7 @@ def _path_str(path) -> str:
 
 
 def _is_axes_leaf(x) -> bool:
-  return x is None or (isinstance(x, tuple) and all(
+  return x is None or (type(x) is tuple and all(  # pylint: disable=unidiomatic-typecheck
       a is None or isinstance(a, str) for a in x))
 
 
@@ -244,6 +244,21 @@ def state_shardings(init_fn: Callable, mesh: jax.sharding.Mesh, *args,
     axes = logical_axes_fn(abstract)
   sh = logical_to_sharding(axes, mesh, rules, shapes=abstract, overrides=overrides)
   return sh, abstract
+
+
+def tree_shardings(abstract_tree, mesh: jax.sharding.Mesh,
+                   axes_for_path: Callable[[Any, tuple], Sequence[str | None] | None],
+                   rules: Rules | Mapping[str, MeshAxis] = DEFAULT_RULES,
+                   overrides: Sequence[tuple[str, P | tuple]] = ()):
+  """Shardings of any pytree (e.g. `jax.eval_shape` of a train state) by logical-axis rules.
+
+  `axes_for_path(path, shape)` gives each leaf's logical axes, or None (replicated); a
+  model's `rlhf_jax.models.axes.axes_for_path` names parameters wherever they sit in the
+  state (policy, reference, value params, optimiser moments). Nothing is allocated.
+  """
+  axes = jax.tree_util.tree_map_with_path(lambda p, x: axes_for_path(p, tuple(np.shape(x))),
+                                          abstract_tree)
+  return logical_to_sharding(axes, mesh, rules, shapes=abstract_tree, overrides=overrides)
 
 
 # ------------------------------------------------------------------ batches

@@ -13,7 +13,7 @@ from rlhf_jax import models
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.rewards import verifiers
 from rlhf_jax.sampling.config import SamplingConfig
-from rlhf_jax.train import online, optim
+from rlhf_jax.train import online, optim, placement
 from rlhf_jax.train.rl_config import RLSettings
 
 HF = dict(model_type="llama", vocab_size=16, hidden_size=16, num_hidden_layers=1,
@@ -114,7 +114,7 @@ def test_sharded_equals_unsharded():
 
   mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
   model, settings, sc, opt, rewards, state = setup()
-  sh = online.state_shardings(state, model, mesh)
+  sh = placement.state_shardings(state, mesh)
   state = jax.device_put(state, sh)
   assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(state.params))
@@ -152,11 +152,11 @@ _WORKER = textwrap.dedent("""
     sys.path.insert(0, os.path.dirname(out))
     import numpy as np, jax.numpy as jnp
     from rlhf_jax import sharding as sharding_lib
-    from rlhf_jax.train import online
+    from rlhf_jax.train import online, placement
     import test_online as t
     model, settings, sc, opt, rewards, state = t.setup()
     mesh = sharding_lib.make_mesh(data=2, fsdp=1, tensor=1)
-    sh = online.state_shardings(state, model, mesh)
+    sh = placement.state_shardings(state, mesh)
     state = jax.device_put(state, sh)
     update = online.make_update(model, rewards, opt, settings, sc, out_shardings=(sh, None))
     batch = t.prompts(n=4)

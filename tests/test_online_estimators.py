@@ -12,7 +12,7 @@ import pytest
 
 from rlhf_jax import models, sampling
 from rlhf_jax.sampling.config import SamplingConfig
-from rlhf_jax.train import online, optim
+from rlhf_jax.train import online, optim, phases
 from rlhf_jax.train.rl_config import RLSettings
 from test_online import EOS, HF, PAD, prompts
 
@@ -67,18 +67,15 @@ def test_estimators_the_step_cannot_feed_are_named():
   with pytest.raises(ValueError, match="'gigpo' needs 'step_rewards'"):
     _, _, _, state, update = _step("gigpo", _token_reward)
     update(state, prompts(), jax.random.PRNGKey(7))
-  # COPO gets `answer_ids` from the batch, then returns its global / local advantages and
-  # blend weight separately.
-  batch = dict(prompts(), answer_ids=np.arange(4, dtype=np.int32))
-  _, _, _, state, update = _step("copo", _token_reward)
-  with pytest.raises(ValueError, match="'copo' returns several arrays.*global_, local, weight"):
-    update(state, batch, jax.random.PRNGKey(7))
+  # COPO's per-sample answer ids are not computed by the step (the batch's verifier
+  # `answer_ids` are another input): refused when the step is built, not fed the wrong array.
+  with pytest.raises(ValueError, match="'copo' needs 'answer_ids'"):
+    _step("copo", _token_reward)
 
 
 def test_hyper_parameters_without_defaults_come_from_advantage_kwargs():
-  _, _, _, state, update = _step("passk", _token_reward)
   with pytest.raises(ValueError, match="'passk' needs 'k'.*rl.advantage_kwargs"):
-    update(state, prompts(), jax.random.PRNGKey(7))
+    _step("passk", _token_reward)
   _, _, _, state, update = _step("passk", _token_reward, k=2)
   assert np.isfinite(update(state, prompts(), jax.random.PRNGKey(7))[1]["pg_loss"])
 
@@ -88,7 +85,16 @@ def test_an_estimator_error_names_the_rl_settings():
                                          advantage_kwargs=dict(unbiased=True)))
   with pytest.raises(ValueError, match=r"rl\.advantage='grpo' \(rl\.group_size=1, "
                      r"rl\.advantage_kwargs=\{'unbiased': True\}\): group_size must be >= 2"):
-    online.compute_advantages(settings, jnp.ones(4), mask=jnp.ones((4, 3)), lengths=jnp.ones(4))
+    est = phases.Estimator.build("grpo", dict(unbiased=True), group_size=1,
+                                 provides=online.step_inputs(False))
+    ro = phases.Rollout(prompt_ids=jnp.ones((4, 2), jnp.int32), prompt_mask=jnp.ones((4, 2), bool),
+                        completion_ids=jnp.ones((4, 3), jnp.int32),
+                        completion_mask=jnp.ones((4, 3), bool), loss_mask=jnp.ones((4, 3)),
+                        logps=jnp.zeros((4, 3)), lengths=jnp.full((4,), 3),
+                        finished=jnp.ones((4,), bool))
+    sig = phases.Signals(ref_logps=jnp.zeros((4, 3)), kl=jnp.zeros((4, 3)),
+                         token_rewards=jnp.zeros((4, 3)))
+    est(phases.Scores(rewards=jnp.ones(4), each=jnp.ones((4, 1))), ro, sig, None)
 
 
 def test_loop_ppo_gae_with_a_value_model_from_the_config(tmp_path):

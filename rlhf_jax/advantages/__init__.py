@@ -1,6 +1,6 @@
 """Advantage estimators: `get(name)` returns the estimator, `names()` lists them."""
 
-from rlhf_jax.advantages.registry import REGISTRY, get, names, register
+from rlhf_jax.advantages.registry import REGISTRY, declaration, get, names, register
 
 # Importing the modules registers their estimators.
 # pylint: disable=g-bad-import-order,unused-import,wrong-import-position

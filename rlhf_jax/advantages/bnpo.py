@@ -65,7 +65,7 @@ def beta_parameters(mean: jax.Array, var: jax.Array, *, eps: float = 1e-8):
   return jnp.maximum(1.0, 1.0 + k * mean / 3.0), jnp.maximum(1.0, 1.0 + k * (1.0 - mean) / 3.0)
 
 
-@register("bnpo", family="group")
+@register("bnpo", family="group", needs=("group_size",), state=bnpo_moments)
 def bnpo(rewards: jax.Array, *, group_size: int, state: Optional[BetaMoments] = None,
          max_inverse_density: float = 1e6) -> jax.Array:
   """Beta-normalised advantage for rewards in [0, 1].

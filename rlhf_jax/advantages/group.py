@@ -18,7 +18,7 @@ from rlhf_jax.advantages.registry import register
 from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank
 
 
-@register("grpo", family="group")
+@register("grpo", family="group", needs=("group_size",))
 def grpo(rewards: jax.Array, *, group_size: int, eps: float = 1e-6,
          unbiased: bool = True) -> jax.Array:
   """GRPO group z-score.
@@ -34,7 +34,7 @@ def grpo(rewards: jax.Array, *, group_size: int, eps: float = 1e-6,
   return base.safe_div(base.centred(r), base.group_std(r, unbiased=unbiased), eps).reshape(-1)
 
 
-@register("dr_grpo", family="group")
+@register("dr_grpo", family="group", needs=("group_size",))
 def dr_grpo(rewards: jax.Array, *, group_size: int) -> jax.Array:
   """Dr. GRPO advantage: the group-mean baseline without std division.
 
@@ -46,7 +46,7 @@ def dr_grpo(rewards: jax.Array, *, group_size: int) -> jax.Array:
   return base.centred(base.group_view(rewards, group_size)).reshape(-1)
 
 
-@register("rec", family="group")
+@register("rec", family="group", needs=("group_size",))
 def rec(rewards: jax.Array, *, group_size: int) -> jax.Array:
   """REC / OPMD advantage: group-relative REINFORCE, A_i = r_i − mean_G r.
 
@@ -56,7 +56,7 @@ def rec(rewards: jax.Array, *, group_size: int) -> jax.Array:
   return dr_grpo(rewards, group_size=group_size)
 
 
-@register("asymre", family="group")
+@register("asymre", family="group", needs=("group_size",))
 def asymre(rewards: jax.Array, *, group_size: int, shift: float = 0.1) -> jax.Array:
   """AsymRE: group-mean baseline lowered by `shift`.
 
@@ -69,7 +69,7 @@ def asymre(rewards: jax.Array, *, group_size: int, shift: float = 0.1) -> jax.Ar
   return dr_grpo(rewards, group_size=group_size) + shift
 
 
-@register("rloo", family="group")
+@register("rloo", family="group", needs=("group_size",))
 def rloo(rewards: jax.Array, *, group_size: int) -> jax.Array:
   """REINFORCE leave-one-out baseline.
 
@@ -84,7 +84,7 @@ def rloo(rewards: jax.Array, *, group_size: int) -> jax.Array:
   return (group_size / (group_size - 1) * base.centred(r)).reshape(-1)
 
 
-@register("reinforce_pp_baseline", family="group")
+@register("reinforce_pp_baseline", family="group", needs=("group_size",))
 def reinforce_pp_baseline(rewards: jax.Array, *, group_size: int, eps: float = 1e-6) -> jax.Array:
   """REINFORCE++-baseline: group-mean baseline, then batch normalisation.
 
@@ -100,7 +100,7 @@ def reinforce_pp_baseline(rewards: jax.Array, *, group_size: int, eps: float = 1
   return a / (base.safe_sqrt(jnp.mean(a ** 2)) + eps)
 
 
-@register("remax", family="group")
+@register("remax", family="group", needs=("greedy_rewards", "group_size"))
 def remax(rewards: jax.Array, *, greedy_rewards: jax.Array, group_size: int = 1) -> jax.Array:
   """ReMax: the reward of the greedy response is the baseline.
 
@@ -119,7 +119,7 @@ def remax(rewards: jax.Array, *, greedy_rewards: jax.Array, group_size: int = 1)
   return (r - greedy_rewards[:, None]).reshape(-1)
 
 
-@register("opo", family="group")
+@register("opo", family="group", needs=("lengths", "group_size"))
 def opo(rewards: jax.Array, *, lengths: jax.Array, group_size: int) -> jax.Array:
   """OPO: length-weighted optimal baseline.
 
@@ -139,7 +139,7 @@ def opo(rewards: jax.Array, *, lengths: jax.Array, group_size: int) -> jax.Array
   return (shifted - b).reshape(-1)
 
 
-@register("gpg", family="group")
+@register("gpg", family="group", needs=("group_size",))
 def gpg(rewards: jax.Array, *, group_size: int, correct_invalid: bool = True) -> jax.Array:
   """GPG: group-mean baseline scaled by the valid-sample correction α.
 
@@ -161,7 +161,7 @@ def gpg(rewards: jax.Array, *, group_size: int, correct_invalid: bool = True) ->
   return (alpha * a).reshape(-1)
 
 
-@register("gdpo", family="multi_reward")
+@register("gdpo", family="multi_reward", needs=("group_size",))
 def gdpo(rewards: jax.Array, *, group_size: int, weights: Optional[jax.Array] = None,
          eps: float = 1e-4, unbiased: bool = True) -> jax.Array:
   """GDPO: normalise each reward within its group, weight-sum, then batch-normalise.

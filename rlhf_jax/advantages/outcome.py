@@ -77,7 +77,7 @@ def pass_at_k(num_samples: jax.Array, num_correct: jax.Array, *, k: int) -> jax.
   return 1.0 - comb_ratio(n - num_correct, n, k)
 
 
-@register("passk", family="outcome")
+@register("passk", family="outcome", needs=("group_size",))
 def passk(rewards: jax.Array, *, group_size: int, k: int, threshold: float = 0.5,
           eps: float = 1e-6) -> jax.Array:
   """Analytical pass@k advantage of a group of n = G binary outcomes with c correct.

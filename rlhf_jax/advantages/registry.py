@@ -6,3 +6,4 @@ REGISTRY = Registry("advantage estimator")
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
+declaration = REGISTRY.declaration

@@ -14,7 +14,7 @@ from rlhf_jax.losses.common import (check_nonnegative, check_positive, check_ran
                                     check_unit_interval)
 
 
-@register("adora", family="reweight")
+@register("adora", family="reweight", needs=("lengths", "group_size"))
 def adora(rewards: jax.Array, *, lengths: jax.Array, group_size: int, weight: float = 0.1,
           threshold: float = 0.5, eps: float = 1e-6) -> jax.Array:
   """ADORA (LM variant): GRPO z-score, damped on groups whose correct answers are short.
@@ -40,7 +40,7 @@ def adora(rewards: jax.Array, *, lengths: jax.Array, group_size: int, weight: fl
   return (a * jnp.where(damp, weight, 1.0)[:, None]).reshape(-1)
 
 
-@register("thr", family="reweight")
+@register("thr", family="reweight", needs=("token_hidden_reward", "mask"))
 def thr(advantages: jax.Array, *, token_hidden_reward: jax.Array, mask: jax.Array,
         p: float = 0.1, min_abs: float = 0.0) -> jax.Array:
   """THR-guided token re-weighting of advantages.
@@ -82,7 +82,7 @@ def answer_entropy(answer_ids: jax.Array, *, group_size: int) -> jax.Array:
   return -jnp.mean(jnp.log2(freq), axis=-1)
 
 
-@register("copo", family="reweight")
+@register("copo", family="reweight", needs=("answer_ids", "group_size"))
 def copo(rewards: jax.Array, *, answer_ids: jax.Array, group_size: int, k: float = 5.0,
          b: float = 1.0, entropy_penalty: float = 0.0, eps: float = 1e-6) -> CopoAdvantages:
   """COPO: consistency-aware global advantage blended with the local GRPO advantage.

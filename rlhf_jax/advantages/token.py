@@ -40,7 +40,7 @@ def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.
   return reverse_discounted_sum(rewards * m, gamma * _next(m)) * m
 
 
-@register("gae", family="token")
+@register("gae", family="token", needs=("values", "mask"))
 def gae(rewards: jax.Array, *, values: jax.Array, mask: jax.Array, gamma: float = 1.0,
         lam: float = 0.95) -> jax.Array:
   """Generalised advantage estimation.
@@ -61,7 +61,7 @@ def gae(rewards: jax.Array, *, values: jax.Array, mask: jax.Array, gamma: float 
   return reverse_discounted_sum(delta, gamma * lam * _next(m)) * m
 
 
-@register("reinforce_pp", family="token")
+@register("reinforce_pp", family="token", needs=("mask",))
 def reinforce_pp(rewards: jax.Array, *, mask: jax.Array, gamma: float = 1.0,
                  eps: float = 1e-6) -> jax.Array:
   """REINFORCE++: discounted token return, whitened over the batch's valid tokens.
@@ -95,7 +95,8 @@ def _stats_by_key(x: jax.Array, keys: jax.Array, valid: jax.Array, unbiased: boo
   return mean, std
 
 
-@register("gigpo", family="step")
+@register("gigpo", family="step",
+          needs=("step_rewards", "anchor_ids", "step_mask", "group_size"))
 def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
           step_mask: jax.Array, group_size: int, gamma: float = 0.95, omega: float = 1.0,
           normalize_std: bool = True, eps: float = 1e-6) -> jax.Array:
@@ -141,7 +142,7 @@ def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
   return jnp.where(step_mask.astype(bool), adv, 0.0)
 
 
-@register("rover", family="token")
+@register("rover", family="token", needs=("vocab_mean_log_ratio", "mask", "group_size"))
 def rover(rewards: jax.Array, *, vocab_mean_log_ratio: jax.Array, mask: jax.Array,
           group_size: int, rho: float = 1.0) -> jax.Array:
   """ROVER regression targets: centred reward plus the uniform-policy next-state value.

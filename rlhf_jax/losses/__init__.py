@@ -4,7 +4,7 @@
 names (families: "preference", "policy_gradient", "reward_model").
 """
 
-from rlhf_jax.losses.registry import REGISTRY, get, names, register
+from rlhf_jax.losses.registry import REGISTRY, declaration, get, names, register
 from rlhf_jax.losses.common import masked_mean, masked_sum
 
 # Importing the modules registers their functions.

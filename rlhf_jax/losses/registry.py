@@ -6,3 +6,4 @@ REGISTRY = Registry("loss")
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
+declaration = REGISTRY.declaration

@@ -1,6 +1,6 @@
 """Flax decoder models, heads, and weight I/O."""
 
-from rlhf_jax.models.axes import logical_axes
+from rlhf_jax.models.axes import axes_for_path, logical_axes
 from rlhf_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
     DecoderConfig,
@@ -27,6 +27,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "config_from_hf", "config_to_hf",
     "Decoder", "KVCache", "Model", "RewardModel", "ValueModel", "check_token_ids",
     "from_config", "load_hf", "load_gguf", "save_hf", "token_logps", "completion_logps",
-    "logps_from_hidden", "logical_axes", "prefill_groups", "stack_layers", "unstack_cache",
+    "logps_from_hidden", "logical_axes", "axes_for_path", "prefill_groups", "stack_layers", "unstack_cache",
     "unstack_layers",
 ]

@@ -50,3 +50,20 @@ def logical_axes(model, params=None):
     return axes
 
   return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def axes_for_path(path, shape):
+  """Logical axes of any state leaf by its path (params, their copies in optimiser
+  states, value / reference params), or None for leaves that are not parameters.
+
+  The leaf's last key names the parameter (`_LEAF_AXES`); a leaf with one more dim under a
+  "layers" key is a stacked per-layer parameter. Used with `jax.eval_shape` of a train
+  state by `rlhf_jax.sharding.tree_shardings`.
+  """
+  keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+  if not keys or keys[-1] not in _LEAF_AXES:
+    return None
+  axes = _LEAF_AXES[keys[-1]]
+  if len(shape) == len(axes) + 1 and "layers" in keys:
+    return ("layers",) + axes
+  return axes if len(shape) == len(axes) else None

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models as models_lib
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.train import online
 
 
 def host_arrays(batch):
@@ -23,11 +23,23 @@ def fetch(tree):
   return jax.device_get(tree)
 
 
+def state_shardings(state, mesh, rules=None):
+  """NamedShardings for a train state (`RLState`, `OfflineState`, ...) on `mesh`.
+
+  The logical-axis rules (`rlhf_jax.sharding.DEFAULT_RULES` by default) are applied to
+  `jax.eval_shape` of the state: parameters, wherever they sit (policy, reference, value,
+  optimiser moments), follow their logical axes; everything else is replicated.
+  """
+  abstract = jax.eval_shape(lambda s: s, state)
+  return sharding_lib.tree_shardings(abstract, mesh, models_lib.axes_for_path,
+                                     sharding_lib.DEFAULT_RULES if rules is None else rules)
+
+
 def placement(config, model, state):
   """(put_state, put_batch, out_shardings) for `config.mesh`; identity without a mesh.
 
   With `config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}` the state is placed by
-  the model's logical axes (`online.state_shardings`) and each batch is a global
+  the logical-axis rules (`state_shardings`) and each batch is a global
   array over data x fsdp; every process materialises only its own shards, so the
   same code runs on one device, a multi-device host, or several processes.
   """
@@ -35,7 +47,8 @@ def placement(config, model, state):
   if not mesh_cfg:
     return (lambda s: s), (lambda b: {k: jnp.asarray(v) for k, v in b.items()}), None
   mesh = sharding_lib.make_mesh(**dict(mesh_cfg))
-  shardings = online.state_shardings(state, model, mesh)
+  del model  # parameters are found by their paths in the state
+  shardings = state_shardings(state, mesh)
 
   def put_batch(batch):
     n = sharding_lib.batch_shard_count(mesh)

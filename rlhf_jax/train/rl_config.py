@@ -8,7 +8,6 @@ naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Mapping, Optional, Tuple
 
 from rlhf_jax import advantages as advantages_lib
@@ -127,23 +126,21 @@ class RLSettings:
         raise ValueError("rl.ref_update_every and rl.ref_ema_decay are exclusive; set one")
       if not 0.0 <= self.ref_ema_decay <= 1.0:
         raise ValueError(f"rl.ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
-    fn = advantages_lib.get(self.advantage)
-    params = inspect.signature(fn).parameters
-    for k, _ in self.advantage_kwargs:
-      if k not in params:
-        raise ValueError(f"rl.advantage_kwargs has {k!r}, which {self.advantage!r} does not "
-                         f"take; it takes {sorted(p for p in params if p != 'rewards')}")
-    sparams = inspect.signature(losses_lib.get(self.surrogate)).parameters
-    for k, _ in self.surrogate_kwargs:
-      if k not in sparams:
-        raise ValueError(f"rl.surrogate_kwargs has {k!r}, which {self.surrogate!r} does not "
-                         f"take; it takes {sorted(sparams)[4:] if len(sparams) > 4 else []}")
+    advantages_lib.declaration(self.advantage).check_kwargs(dict(self.advantage_kwargs),
+                                                            key="rl.advantage_kwargs")
+    losses_lib.declaration(self.surrogate).check_kwargs(dict(self.surrogate_kwargs),
+                                                        key="rl.surrogate_kwargs")
 
   def estimator_inputs(self) -> frozenset:
-    """Names of the inputs the advantage estimator takes that rl.advantage_kwargs does not
-    set (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
-    params = inspect.signature(advantages_lib.get(self.advantage)).parameters
-    return frozenset(params) - {"rewards"} - {k for k, _ in self.advantage_kwargs}
+    """Inputs the advantage estimator declares that rl.advantage_kwargs does not set
+    (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
+    needs = advantages_lib.declaration(self.advantage).needs
+    return frozenset(needs) - {k for k, _ in self.advantage_kwargs}
+
+  def initial_adv_state(self):
+    """The estimator's initial state, for estimators that declare one (e.g. BNPO)."""
+    decl = advantages_lib.declaration(self.advantage)
+    return None if decl.state is None else decl.state(group_size=self.group_size).init()
 
   def reward_constraints(self):
     """Constrained RLHF's `(init, update, multipliers, reward)`, or None without constraints."""

@@ -1,0 +1,154 @@
+"""The learn phase: epochs x minibatches x micro-batches of the declared objective.
+
+    objective = make_objective(model, settings, value_model=None)
+    loss, aux = objective(params, value_params, minibatch, normalizer, beta)
+    carry, aux = learn(objective, settings, optimizer, value_optimizer, carry, data, rng)
+
+The objective is the per-token surrogate (a registered policy-gradient loss) plus
+β·KL to the reference (unless the KL is in the reward) minus the entropy bonus,
+aggregated with `settings.aggregation` under a global normaliser, plus the clipped
+value loss with a value model. `learn` runs `settings.epochs` passes over the sampled
+data, each shuffled into `settings.num_minibatches` minibatches (one optimiser update
+each), each accumulated over `settings.micro_batches` (the update does not depend on
+the split). An update whose loss or gradient is non-finite is skipped, and so is every
+later update of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import guards
+from rlhf_jax import losses as losses_lib
+from rlhf_jax.losses import aggregate as aggregate_lib
+from rlhf_jax.losses import policy_gradient as pg_lib
+from rlhf_jax.train.phases import completion_logps
+from rlhf_jax.train.rl_config import RLSettings
+
+
+class Trainable(NamedTuple):
+  """What the learn phase updates; `ok` turns False at the first non-finite update."""
+  params: Any
+  value_params: Any
+  opt_state: Any
+  value_opt_state: Any
+  ok: jax.Array
+
+
+def make_objective(model, settings: RLSettings, value_model=None):
+  """Returns `objective(params, value_params, mb, normalizer, beta) -> (loss, aux)`.
+
+  mb: {"ids", "attn" [n, P + T], "mask", "old_logps", "ref_logps" [n, T],
+  "advantages" [n] or [n, T], and with a value model "old_values", "returns" [n, T],
+  "prompt_len" (static int)}.
+  """
+  surrogate = losses_lib.get(settings.surrogate)
+  surrogate_kwargs = dict(settings.surrogate_kwargs)
+  kl_fn = losses_lib.get(settings.kl_estimator)
+  # Minibatches keep whole groups only when the batch is not shuffled into several.
+  group = settings.group_size if settings.num_minibatches == 1 else 1
+
+  def objective(params, value_params, mb, normalizer, beta):
+    lp, ent = completion_logps(model, params, mb["ids"], mb["attn"], mb["prompt_len"], group)
+    mask = mb["mask"]
+    pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **surrogate_kwargs)
+    per_token = pg
+    kl = kl_fn(lp, mb["ref_logps"], mask)
+    if not settings.kl_in_reward:
+      per_token = per_token + beta * kl
+    if settings.entropy_coef:
+      per_token = per_token - settings.entropy_coef * ent
+    agg = lambda x: aggregate_lib.aggregate(x, mask, mode=settings.aggregation,  # noqa: E731
+                                            normalizer=normalizer)
+    loss = agg(per_token)
+    aux = {"pg_loss": agg(pg), "kl": agg(jax.lax.stop_gradient(kl)),
+           "entropy": agg(jax.lax.stop_gradient(ent)),
+           "clip_fraction": agg(extras.clipped.astype(jnp.float32))}
+    if value_model is not None:
+      values = value_model.apply(value_params, mb["ids"], attention_mask=mb["attn"])
+      values = values[:, mb["prompt_len"] - 1:-1]
+      vl, _ = pg_lib.value_loss(
+          values, mb["old_values"], mb["returns"], mask, clip_range=settings.value_clip)
+      aux["value_loss"] = agg(vl)
+      loss = loss + settings.value_coef * aux["value_loss"]
+    return loss, aux
+  return objective
+
+
+def scan(f, carry, xs):
+  """`lax.scan`, or a direct call when there is one step (no loop, nothing to accumulate)."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, y = f(carry, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda v: v[None], y)
+  return jax.lax.scan(f, carry, xs)
+
+
+def apply_if(ok, optimizer, grads, opt_state, params):
+  """`(params, opt_state)` after one optimiser update if `ok`, else unchanged."""
+  def apply(operands):
+    grads, opt_state, params = operands
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  return jax.lax.cond(ok, apply, lambda o: (o[2], o[1]), (grads, opt_state, params))
+
+
+def gradients(objective, micro_batches: int, params, value_params, mb, normalizer, beta):
+  """Sums the gradients (and aux) of `micro_batches` slices of the minibatch `mb`."""
+  grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+  prompt_len = mb["prompt_len"]
+  k = micro_batches
+  micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]),
+                       {kk: v for kk, v in mb.items() if kk != "prompt_len"})
+
+  def accumulate(acc, m):
+    (gp, gv), aux = grad_fn(params, value_params, dict(m, prompt_len=prompt_len), normalizer,
+                            beta)
+    return jax.tree.map(jnp.add, acc, (gp, gv, aux)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (params, value_params))
+  first = dict(jax.tree.map(lambda x: x[0], micro), prompt_len=prompt_len)
+  aux0 = jax.eval_shape(lambda: grad_fn(params, value_params, first, normalizer, beta)[1])
+  aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+  (gp, gv, aux), _ = scan(accumulate, (*zeros, aux0), micro)
+  return gp, gv, aux
+
+
+def learn(objective, settings: RLSettings, optimizer: optax.GradientTransformation,
+          value_optimizer: Optional[optax.GradientTransformation], carry: Trainable,
+          data: Dict[str, jax.Array], prompt_len: int, beta: jax.Array, rng: jax.Array):
+  """The learn phase. Returns `(carry, aux)`, aux stacked [epochs, minibatches]."""
+  nmb = settings.num_minibatches
+  n = data["ids"].shape[0]
+  has_value = carry.value_params is not None
+
+  def minibatch_update(c: Trainable, mb):
+    """One optimiser update; skipped (params and optimiser state kept) when non-finite."""
+    normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+    mb = dict(mb, prompt_len=prompt_len)
+    gp, gv, aux = gradients(objective, settings.micro_batches, c.params, c.value_params, mb,
+                            normalizer, beta)
+    aux["grad_norm"] = optax.tree.norm(gp)
+    # Any non-finite gradient makes the global norm non-finite. Once anything in the step
+    # (rewards included) was non-finite, no later update is applied either.
+    ok = c.ok & guards.is_finite_tree((aux, optax.tree.norm(gv) if gv is not None else 0.0))
+    # A conditional, not a select: the usual (finite) path writes the update in place.
+    params, opt_state = apply_if(ok, optimizer, gp, c.opt_state, c.params)
+    value_params, value_opt_state = c.value_params, c.value_opt_state
+    if has_value:
+      value_params, value_opt_state = apply_if(ok, value_optimizer, gv, value_opt_state,
+                                               value_params)
+    return Trainable(params, value_params, opt_state, value_opt_state, ok), aux
+
+  def epoch(c, e):
+    if nmb == 1:
+      shuffled = jax.tree.map(lambda x: x[None], data)
+    else:
+      perm = jax.random.permutation(jax.random.fold_in(rng, e), n)
+      shuffled = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
+    return scan(minibatch_update, c, shuffled)
+
+  return scan(epoch, carry, jnp.arange(settings.epochs))

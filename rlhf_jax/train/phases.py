@@ -1,0 +1,271 @@
+"""The online step's named phases before learning: rollout -> score -> signals -> estimate.
+
+Each phase is a pure function of arrays (models and static settings are closed over or
+passed first) with its own unit test; `rlhf_jax.train.online.make_update` composes them
+with `learn` (`rlhf_jax.train.learn`) and `bookkeep` inside one `jax.jit`:
+
+    ro = rollout(model, params, prompt_batch, rng, sampling_config)       # -> Rollout
+    sc = score(rewards, ro, extras, reward_state)                         # -> Scores
+    sg = signals(model, ref_params, ro, sc.rewards, beta, ...)            # -> Signals
+    adv, adv_state = estimator(sc, ro, sg, adv_state)                     # -> advantages
+
+Which inputs an estimator receives is read from its registered declaration
+(`rlhf_jax.advantages.declaration(name)`); an estimator needing an input the step cannot
+provide is refused when the estimator is built, naming the method and the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import advantages as advantages_lib
+from rlhf_jax import models as models_lib
+from rlhf_jax import sampling as sampling_lib
+from rlhf_jax.losses import kl as kl_lib
+
+RewardFn = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@flax.struct.dataclass
+class Rollout:
+  """Sampled trajectories, G consecutive rows per prompt (N = prompts x G).
+
+  prompt_ids, prompt_mask: [N, P] left-padded prompts (repeated per sample).
+  completion_ids, completion_mask: [N, T] sampled tokens; mask marks real tokens.
+  loss_mask: [N, T] float32, the tokens that are trained (model tokens).
+  logps: [N, T] sampler log-probs at temperature 1 (equal to the trainer's).
+  lengths: [N] int32 number of completion tokens; finished: [N] bool (ended with EOS).
+  """
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  completion_ids: jax.Array
+  completion_mask: jax.Array
+  loss_mask: jax.Array
+  logps: jax.Array
+  lengths: jax.Array
+  finished: jax.Array
+
+  @property
+  def prompt_len(self) -> int:
+    return self.prompt_ids.shape[1]
+
+  @property
+  def ids(self) -> jax.Array:
+    """[N, P + T]: the trainer's teacher-forced input."""
+    return jnp.concatenate([self.prompt_ids, self.completion_ids], axis=1)
+
+  @property
+  def attn(self) -> jax.Array:
+    return jnp.concatenate([self.prompt_mask.astype(bool), self.completion_mask.astype(bool)],
+                           axis=1)
+
+
+def rollout(model, params, prompt_batch: Mapping[str, jax.Array], rng: jax.Array,
+            sampling_config) -> Rollout:
+  """Samples `sampling_config.num_samples` completions per prompt (KV-cache decoder)."""
+  out = sampling_lib.sample(model, params, prompt_batch["prompt_ids"],
+                            prompt_batch["prompt_mask"], rng, sampling_config)
+  out = jax.tree.map(jax.lax.stop_gradient, out)
+  return Rollout(prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask,
+                 completion_ids=out.completion_ids, completion_mask=out.completion_mask,
+                 loss_mask=out.completion_mask.astype(jnp.float32), logps=out.logps,
+                 lengths=out.lengths, finished=out.finished)
+
+
+def repeat_extras(prompt_batch: Mapping[str, jax.Array], group_size: int) -> Dict[str, jax.Array]:
+  """The prompt batch's fields other than the prompt, repeated G times (one row per sample)."""
+  return {k: jnp.repeat(v, group_size, axis=0) for k, v in prompt_batch.items()
+          if k not in ("prompt_ids", "prompt_mask")}
+
+
+# ----------------------------------------------------------------------------- score
+
+
+@flax.struct.dataclass
+class Scores:
+  """rewards [N]: what the estimator sees; each [N, K]: every reward function's output."""
+  rewards: jax.Array
+  each: jax.Array
+
+
+def score_each(reward_fns: Sequence[RewardFn], prompt_ids, completion_ids, completion_mask,
+               extras: Mapping[str, jax.Array]) -> jax.Array:
+  """The reward functions' outputs side by side: [N, K] (a function may return [N, k])."""
+  cols = []
+  for fn in reward_fns:
+    r = jnp.asarray(fn(prompt_ids, completion_ids, completion_mask, extras), jnp.float32)
+    cols.append(r[:, None] if r.ndim == 1 else r)
+  return jnp.concatenate(cols, axis=1)
+
+
+def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, completion_ids,
+          completion_mask, extras: Mapping[str, jax.Array]):
+  """Weighted sum of reward functions: returns (total [N], each [N, K])."""
+  each = score_each(reward_fns, prompt_ids, completion_ids, completion_mask, extras)
+  if len(weights) != each.shape[1]:
+    raise ValueError(f"rl.reward_weights has {len(weights)} entries but the reward functions "
+                     f"return {each.shape[1]} rewards; give one weight per reward")
+  return each @ jnp.asarray(weights, jnp.float32), each
+
+
+def make_score(reward_fns: Sequence[RewardFn], weights: Sequence[float], dual=None,
+               num_constraints: int = 0):
+  """Returns `score_rollout(rollout, extras, reward_state) -> Scores`.
+
+  Without constraints the rewards are the weighted sum of the reward functions; with
+  constrained RLHF's `dual` they are v_0 + Σ λ_i (v_i − θ_i) (task reward first).
+  """
+  def score_rollout(ro: Rollout, extras: Mapping[str, jax.Array], reward_state) -> Scores:
+    args = (ro.prompt_ids, ro.completion_ids, ro.completion_mask,
+            dict(extras, prompt_mask=ro.prompt_mask))
+    if dual is None:
+      total, each = score(reward_fns, weights, *args)
+      return Scores(rewards=total, each=each)
+    each = score_each(reward_fns, *args)
+    if each.shape[1] != 1 + num_constraints:
+      raise ValueError(f"rl.constraint_thresholds has {num_constraints} thresholds, so the "
+                       f"reward functions must return 1 + {num_constraints} rewards (task "
+                       f"first, then the constraints); they return {each.shape[1]}")
+    return Scores(rewards=dual.reward(reward_state, each[:, 0], each[:, 1:]), each=each)
+  return score_rollout
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@flax.struct.dataclass
+class Signals:
+  """Per-token quantities the estimator and the loss read besides the rewards.
+
+  ref_logps: [N, T] reference log-probs of the sampled tokens.
+  kl: [N, T] k1 = sampler log-prob − reference log-prob (masked).
+  token_rewards: [N, T] the sequence reward on the last token, minus β·kl with
+    `kl_in_reward` (token-level estimators read these).
+  values: [N, T] value-model predictions (None without a value model).
+  """
+  ref_logps: jax.Array
+  kl: jax.Array
+  token_rewards: jax.Array
+  values: Optional[jax.Array] = None
+
+
+def completion_logps(model, params, ids, attn, prompt_len: int, group: int):
+  """Completion log-probs / entropies of [prompt, completion] rows.
+
+  When consecutive groups of `group` rows share their prompt (as sampled), each prompt
+  runs through the model once (`models.completion_logps`); otherwise every row is run in
+  full. Both give the same values.
+  """
+  if group > 1 and ids.shape[0] % group == 0:
+    return models_lib.completion_logps(
+        model, params, ids[::group, :prompt_len], attn[::group, :prompt_len],
+        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group)
+  lp, ent = models_lib.token_logps(model, params, ids, attn)
+  return lp[:, prompt_len:], ent[:, prompt_len:]
+
+
+def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
+            group_size: int, kl_in_reward: bool, value_model=None,
+            value_params=None) -> Signals:
+  """Reference log-probs, the sampler-vs-reference KL, token rewards and values."""
+  ids, attn = ro.ids, ro.attn
+  ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size)
+  mask = ro.loss_mask
+  kl_tok = kl_lib.k1(ro.logps, ref_logps, mask)
+  token_rewards = kl_lib.kl_in_reward(rewards, kl_tok, mask,
+                                      beta=beta if kl_in_reward else 0.0)
+  values = None
+  if value_model is not None:
+    v = value_model.apply(value_params, ids, attention_mask=attn)
+    values = v[:, ro.prompt_len - 1:-1] * mask
+  return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values)
+
+
+# ----------------------------------------------------------------------------- estimate
+
+# Inputs an estimator may declare that the single-turn step computes (`values` only with
+# a value model; `greedy_rewards` costs one greedy decode per prompt).
+STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """A registered advantage estimator bound to its hyper-parameters and the step's inputs.
+
+  Built once, when the config is read (`Estimator.build`), from the estimator's
+  declaration: its kind picks the first argument (sequence rewards, token rewards, or
+  the unweighted [N, K] rewards), its `needs` the keyword inputs, its `state` the
+  `(init, update)` pair the step keeps.
+  """
+  name: str
+  kind: str
+  needs: Tuple[str, ...]
+  kwargs: Tuple[Tuple[str, Any], ...]
+  group_size: int
+  stateful: bool = False
+
+  @classmethod
+  def build(cls, name: str, kwargs: Mapping[str, Any], *, group_size: int,
+            provides: Sequence[str]) -> "Estimator":
+    """Checks the declaration against what the step `provides`; raises ValueError naming
+    the estimator, the missing input and the fix."""
+    decl = advantages_lib.declaration(name)
+    decl.check_kwargs(kwargs, key="rl.advantage_kwargs")
+    missing = [n for n in decl.needs if n not in provides and n not in kwargs]
+    if missing:
+      fix = ("add a value model: config.value = dict(optim=None), or make_update(..., "
+             "value_model=...)" if missing == ["values"]
+             else "the single-turn online step does not compute it")
+      raise ValueError(f"rl.advantage={name!r} needs {', '.join(map(repr, missing))}, which "
+                       f"the RL step does not provide ({fix}); the step provides "
+                       f"{sorted(provides)}")
+    return cls(name=name, kind=decl.kind, needs=decl.needs, kwargs=tuple(sorted(kwargs.items())),
+               group_size=group_size, stateful=decl.state is not None)
+
+  def _transform(self):
+    return advantages_lib.declaration(self.name).state(group_size=self.group_size)
+
+  def init_state(self):
+    """The estimator's initial state (None for stateless estimators)."""
+    return self._transform().init() if self.stateful else None
+
+  def __call__(self, scores: Scores, ro: Rollout, sig: Signals, state,
+               greedy_rewards: Optional[jax.Array] = None):
+    """(advantages [N] or [N, T], new state)."""
+    inputs = {"group_size": self.group_size, "mask": ro.loss_mask,
+              "lengths": jnp.sum(ro.loss_mask, axis=1), "values": sig.values,
+              "greedy_rewards": greedy_rewards}
+    kwargs = dict(self.kwargs)
+    for n in self.needs:
+      if n not in kwargs:
+        kwargs[n] = inputs[n]
+    first = {"token": sig.token_rewards, "multi_reward": scores.each}.get(self.kind,
+                                                                          scores.rewards)
+    if self.stateful:
+      state = self._transform().update(state, scores.rewards)
+      kwargs["state"] = state
+    try:
+      out = advantages_lib.get(self.name)(first, **kwargs)
+    except ValueError as e:
+      raise ValueError(f"rl.advantage={self.name!r} (rl.group_size={self.group_size}, "
+                       f"rl.advantage_kwargs={dict(self.kwargs)}): {e}") from e
+    if isinstance(out, tuple):
+      raise ValueError(f"advantage estimator {self.name!r} returns several arrays "
+                       f"({type(out).__name__}: {', '.join(getattr(out, '_fields', ()))}), not "
+                       "one advantage; combine them in a custom estimator to use it in the RL "
+                       "step")
+    return out, state
+
+
+def estimate(estimator: Estimator, scores: Scores, ro: Rollout, sig: Signals, adv_state,
+             greedy_rewards: Optional[jax.Array] = None):
+  """The estimate phase: `(advantages, new adv_state)` (see `Estimator.__call__`)."""
+  return estimator(scores, ro, sig, adv_state, greedy_rewards)
