@@ -144,9 +144,10 @@ def test_code_tests_runs_the_record_tests():
   records = [{"prompt": "double", "tests": ["assert f(2) == 4", "assert f(0) == 0"]},
              {"prompt": "other", "answer": "1"}]
   ctx = RewardContext(TOK, max_new_tokens=40, records=records)
+  # x + 2 passes f(2) == 4 only: partial credit, the fraction of tests the sandbox saw pass
   comps = ["def f(x):\n  return 2*x<eos>", "def f(x):\n  return x+2<eos>"]
   spec = {"name": "code_tests", "timeout_s": 10.0}
-  np.testing.assert_array_equal(_score(spec, comps, ctx, record_index=[0, 0]), [1, 0])
+  np.testing.assert_array_equal(_score(spec, comps, ctx, record_index=[0, 0]), [1, 0.5])
   with pytest.raises(Exception, match=r"record field 'tests'.*row 0 \(record 1\)"):
     _score(spec, comps[:1], ctx, record_index=[1])
   with pytest.raises(ValueError, match="code_tests' reads its tests from the record table"):

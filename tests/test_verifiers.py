@@ -107,9 +107,11 @@ def test_regex_and_code_tests():
   tests = "assert f(2) == 4"
   assert callback.code_tests_check(timeout_s=10)(good, tests) == 1.0
   assert callback.run_code_tests("def f(x): return x", tests, timeout_s=10) == 0.0
-  assert callback.run_code_tests("while True: pass", "", timeout_s=1) == 0.0
+  # The fraction of tests that pass; code that does not finish loading passes none.
+  assert callback.code_tests_check(timeout_s=10)(good, tests + "\nassert f(3) == 7") == 0.5
+  assert callback.run_code_tests("while True: pass", "assert True", timeout_s=1) == 0.0
   net = "import socket\nsocket.create_connection(('127.0.0.1', 9))"
-  assert callback.run_code_tests(net, "", timeout_s=10) == 0.0
+  assert callback.run_code_tests(net, "assert True", timeout_s=10) == 0.0
 
 
 def test_lm_judge_matches_manual_packing():

@@ -189,8 +189,9 @@ def _tests(record: Mapping[str, Any], key: str) -> str:
 @register("code_tests", needs=("records",), host=True, verifier=True)
 def code_tests(ctx: RewardContext, *, tests_key: str = "tests", timeout_s: float = 5.0,
                workers: Optional[int] = None) -> base.RewardFn:
-  """1 iff the completion's last ```python block (or its whole text) passes the record's
-  tests (asserts) in a sandboxed subprocess; `workers` rows run at once."""
+  """The fraction of the record's tests (asserts) that the completion's last ```python block
+  (or its whole text) passes in the code sandbox (`rewards/sandbox.py`); `workers` rows run
+  at once."""
   if ctx.records is None:
     raise ValueError("reward 'code_tests' reads its tests from the record table; build it "
                      "with RewardContext(records=...)")

@@ -8,18 +8,19 @@ so a stuck check never blocks the step or interpreter exit); a check that
 raises or times out yields `fallback` when one is configured, otherwise a
 `VerifierError` naming the row and the cause.
 
-Checks provided: `math_answer_check`, `regex_check`, `code_tests_check` (a
-subprocess with a time limit, resource limits and sockets disabled).
+Checks provided: `math_answer_check`, `regex_check`, `code_tests_check`.
+`code_tests_check` / `run_code_tests` score generated code by the fraction of
+its tests that pass in `rlhf_jax.rewards.sandbox` (the code runs alone in a
+process without network, capabilities or a writable file system, with
+resource limits; the tests run in another process that sees only the data the
+code returns, so exiting early or patching the interpreter passes nothing);
+`sandbox.run_tests` also says which limit was hit.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import re
-import subprocess
-import sys
-import tempfile
 import threading
 from fractions import Fraction
 from typing import Callable, Mapping, Optional, Sequence
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.losses.common import check_positive
+from rlhf_jax.rewards import sandbox
 from rlhf_jax.rewards.base import RewardFn, check_reward_inputs, get_extra
 
 
@@ -195,45 +197,27 @@ def regex_check(pattern: str, *, full: bool = False) -> Callable[[str, Optional[
   return check
 
 
-_NO_NET = ("import socket as _s\n"
-           "def _blocked(*a, **k):\n  raise OSError('network access is disabled in code tests')\n"
-           "_s.socket = _blocked; _s.create_connection = _blocked; _s.getaddrinfo = _blocked\n")
-
-
-def _prelude(memory_mb: int, cpu_s: int) -> str:
-  """Child-side setup: resource limits (applied in the child, so no fork hooks run here)."""
-  return ("import resource as _r\n"
-          f"_r.setrlimit(_r.RLIMIT_AS, ({memory_mb << 20}, {memory_mb << 20}))\n"
-          f"_r.setrlimit(_r.RLIMIT_CPU, ({cpu_s}, {cpu_s}))\n" + _NO_NET)
-
-
 def run_code_tests(code: str, tests: str, *, timeout_s: float = 5.0,
                    memory_mb: int = 1024) -> float:
-  """Run `code` then `tests` (asserts) in a fresh isolated Python; 1.0 iff it exits 0.
+  """Fraction of `tests` (Python asserts) that pass against `code`, run in the sandbox.
 
-  Sockets are disabled in the child, CPU time and memory are limited, the
-  working directory is a fresh temporary folder, and it is killed after
-  `timeout_s` (returns 0.0).
+  Each top-level `assert` of `tests` is one test (without any, each top-level
+  expression statement such as `check(candidate)` is); a test counts only if
+  the judge process sees it pass (`sandbox.run_tests`). Code that does not
+  load, crashes, exceeds `timeout_s` or `memory_mb` passes nothing after that
+  point; no tests at all scores 0.0.
   """
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "prog.py")
-    with open(path, "w") as f:
-      f.write(_prelude(memory_mb, int(timeout_s) + 1) + "\n" + code + "\n\n" + tests + "\n")
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
-    try:
-      r = subprocess.run([sys.executable, "-I", path], cwd=tmp, env=env, timeout=timeout_s,
-                         capture_output=True, check=False)
-    except subprocess.TimeoutExpired:
-      return 0.0
-    return float(r.returncode == 0)
+  return sandbox.run_tests(code, tests, timeout_s=timeout_s, memory_mb=memory_mb).score
 
 
 def code_tests_check(*, timeout_s: float = 5.0,
                      code_pattern: str = r"```(?:python)?\n(.*?)```"
                      ) -> Callable[[str, Optional[str]], float]:
-  """Check: extract the last code block (or the whole text) and run the answer as tests.
+  """Check: the last code block (or the whole text) scored by `run_code_tests` on the answer.
 
-  Use with `python_verifier(..., answer_key=<tests ids>, timeout_s > timeout_s here)`.
+  Returns the fraction of the answer's tests that pass. Use with
+  `python_verifier(..., answer_key=<tests ids>, timeout_s=<this timeout_s + a few seconds>)`
+  (the sandbox adds process start-up, about 0.2 s a row).
   """
   rx = re.compile(code_pattern, re.DOTALL)
 
