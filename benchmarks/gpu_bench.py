@@ -1,6 +1,6 @@
 """GPU benchmark of SmolLM2-135M: sampler tokens/s, fused GRPO step time, training MFU, memory.
 
-    python benchmarks/gpu_bench.py [--dry-run] [--model smollm2|smollm2-shape|tiny] [--out-dir DIR]
+    python -m benchmarks.gpu_bench [--dry-run] [--model smollm2|smollm2-shape|tiny] [--out-dir DIR]
 
 Measures, on the first accelerator JAX sees:
 * sampler: `rlhf_jax.sampling.sample`, prompts x group samples, `--new-tokens` new tokens
@@ -255,5 +255,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.exit(main())

@@ -19,7 +19,7 @@ warm-up steps (which include JAX compilation). MFU divides the step's analytic m
 FLOPs (sampling forward + reference forward + 3x policy forward for forward/backward,
 plus causal attention) by a float32 matmul peak measured in the same run.
 
-  python benchmarks/grpo_vs_peers.py [--peers=rlhf_jax,trl,tunix] [--sizes=tiny,20m] \
+  python -m benchmarks.grpo_vs_peers [--peers=rlhf_jax,trl,tunix] [--sizes=tiny,20m] \
       [--steps=10] [--warmup=2] [--rounds=1] [--torch-threads=1[,2]] \
       [--out=benchmarks/results/grpo_vs_peers.json]
 
@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -46,13 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sampler import _cpu_name, matmul_peak  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import SamplingConfig  # noqa: E402
-from rlhf_jax.train import online, optim  # noqa: E402
-from rlhf_jax.train.rl_config import RLSettings  # noqa: E402
+from benchmarks.sampler import _cpu_name, matmul_peak
+from rlhf_jax import models
+from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.train import online, optim
+from rlhf_jax.train.rl_config import RLSettings
 
 VOCAB, NUM_PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 1024, 1, 4, 16, 32
 LR, BETA, EPSILON, MAX_GRAD_NORM, SEED = 1e-5, 0.04, 0.2, 1.0, 0

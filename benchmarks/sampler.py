@@ -5,7 +5,7 @@ layers), batch 8 and 32, 16-token prompts, 128 new tokens, greedy decoding with 
 (both generate all 128 tokens), CPU, float32. Reports tokens/s, the speed-up, rlhf_jax
 compile time, and achieved FLOP/s against a float32 matmul peak measured in the same run.
 
-  python benchmarks/sampler.py [--repeats 3] [--out benchmarks/results/sampler.json]
+  python -m benchmarks.sampler [--repeats 3] [--out benchmarks/results/sampler.json]
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Runs a `benchmarks/` script from tests: a CPU subprocess in the repository root."""
+"""Runs a benchmark from tests: `python -m benchmarks.<name>` in a CPU subprocess in the repository
+root."""
 
 from __future__ import annotations
 

@@ -1,6 +1,13 @@
 """Test configuration: 8 fake CPU devices, float64 available, strict ranks."""
 
 import os
+import sys
+
+# Tests import `experiments` and `benchmarks` as packages of the repository root. `python -m
+# pytest` (from the root) puts the root on sys.path; a bare `pytest` does not.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
 
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

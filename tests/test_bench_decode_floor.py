@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from bench_testlib import ROOT, run_script  # tests/bench_testlib.py
+from bench_testlib import run_script  # tests/bench_testlib.py
 import jax
 import numpy as np
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import decode_floor  # noqa: E402  pylint: disable=g-import-not-at-top
-import grpo_vs_peers  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from rlhf_jax import models  # noqa: E402
+from benchmarks import decode_floor, grpo_vs_peers
+from rlhf_jax import models
 
 
 def test_matmul_kernels_are_every_weight_but_embedding_and_norms():
@@ -52,13 +48,13 @@ def test_ceiling_is_the_flop_weighted_floor():
 
 def test_script_writes_table_and_json(tmp_path):
   out = tmp_path / "floor.json"
-  proc = run_script([sys.executable, "benchmarks/decode_floor.py", "--sizes=tiny", "--repeats=1",
-                     f"--out={out}"])
+  proc = run_script([sys.executable, "-m", "benchmarks.decode_floor", "--sizes=tiny",
+                     "--repeats=1", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MFU ceiling" in proc.stdout
   (row,) = json.loads(out.read_text())["rows"]
   assert row["size"] == "tiny" and row["rows"] == 4 and row["tokens"] == 32
   assert row["stream_gb_s"] > 0 and row["matmul_gb_s"] > 0 and row["sampler_ms_per_token"] > 0
   assert 0 < row["mfu_ceiling"] < 10
-  bad = run_script([sys.executable, "benchmarks/decode_floor.py", "--sizes=huge"])
+  bad = run_script([sys.executable, "-m", "benchmarks.decode_floor", "--sizes=huge"])
   assert bad.returncode != 0 and "--sizes" in bad.stderr

@@ -4,17 +4,18 @@ is not installed is reported as such), two rounds: the table and the JSON are wr
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from bench_testlib import run_script  # tests/bench_testlib.py
+
+from benchmarks import grpo_vs_peers
 
 
 def test_tiny_two_rounds_write_table_and_json(tmp_path):
   out = tmp_path / "peers.json"
   proc = run_script(
-      [sys.executable, "benchmarks/grpo_vs_peers.py", "--peers=rlhf_jax,tunix", "--sizes=tiny",
-       "--steps=2", "--warmup=1", "--rounds=2", f"--out={out}"])
+      [sys.executable, "-m", "benchmarks.grpo_vs_peers", "--peers=rlhf_jax,tunix",
+       "--sizes=tiny", "--steps=2", "--warmup=1", "--rounds=2", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "rlhf_jax" in proc.stdout and "GFLOP/s" in proc.stdout
   data = json.loads(out.read_text())
@@ -30,9 +31,6 @@ def test_tiny_two_rounds_write_table_and_json(tmp_path):
 
 
 def test_trl_failure_from_a_kernels_mismatch_names_the_fix(monkeypatch):
-  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-  import grpo_vs_peers  # pylint: disable=g-import-not-at-top
-
   def broken(*args):
     raise RuntimeError("Failed to import trl.trainer.grpo_trainer: Either a revision or a "
                        "version must be specified.")

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import _toylib  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
 
 
 def test_dr_grpo_fast():

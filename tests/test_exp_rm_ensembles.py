@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import _toylib  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
 
 
 def test_rm_ensembles_fast():

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 from bench_testlib import ROOT, run_script  # tests/bench_testlib.py
 import numpy as np
 import pytest
 
+from benchmarks import gpu_bench
+
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
-_spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-gpu_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_bench)
 
 
 def _run(*args, timeout=300):

@@ -1,12 +1,17 @@
-"""Shared utilities for the toy experiments: config variants, module loading, output."""
+"""Shared utilities for the toy experiments: config variants, module loading, output.
+
+The experiments are packages under `experiments/`, run from the repository root:
+
+    python -m experiments.<slug>.run --config=experiments/<slug>/config.py:full
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
-import sys
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import ml_collections
@@ -43,7 +48,7 @@ def parse_arg(arg: Optional[str], **spec: Any) -> ml_collections.ConfigDict:
 
 
 def load_module(path: str, name: str):
-  """Imports a python file by path (configs and runners live outside the package)."""
+  """Imports a python file by path (as ml_collections loads a `--config` file)."""
   spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -116,14 +121,7 @@ def main(run_module_file: str, run: Callable, report: Callable) -> None:
   write_json(results, out or os.path.join(here, f"results_{cfg.get('variant', 'run')}.json"))
 
 
-def add_repo_to_path() -> None:
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-
-
 def load_experiment(slug: str, arg: str = "fast"):
-  """Returns `(config, run_module)` for experiments/<slug>, loaded by file path."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cfg = load_module(os.path.join(root, slug, "config.py"), f"exp_{slug}_config").get_config(arg)
-  return cfg, load_module(os.path.join(root, slug, "run.py"), f"exp_{slug}_run")
+  """Returns `(config, run_module)` for experiments/<slug>: `get_config(arg)` and its `run`."""
+  config = importlib.import_module(f"experiments.{slug}.config").get_config(arg)
+  return config, importlib.import_module(f"experiments.{slug}.run")

@@ -18,7 +18,7 @@ import numpy as np
 
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax import sampling as sampling_lib
-from rlhf_jax.train import build, online, online_loop, optim
+from rlhf_jax.train import build, loop, online, online_loop, optim
 from rlhf_jax.train.rl_config import RLSettings
 
 
@@ -103,14 +103,16 @@ def run_rl(env: Env, method, params, train_ex, seed: int,
   state = online.init_state(jax.tree.map(jnp.copy, params), opt, jax.random.fold_in(rng, 1),
                             settings)
   history = []
-  for i in range(int(c.train.steps)):
-    batch = {k: jnp.asarray(v) for k, v in next(batches).items()
-             if isinstance(v, np.ndarray) and v.dtype != object}
-    state, m = upd(state, batch, rng)
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    history.append(m)
+
+  def record(step, new_state, metrics, seconds):
+    del seconds
+    history.append(metrics)
     if on_step is not None:
-      on_step(i + 1, state.params, m)
+      on_step(step, new_state.params, metrics)
+    return False  # never stops early: every method runs `train.steps` steps
+
+  state, _ = loop.run_steps(upd, state, batches, rng, start=0, stop=int(c.train.steps),
+                            on_step=record)
   return state.params, history
 
 

@@ -18,8 +18,6 @@ Reported: KL(π_T ‖ π*) = (J(π*) − J(π_T))/β, the regularised-objective 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -27,11 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-import rlhf_jax.losses as L  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+import rlhf_jax.losses as L
 
 
 COPG = L.get("copg")

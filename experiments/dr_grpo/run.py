@@ -18,17 +18,12 @@ methods; then RL with each. Logged per RL step (from the sampled batch):
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-from _toylib import online_rl as orl  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+from experiments._toylib import online_rl as orl
 
 KEYS = ("wrong_response_length", "correct_response_length", "reward_mean", "response_length")
 METHODS = {"grpo": "GRPO (grpo + seq_mean_token_mean)",

@@ -1,12 +1,13 @@
-"""Config for the GPM vs Bradley-Terry cyclic-preference toy."""
+"""Config for the GPM vs Bradley-Terry cyclic-preference toy.
+
+Run from the repository root:
+
+    python -m experiments.gpm.run --config=experiments/gpm/config.py:full
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
 
 
 def get_config(arg=None):

@@ -14,8 +14,6 @@ Accuracy = fraction of pairs whose winner the model predicts.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -23,12 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-import rlhf_jax.losses as L  # pylint: disable=g-import-not-at-top
-from rlhf_jax.losses.reward_model_latent import gpm_score  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+import rlhf_jax.losses as L
+from rlhf_jax.losses.reward_model_latent import gpm_score
 
 BT = L.get("bt")
 GPM = L.get("gpm")

@@ -1,12 +1,13 @@
-"""Config for the MaxMin-RLHF two-group bandit."""
+"""Config for the MaxMin-RLHF two-group bandit.
+
+Run from the repository root:
+
+    python -m experiments.maxmin_rlhf.run --config=experiments/maxmin_rlhf/config.py:full
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
 
 
 def get_config(arg=None):

@@ -15,8 +15,6 @@ Reported: each group's true utility E_π[r_g] (0 = the reference policy).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -24,13 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-import rlhf_jax.losses as L  # pylint: disable=g-import-not-at-top
-from rlhf_jax.losses.reward_model_latent import maxmin_e_step  # pylint: disable=g-import-not-at-top
-from rlhf_jax.rewards import ensemble  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+import rlhf_jax.losses as L
+from rlhf_jax.losses.reward_model_latent import maxmin_e_step
+from rlhf_jax.rewards import ensemble
 
 BT = L.get("bt")
 MAXMIN_M_STEP = L.get("maxmin_em")

@@ -14,16 +14,13 @@ equilibrium π*_β solves π* ∝ μ·exp(P π*/β). We measure KL(π*_β ‖ π
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
 
 
 def make_game(rng, n, kind, scale, ref_temp):

@@ -1,15 +1,14 @@
-"""Config for the NSR / PSR pass@k experiment (online-loop configs from the demo)."""
+"""Config for the NSR / PSR pass@k experiment (online-loop configs from the demo).
+
+Run from the repository root:
+
+    python -m experiments.nsr_psr.run --config=experiments/nsr_psr/config.py:full
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib  # pylint: disable=g-import-not-at-top
-
-_toylib.add_repo_to_path()
-from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
+from rlhf_jax import demo
 
 
 def get_config(arg=None):

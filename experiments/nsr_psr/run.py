@@ -15,18 +15,13 @@ mean number of distinct completions among the 16.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-from _toylib import online_rl as orl  # pylint: disable=g-import-not-at-top
-from rlhf_jax.advantages.outcome import pass_at_k  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+from experiments._toylib import online_rl as orl
+from rlhf_jax.advantages.outcome import pass_at_k
 
 NAMES = {"base": "SFT model (before RL)", "grpo": "GRPO", "psr": "PSR (positive only)",
          "nsr": "NSR (negative only)", "w_reinforce": "W-REINFORCE"}

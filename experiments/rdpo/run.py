@@ -16,8 +16,6 @@ Reported, on clean ground truth:
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -25,11 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-import rlhf_jax.losses as L  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+import rlhf_jax.losses as L
 
 
 DPO = L.get("dpo")

@@ -1,12 +1,13 @@
-"""Config for the regret vs partial-return preference-model gridworld."""
+"""Config for the regret vs partial-return preference-model gridworld.
+
+Run from the repository root:
+
+    python -m experiments.regret_preference.run --config=experiments/regret_preference/config.py:full
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib  # pylint: disable=g-import-not-at-top
+from experiments import _toylib
 
 
 def get_config(arg=None):

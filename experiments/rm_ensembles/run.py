@@ -17,8 +17,6 @@ N samples: E[g_best-of-n] = Σ_{i≥n} C(i−1, n−1)/C(N, n)·g_(i) (sorted by
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -27,12 +25,9 @@ import numpy as np
 import optax
 from jax.scipy.special import gammaln
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-import rlhf_jax.losses as L  # pylint: disable=g-import-not-at-top
-from rlhf_jax.rewards import ensemble  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+import rlhf_jax.losses as L
+from rlhf_jax.rewards import ensemble
 
 BT = L.get("bt")
 

@@ -11,13 +11,8 @@ r(y) = count(y, "a") - 0.25 len(y)); held-out pairs have no label noise, so
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from rlhf_jax.train.offline_config import synthetic_config  # pylint: disable=wrong-import-position
+from experiments.smollm2 import _common
+from rlhf_jax.train.offline_config import synthetic_config
 
 
 def get_config(arg=None):

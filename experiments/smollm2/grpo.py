@@ -14,15 +14,10 @@ Held-out accuracy (greedy decoding) before and after GRPO is printed; see README
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
+from experiments.smollm2 import _common
 from rlhf_jax import config_utils, demo
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg=None):

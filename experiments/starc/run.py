@@ -18,19 +18,14 @@ correlation of each distance with regret across the pairs.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _toylib as tl  # pylint: disable=g-import-not-at-top
-
-tl.add_repo_to_path()
-from rlhf_jax.rewards import starc  # pylint: disable=g-import-not-at-top
+from experiments import _toylib as tl
+from rlhf_jax.rewards import starc
 
 
 def optimal_policy(reward, trans, gamma, iters):

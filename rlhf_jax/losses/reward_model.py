@@ -13,26 +13,20 @@ them under the "reward_model" family.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+# The sibling modules are imported to register their losses (distributional heads,
+# latent-user models); neither imports this module.
+from rlhf_jax.losses import reward_model_dist, reward_model_latent  # noqa: F401
 from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
                                     check_range, check_rank, check_unit_interval, log_sigmoid,
                                     masked_sum)
 from rlhf_jax.losses.registry import register
-
-ArrayOrFloat = Union[jax.Array, float]
-
-
-class PairwiseExtras(NamedTuple):
-  """Per-example diagnostics of a pairwise reward-model loss.
-
-  margins: r_w − r_l [B]; accuracy: 1.0 where r_w > r_l [B].
-  """
-  margins: jax.Array
-  accuracy: jax.Array
+from rlhf_jax.losses.reward_model_base import (ArrayOrFloat, PairwiseExtras, pairwise_extras,
+                                               smoothed_log_likelihood)
 
 
 class RegressionExtras(NamedTuple):
@@ -47,19 +41,6 @@ class ListwiseExtras(NamedTuple):
   """Plackett–Luce diagnostics: top-1 correct [B] and per-position terms [B, K]."""
   top1_accuracy: jax.Array
   position_losses: jax.Array
-
-
-def _pairwise_extras(margins: jax.Array) -> PairwiseExtras:
-  return PairwiseExtras(margins=margins, accuracy=(margins > 0).astype(margins.dtype))
-
-
-def smoothed_log_likelihood(logits: jax.Array, labels: ArrayOrFloat) -> jax.Array:
-  """Soft-label binary log-likelihood `p·log σ(x) + (1−p)·log σ(−x)`.
-
-  Shared by every pairwise/probabilistic preference loss here; `labels=1`
-  gives the plain BT log-likelihood.
-  """
-  return labels * log_sigmoid(logits) + (1.0 - labels) * log_sigmoid(-logits)
 
 
 @register("bt", family="reward_model")
@@ -88,7 +69,7 @@ def bt(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   margins = chosen_rewards - rejected_rewards
   losses = -log_sigmoid(margins) + center_coef * (chosen_rewards + rejected_rewards) ** 2
-  return losses, _pairwise_extras(margins)
+  return losses, pairwise_extras(margins)
 
 
 @register("reward_centering", family="reward_model")
@@ -110,7 +91,7 @@ def reward_centering(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
   check_inputs(rank=1, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   check_nonnegative("reward_centering", coef=coef)
   losses = coef * (chosen_rewards + rejected_rewards) ** 2
-  return losses, _pairwise_extras(chosen_rewards - rejected_rewards)
+  return losses, pairwise_extras(chosen_rewards - rejected_rewards)
 
 
 @register("bt_margin", family="reward_model")
@@ -144,7 +125,7 @@ def bt_margin(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
                      f"got shape {jnp.shape(margin)}")
   margins = chosen_rewards - rejected_rewards
   losses = -smoothed_log_likelihood(margins - margin, 1.0 - label_smoothing)
-  return losses, _pairwise_extras(margins)
+  return losses, pairwise_extras(margins)
 
 
 def preference_strength(chosen_rewards: jax.Array,
@@ -280,9 +261,4 @@ def regret_preference(chosen_advantages: jax.Array, rejected_advantages: jax.Arr
   margins = (masked_sum(chosen_advantages, chosen_mask, axis=1)
              - masked_sum(rejected_advantages, rejected_mask, axis=1))
   losses = -smoothed_log_likelihood(margins, labels)
-  return losses, _pairwise_extras(margins)
-
-
-# Register the sibling modules (distributional heads, latent-user models).
-from rlhf_jax.losses import reward_model_dist  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-from rlhf_jax.losses import reward_model_latent  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+  return losses, pairwise_extras(margins)

@@ -8,7 +8,7 @@ user groups by EM.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
                                     check_rank, masked_sum)
 from rlhf_jax.losses.registry import register
-from rlhf_jax.losses.reward_model import PairwiseExtras, smoothed_log_likelihood
-
-ArrayOrFloat = Union[jax.Array, float]
+from rlhf_jax.losses.reward_model_base import (ArrayOrFloat, PairwiseExtras, pairwise_extras,
+                                               smoothed_log_likelihood)
 
 
 # ----------------------------------------------------------------------------- GPM
@@ -86,7 +85,7 @@ def gpm(chosen_embeddings: jax.Array, rejected_embeddings: jax.Array, *,
   check_positive("gpm_probability", beta=beta)
   logits = gpm_score(chosen_embeddings, rejected_embeddings, eigenvalues=eigenvalues) / beta
   losses = -smoothed_log_likelihood(logits, labels)
-  return losses, PairwiseExtras(margins=logits, accuracy=(logits > 0).astype(logits.dtype))
+  return losses, pairwise_extras(logits)
 
 
 # ----------------------------------------------------------------------------- VPL
