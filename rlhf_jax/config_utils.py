@@ -11,6 +11,7 @@ value) or types / tuples of types. Dotted names address nested keys.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, Mapping, Sequence
 
 _MISSING = object()
@@ -167,17 +168,123 @@ def optional_blocks(config, *names: str) -> None:
       config[name] = config_dict.placeholder(object)
 
 
+def _closest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_override(text: str, current):
+  """The value of `--config.<key>=text` for a key whose value is `current`.
+
+  Strings stay strings; numbers, booleans, tuples and lists are parsed as such; a key that
+  is None (or a placeholder) or a section (dict) takes any Python literal, e.g.
+  `--config.sampling.top_p=0.9` or `--config.task="{'name': 'jsonl', 'path': 'x.jsonl'}"`.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+
+  def literal():
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true or false, got {text!r}")
+    return low in ("true", "1")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  value = literal()
+  if hasattr(current, "items") and not hasattr(value, "items"):
+    raise ValueError(f"expected a dict for a config section, got {text!r}")
+  if isinstance(current, (tuple, list)):
+    if isinstance(value, str):
+      value = (value,)
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+  return value
+
+
+def apply_overrides(config, overrides: Sequence[tuple[str, str]]) -> None:
+  """Sets each `(dotted key, text)` of the command line on `config` (see `parse_override`).
+
+  Raises ValueError naming the flag: a key the config does not define (closest known key
+  suggested), or a value that does not parse as the key's type.
+  """
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  for key, text in overrides:
+    flag = f"--config.{key}"
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      known = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in known:
+        raise ValueError(f"{flag}: the config does not define {part!r}{_closest(part, known)}; "
+                         "an override can only change a key the config file defines: check "
+                         "the spelling, or add the key to the config file")
+      if i < len(parts) - 1:
+        node = node[part]
+    last = parts[-1]
+    current = node[last]
+    if isinstance(node, config_dict.ConfigDict):
+      field = node._fields.get(last)  # pylint: disable=protected-access
+      if isinstance(field, config_dict.FieldReference):
+        current = field.get()
+    try:
+      value = parse_override(text, current)
+    except ValueError as e:
+      raise ValueError(f"{flag}={text}: {e}") from None
+    if isinstance(node, config_dict.ConfigDict):
+      with node.unlocked(), node.ignore_type():
+        node[last] = config_dict.ConfigDict(value) if isinstance(value, dict) else value
+    else:
+      node[last] = value
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(argv without `--config.<key>=value` arguments, [(key, value), ...] in order)."""
+  rest, overrides = [], []
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      key, value = a[len("--config."):].split("=", 1)
+      overrides.append((key, value))
+    else:
+      rest.append(a)
+  return rest, overrides
+
+
 def run_app(make_main, argv: Sequence[str] | None = None) -> None:
-  """`absl.app.run(make_main())`, where a `--config.<key>=...` override naming a key the
-  config does not define exits with a one-line error instead of a parser traceback.
+  """`absl.app.run(make_main())` with `--config.<key>=value` overrides applied by
+  `apply_overrides` (so keys whose default is None, and whole sections given as dicts, can be
+  set); a key the config does not define, a value of the wrong type, or a config file that
+  does not exist exits with a one-line error instead of a traceback.
 
   `make_main` defines the config flag (if not yet defined) and returns absl's `main`."""
   import re  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  argv = list(sys.argv if argv is None else argv)
+  argv, overrides = split_overrides(list(sys.argv if argv is None else argv))
+  # ml_collections' config flags also read overrides from sys.argv when they are defined.
+  sys.argv[:] = [a for a in sys.argv if not (a.startswith("--config.") and "=" in a)]
+  for a in argv[1:]:
+    if a.startswith("--config=") and a.endswith(".py") or a.startswith("--config=") and ".py:" in a:
+      path = a[len("--config="):].split(":", 1)[0]
+      if not os.path.isfile(path):
+        sys.exit(f"--config={path}: no such config file (paths are relative to "
+                 f"{os.getcwd()})")
+  main = make_main()
+
+  def main_with_overrides(args):
+    if overrides:
+      try:
+        apply_overrides(flags.FLAGS["config"].value, overrides)
+      except ValueError as e:
+        sys.exit(str(e))
+    return main(args)
   try:
-    app.run(make_main(), argv=argv)
+    app.run(main_with_overrides, argv=argv)
   except (AttributeError, KeyError) as e:
     if flags.FLAGS.is_parsed():  # raised by the run itself, not by the flag parser
       raise

@@ -88,7 +88,7 @@ CONFIG_CASES = [
     ("rl_surrogate_not_pg", "online", {"rl.surrogate": "dpo"}, ValueError,
      r"rl\.surrogate='dpo' is not a policy-gradient loss"),
     ("unknown_reward", "online", {"rewards": ["exact"]}, ValueError,
-     r"config\.rewards has unknown reward 'exact'; known: 'exact_match'"),
+     r"config\.rewards has unknown reward 'exact' \(did you mean 'exact_match'\?\); known"),
     ("unknown_task", "online", {"task.name": "algebra"}, ValueError,
      r"unknown synthetic task 'algebra'; choose one of"),
     ("task_without_name", "dpo", {"task": {"alphabet": "ab"}}, ValueError,

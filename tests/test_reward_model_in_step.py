@@ -56,7 +56,7 @@ def test_loading_a_checkpoint_without_a_score_head_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="has no 'score.weight': it is not a trained reward"):
     models.load_hf(str(tmp_path), head="reward", require_score=True)
   tok = build.build_tokenizer({})
-  with pytest.raises(ValueError, match="needs exactly 'name' and 'path'"):
+  with pytest.raises(ValueError, match="reward 'reward_model' needs the key 'path'"):
     build.build_reward_fns([{"name": "reward_model"}], tok)
   model, params = _rm()  # vocabulary 16 < the char tokenizer's
   models.save_hf(str(tmp_path / "rm"), model, params)

@@ -254,10 +254,10 @@ def test_python_reward_errors_name_the_function_and_row(tmp_path, monkeypatch):
 
 def test_config_errors_name_the_reward_and_the_choices():
   ctx = RewardContext(TOK, max_new_tokens=8)
-  with pytest.raises(ValueError, match=r"unknown reward 'exact_mach'; did you mean "
-                                       r"'exact_match'\? known rewards: code_tests, exact_match"):
+  with pytest.raises(ValueError, match=r"unknown reward 'exact_mach' \(did you mean "
+                                       r"'exact_match'\?\); known rewards: code_tests, exact_match"):
     build_rewards(["exact_mach"], ctx)
-  with pytest.raises(ValueError, match=r"unknown reward 'regexp'; did you mean 'regex'"):
+  with pytest.raises(ValueError, match=r"unknown reward 'regexp' \(did you mean 'regex'"):
     registry.decl("regexp")
   with pytest.raises(ValueError, match=r"reward 'regex' does not take the key 'ful'; accepted "
                                        r"keys: name, weight, label, pattern, full"):

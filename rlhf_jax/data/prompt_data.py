@@ -49,7 +49,7 @@ DATASET_TASKS = ("jsonl", "parquet", "tfds")
 ANSWER_FORMATS = ("final_number",)
 ORIGIN_KEY = sources.ORIGIN_KEY
 _COMMON_KEYS = frozenset({"name", "prompt_key", "answer_key", "eval_fraction", "chat_template",
-                          "skip_invalid", "answer_format"})
+                          "skip_invalid", "answer_format", "verifier"})
 TASK_KEYS = {
     "jsonl": _COMMON_KEYS | {"path", "eval_path"},
     "parquet": _COMMON_KEYS | {"path", "eval_path"},

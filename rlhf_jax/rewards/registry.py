@@ -149,8 +149,9 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
   except (KeyError, TypeError):
     close = difflib.get_close_matches(str(name), names(), n=1, cutoff=0.0)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown reward {name!r}{hint} known rewards: {', '.join(names())}"
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config.rewards has unknown reward {name!r}{hint}; known rewards: "
+                     f"{', '.join(names())}"
                      ) from None
 
 

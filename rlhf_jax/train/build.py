@@ -16,9 +16,7 @@ import numpy as np
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
-from rlhf_jax.rewards import base as rewards_base
-from rlhf_jax.rewards import callback as callback_lib
-from rlhf_jax.rewards import verifiers
+from rlhf_jax.rewards import registry as rewards_registry
 
 
 def _dict(x) -> Dict[str, Any]:
@@ -152,46 +150,14 @@ def prompt_batch(tokenizer, examples: Sequence[Mapping[str, Any]], *, prompt_len
   return {"prompt_ids": pids, "prompt_mask": pmask, "answer_ids": aids, "answer_mask": amask}
 
 
-def build_reward_fns(specs: Sequence, tokenizer) -> List:
-  """config.rewards: reward names, or dicts for reward models.
-
-  "exact_match": completion tokens (before EOS) equal the answer tokens (in jit).
-  "math_answer": a Python checker of the decoded answer (host callback).
-  "terminated": 1 when the completion ends with EOS.
-  {"name": "reward_model", "path": dir}: a trained reward model (transformers
-  *ForSequenceClassification safetensors, e.g. the offline loop's `export_hf`) scoring
-  prompt + completion inside the step.
-  """
-  fns = []
-  for spec in specs:
-    name = spec.get("name") if hasattr(spec, "get") else spec
-    if name == "exact_match":
-      fns.append(verifiers.exact_match(pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id))
-    elif name == "terminated":
-      fns.append(verifiers.terminated(tokenizer.eos_id))
-    elif name == "math_answer":
-      fns.append(callback_lib.python_verifier(
-          callback_lib.math_answer_check, decode=lambda ids: tokenizer.decode(list(ids)),
-          pad_id=tokenizer.pad_id, fallback=0.0))
-    elif name == "reward_model":
-      fns.append(_reward_model_fn(_dict(spec), tokenizer))
-    else:
-      raise ValueError(f"config.rewards has unknown reward {spec!r}; known: 'exact_match', "
-                       "'math_answer', 'terminated', {'name': 'reward_model', 'path': dir}")
-  return fns
-
-
-def _reward_model_fn(spec: dict, tokenizer):
-  unknown = sorted(set(spec) - {"name", "path"})
-  if unknown or not spec.get("path"):
-    raise ValueError(f"config.rewards entry {spec!r}: a reward model needs exactly 'name' and "
-                     f"'path' (a safetensors directory); unknown keys: {unknown}")
-  model, params = models_lib.load_hf(spec["path"], head="reward", require_score=True)
-  if model.config.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"reward model {spec['path']} has vocab_size={model.config.vocab_size} but "
-                     f"the run's tokenizer has {tokenizer.vocab_size} ids; score with a reward "
-                     "model trained with the same tokenizer")
-  return rewards_base.reward_model(model, params)
+def build_reward_fns(specs: Sequence, tokenizer, *, max_new_tokens: int = 0,
+                     records=None) -> List:
+  """config.rewards -> reward functions, through the reward registry
+  (`rlhf_jax.rewards.registry`: names or dicts {"name": ..., "weight": ..., ...kwargs});
+  the entries' weights are not applied here (see `online_setup.reward_weights`)."""
+  specs = [s.to_dict() if hasattr(s, "to_dict") else s for s in specs]
+  ctx = rewards_registry.RewardContext(tokenizer, int(max_new_tokens), records)
+  return [r.fn for r in rewards_registry.build_rewards(specs, ctx)]
 
 
 def export_hf(config, model, params) -> str:

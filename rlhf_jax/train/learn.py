@@ -16,7 +16,7 @@ later update of the step.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,21 +39,30 @@ class Trainable(NamedTuple):
   ok: jax.Array
 
 
-def make_objective(model, settings: RLSettings, value_model=None):
+def make_objective(model, settings: RLSettings, value_model=None, *,
+                   policy_logps: Optional[Callable] = None, value_fn: Optional[Callable] = None):
   """Returns `objective(params, value_params, mb, normalizer, beta) -> (loss, aux)`.
 
   mb: {"ids", "attn" [n, P + T], "mask", "old_logps", "ref_logps" [n, T],
   "advantages" [n] or [n, T], and with a value model "old_values", "returns" [n, T],
   "prompt_len" (static int)}.
+  policy_logps(params, mb) -> (logps, entropy) [n, T] and value_fn(value_params, mb) ->
+  values [n, T] default to the completion positions of `model` / `value_model`.
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
   kl_fn = losses_lib.get(settings.kl_estimator)
   # Minibatches keep whole groups only when the batch is not shuffled into several.
   group = settings.group_size if settings.num_minibatches == 1 else 1
+  if policy_logps is None:
+    policy_logps = lambda params, mb: completion_logps(  # noqa: E731
+        model, params, mb["ids"], mb["attn"], mb["prompt_len"], group)
+  if value_fn is None and value_model is not None:
+    value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
+        vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
 
   def objective(params, value_params, mb, normalizer, beta):
-    lp, ent = completion_logps(model, params, mb["ids"], mb["attn"], mb["prompt_len"], group)
+    lp, ent = policy_logps(params, mb)
     mask = mb["mask"]
     pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **surrogate_kwargs)
     per_token = pg
@@ -68,9 +77,8 @@ def make_objective(model, settings: RLSettings, value_model=None):
     aux = {"pg_loss": agg(pg), "kl": agg(jax.lax.stop_gradient(kl)),
            "entropy": agg(jax.lax.stop_gradient(ent)),
            "clip_fraction": agg(extras.clipped.astype(jnp.float32))}
-    if value_model is not None:
-      values = value_model.apply(value_params, mb["ids"], attention_mask=mb["attn"])
-      values = values[:, mb["prompt_len"] - 1:-1]
+    if value_fn is not None:
+      values = value_fn(value_params, mb)
       vl, _ = pg_lib.value_loss(
           values, mb["old_values"], mb["returns"], mask, clip_range=settings.value_clip)
       aux["value_loss"] = agg(vl)

@@ -179,13 +179,14 @@ def learn_data(ro: Rollout, sig: Signals, advantages) -> Dict[str, jax.Array]:
 
 
 def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.GradientTransformation,
-                settings: RLSettings, sampling_config, *, value_model=None,
+                settings: RLSettings, sampling_config, *, reward_weights=None, value_model=None,
                 value_optimizer: Optional[optax.GradientTransformation] = None,
                 jit: bool = True, donate: bool = True, out_shardings=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
   prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
-  extras are repeated G times and handed to every reward function.
+  extras are repeated G times and handed to every reward function. The rewards are
+  weighted by `reward_weights` (default `settings.reward_weights`, else all 1).
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -196,8 +197,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   estimator = phases.Estimator.build(
       settings.advantage, dict(settings.advantage_kwargs), group_size=g,
       provides=step_inputs(value_model is not None))
-  score_rollout = phases.make_score(reward_fns, settings.reward_weights or (1.0,) * len(reward_fns),
-                                    settings.reward_constraints(),
+  weights = reward_weights or settings.reward_weights or (1.0,) * len(reward_fns)
+  score_rollout = phases.make_score(reward_fns, weights, settings.reward_constraints(),
                                     len(settings.constraint_thresholds))
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)

@@ -3,7 +3,9 @@
 `train(config) -> summary` builds everything from the config, runs, evaluates
 held-out accuracy with greedy decoding before and after RL, and writes
 metrics (JSONL, TensorBoard) and a PNG of the reward curve into
-`config.workdir`. The per-step work is the single jitted `online.make_update`.
+`config.workdir`. The per-step work is the single jitted `online.make_update`, run by
+the library loop `rlhf_jax.train.loop.run_steps`; prompts, rewards and the evaluator come
+from `rlhf_jax.train.online_setup`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import numpy as np
 from rlhf_jax import config_utils
 from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
-from rlhf_jax import sampling as sampling_lib
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.train.placement import fetch as _fetch, host_arrays, placement
+from rlhf_jax.data import prompt_data
 from rlhf_jax.sampling.config import SamplingConfig
-from rlhf_jax.train import config_schema
-from rlhf_jax.train import build, offline, online, optim
+from rlhf_jax.train import build, config_schema, loop, online, online_setup, optim
 from rlhf_jax.train.metrics_io import MetricsWriter
+from rlhf_jax.train.online_setup import sft_warmup  # noqa: F401  (re-exported)
+from rlhf_jax.train.placement import placement
 from rlhf_jax.train.rl_config import RLSettings
 from rlhf_jax.train.runner import Runner
 
@@ -34,54 +36,9 @@ from rlhf_jax.train.runner import Runner
 def prompt_iterator(tokenizer, examples: Sequence[dict], *, batch_size: int, prompt_length: int,
                     answer_length: int, seed: int) -> data_lib.DataIterator:
   """Resumable, shuffled batches of RL prompts with their answer ids."""
-  collate = lambda exs: build.prompt_batch(tokenizer, exs, prompt_length=prompt_length,  # noqa: E731
-                                           answer_length=answer_length)
-  return data_lib.DataIterator(list(examples), example_fn=lambda rec, i: rec,
-                               make_batcher=lambda: data_lib.Batcher(batch_size, collate),
-                               seed=seed)
-
-
-def make_evaluator(model, tokenizer, task, examples: Sequence[dict], *, prompt_length: int,
-                   max_new_tokens: int, batch_size: int = 256):
-  """Returns `accuracy(params) -> float`: greedy decoding scored by the task's verifier."""
-  cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=1)
-  sample = jax.jit(lambda p, ids, m: sampling_lib.sample(model, p, ids, m, jax.random.PRNGKey(0),
-                                                         cfg))
-  prompts = [e["prompt"] for e in examples]
-  chunks = []
-  for i in range(0, len(prompts), batch_size):
-    part = prompts[i:i + batch_size]
-    part = part + [part[-1]] * (batch_size - len(part)) if len(prompts) > batch_size else part
-    chunks.append((i, build.encode_prompts(tokenizer, part, length=prompt_length)))
-
-  def accuracy(params) -> float:
-    scores = []
-    for start, (ids, mask) in chunks:
-      out = _fetch(sample(params, ids, mask))
-      for j in range(min(len(ids), len(prompts) - start)):
-        n = int(out.lengths[j])
-        text = tokenizer.decode([int(t) for t in out.completion_ids[j, :n]])
-        scores.append(task.score(prompts[start + j], text))
-    return float(np.mean(scores))
-  return accuracy
-
-
-def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWriter):
-  """A short supervised warm-up on the task's reference completions."""
-  sft = config.sft
-  opt = optim.make_optimizer(sft.optim)
-  step = offline.make_step("sft", model, None, opt)
-  state = offline.init_state(params, opt)
-  it = data_lib.sft_batches(list(examples), tokenizer, batch_size=sft.batch_size,
-                            max_length=config.data.max_prompt_length +
-                            config.sampling.max_new_tokens, seed=config.seed)
-  for i in range(sft.steps):
-    batch = next(it)
-    state, m = step(state, {k: jnp.asarray(v) for k, v in host_arrays(batch).items()})
-    if (i + 1) % max(1, sft.steps // 10) == 0:
-      writer.write(i + 1, {"loss": m["loss"]}, prefix="sft/")
-  return state.params
+  return prompt_data.prompt_batches(list(examples), tokenizer, batch_size=batch_size,
+                                    prompt_length=prompt_length, seed=seed,
+                                    answer_length=answer_length)
 
 
 def value_setup(config, model, params, rng):
@@ -101,38 +58,53 @@ def value_setup(config, model, params, rng):
   return value_model, value_params, optim.make_optimizer(vcfg.get("optim") or config.optim)
 
 
-def train(config) -> Dict[str, Any]:
-  """Runs the configured online experiment; returns a summary dict."""
-  config_schema.check(config, "online")
-  sharding_lib.init_distributed(config.get("distributed"))
-  t_start = time.time()
-  workdir = config.workdir
-  os.makedirs(workdir, exist_ok=True)
+def _build(config):
+  """Everything the run needs, built and checked before anything is written."""
   tok = build.build_tokenizer(config)
-  task = build.build_task(config.task)
   model, params = build.build_model(config.model, tok)
   settings = RLSettings.from_config(config.rl)
-  steps, nprompts = int(config.train.steps), int(config.train.prompts_per_step)
+  nprompts = int(config.train.prompts_per_step)
   settings.check_batch(nprompts)
-  optimizer = optim.make_optimizer(config.optim)
-  reward_fns = build.build_reward_fns(list(config.rewards), tok)
-  plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
-  train_ex = task.generate(int(config.data.train_size), seed=config.seed, split="train")
-  eval_ex = task.generate(int(config.data.eval_size), seed=config.seed, split="test")
-  writer = MetricsWriter(workdir, total_steps=steps, desc="rl",
-                         progress=config.get("progress", True))
-  evaluate = make_evaluator(model, tok, task, eval_ex, prompt_length=plen, max_new_tokens=alen)
-  summary: Dict[str, Any] = {}
-  sampling_cfg = SamplingConfig(
-      max_new_tokens=alen, temperature=float(config.sampling.temperature),
-      top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
-      eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size)
-  rng = jax.random.PRNGKey(int(config.seed))
   if "values" in settings.estimator_inputs() and not config.get("value"):
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a value model: add "
                      "config.value = dict(optim=dict(learning_rate=...)) (or optim=None to "
                      "reuse config.optim)")
+  task = online_setup.build_prompt_task(config, tok)
+  rewards = online_setup.build_rewards(config, tok, task.train)
+  weights = online_setup.reward_weights(rewards, settings.reward_weights)
+  batches = online_setup.prompt_batches(config, tok, task.train, rewards, batch_size=nprompts)
+  plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
+  evaluate = online_setup.make_evaluator(model, tok, task.eval, task.score, prompt_length=plen,
+                                         max_new_tokens=alen)
+  sampling_cfg = SamplingConfig(
+      max_new_tokens=alen, temperature=float(config.sampling.temperature),
+      top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
+      eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size)
+  return tok, model, params, settings, task, rewards, weights, batches, evaluate, sampling_cfg
 
+
+def _named_rewards(metrics, rewards) -> None:
+  """Adds `reward/<name>_mean|std` next to the positional `reward_<i>_mean|std`."""
+  for i, r in enumerate(rewards):
+    for stat in ("mean", "std"):
+      if f"reward_{i}_{stat}" in metrics:
+        metrics[f"reward/{r.name}_{stat}"] = metrics[f"reward_{i}_{stat}"]
+
+
+def train(config) -> Dict[str, Any]:
+  """Runs the configured online experiment; returns a summary dict.
+
+  Every config, data and reward error is raised before anything is written to
+  `config.workdir`.
+  """
+  config_schema.check(config, "online")
+  sharding_lib.init_distributed(config.get("distributed"))
+  t_start = time.time()
+  (tok, model, params, settings, task, rewards, weights, batches, evaluate,
+   sampling_cfg) = _build(config)
+  steps = int(config.train.steps)
+  optimizer = optim.make_optimizer(config.optim)
+  rng = jax.random.PRNGKey(int(config.seed))
   unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
 
   def init_state(params):
@@ -141,13 +113,16 @@ def train(config) -> Dict[str, Any]:
         params, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
         value_optimizer=value_opt, unroll_layers=unroll_layers)
   value_model, value_opt, state = init_state(params)
-  batches = prompt_iterator(tok, train_ex, batch_size=nprompts, prompt_length=plen,
-                            answer_length=alen, seed=int(config.seed))
+  online_setup.log_once(task.message)
+  os.makedirs(config.workdir, exist_ok=True)
+  writer = MetricsWriter(config.workdir, total_steps=steps, desc="rl",
+                         progress=config.get("progress", True))
+  summary: Dict[str, Any] = {"dropped_prompts": task.message} if task.message else {}
   run = Runner(config, state, batches)
   if run.start_step == 0:
     if config.get("sft") and int(config.sft.steps) > 0:
       t0 = time.time()
-      params = sft_warmup(config, model, params, tok, train_ex, writer=writer)
+      params = online_setup.sft_warmup(config, model, params, tok, task.train, writer=writer)
       summary["sft_seconds"] = time.time() - t0
       _, _, state = init_state(params)
     summary["accuracy_before"] = evaluate(state.params)
@@ -158,35 +133,38 @@ def train(config) -> Dict[str, Any]:
     summary["resumed_from"] = run.start_step
   put_state, put_batch, out_shardings = placement(config, model, state)
   state = put_state(state)
-  update = online.make_update(model, reward_fns, optimizer, settings, sampling_cfg,
-                              value_model=value_model, value_optimizer=value_opt,
-                              out_shardings=out_shardings)
+  update = online.make_update(model, [r.fn for r in rewards], optimizer, settings, sampling_cfg,
+                              reward_weights=weights, value_model=value_model,
+                              value_optimizer=value_opt, out_shardings=out_shardings)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
-  for i in range(run.start_step, steps):
-    batch = put_batch(host_arrays(next(batches)))
-    t0 = time.time()
-    state, metrics = update(state, batch, rng)
-    metrics = _fetch(metrics)
-    dt = time.time() - t0
-    if i == run.start_step:
-      summary["first_step_seconds"] = dt
+
+  def on_step(step, state, metrics, seconds) -> bool:
+    if step == run.start_step + 1:
+      summary["first_step_seconds"] = seconds
     else:
-      step_times.append(dt)
-    metrics["tokens_per_second"] = float(metrics["num_tokens"]) / dt
-    writer.write(i + 1, metrics)
-    if eval_every and (i + 1) % eval_every == 0 and i + 1 < steps:
-      writer.write(i + 1, {"accuracy": evaluate(state.params)}, prefix="eval/")
-    if run.after_step(i + 1, state, metrics):
-      writer.close()
-      return dict(summary, stopped_at=i + 1, state=state)
+      step_times.append(seconds)
+    metrics["tokens_per_second"] = metrics["num_tokens"] / seconds
+    _named_rewards(metrics, rewards)
+    writer.write(step, metrics)
+    if eval_every and step % eval_every == 0 and step < steps:
+      writer.write(step, {"accuracy": evaluate(state.params)}, prefix="eval/")
+    return run.after_step(step, state, metrics)
+
+  state, done = loop.run_steps(update, state, batches, rng, start=run.start_step, stop=steps,
+                               put_batch=put_batch, on_step=on_step)
+  if run.stopped_by_signal:
+    writer.close()
+    return dict(summary, stopped_at=done, state=state)
   summary["accuracy_after"] = evaluate(state.params)
   writer.write(steps, {"accuracy": summary["accuracy_after"]}, prefix="eval/")
   if config.get("export_hf"):
     summary["hf_model"] = build.export_hf(config, model, state.params)
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
-  summary["plot"] = writer.plot(["reward_mean", "eval/accuracy", "kl", "response_length"],
-                                name="reward_curve")
+  curves = ["reward_mean", "eval/accuracy", "kl", "response_length"]
+  if len(rewards) > 1:
+    curves += [f"reward/{r.name}_mean" for r in rewards]
+  summary["plot"] = writer.plot(curves, name="reward_curve")
   run.finish(steps, state)
   summary["total_seconds"] = time.time() - t_start
   summary["state"] = state
