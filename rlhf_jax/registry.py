@@ -33,12 +33,19 @@ class Declaration:
     pair; the caller passes `update(state, rewards)` as `state=`); None otherwise.
   hyperparameters: keyword parameters a config may set, with their defaults
     (`inspect.Parameter.empty` marks a required one).
+  parameters: every parameter as (name, required), in order: what a caller that feeds
+    inputs by name (the offline losses' batches) may pass.
   """
   name: str
   kind: str
   needs: Tuple[str, ...] = ()
   state: Optional[Callable[[], Any]] = None
   hyperparameters: Tuple[Tuple[str, Any], ...] = ()
+  parameters: Tuple[Tuple[str, bool], ...] = ()
+
+  @property
+  def parameter_names(self) -> Tuple[str, ...]:
+    return tuple(k for k, _ in self.parameters)
 
   @property
   def hyperparameter_names(self) -> Tuple[str, ...]:
@@ -61,6 +68,12 @@ class Declaration:
     for k in self.required_hyperparameters:
       if k not in kwargs:
         raise ValueError(f"{self.name!r} needs {k!r} (it has no default); set it in {key}")
+
+
+def _parameters(fn: Callable) -> Tuple[Tuple[str, bool], ...]:
+  return tuple((name, p.default is inspect.Parameter.empty)
+               for name, p in inspect.signature(fn).parameters.items()
+               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 def _hyperparameters(fn: Callable, needs: Tuple[str, ...]) -> Tuple[Tuple[str, Any], ...]:
@@ -92,7 +105,8 @@ class Registry:
         raise ValueError(f"{self.kind} {name!r} is registered twice")
       self._fns[name] = fn
       self._decl[name] = Declaration(name=name, kind=family, needs=needs, state=state,
-                                     hyperparameters=_hyperparameters(fn, needs))
+                                     hyperparameters=_hyperparameters(fn, needs),
+                                     parameters=_parameters(fn))
       return fn
     return deco
 
@@ -113,6 +127,14 @@ class Registry:
       return self._decl[name]
     except KeyError:
       raise self._unknown(name) from None
+
+  def declaration_of(self, fn: Callable) -> Declaration:
+    """The declaration of a registered function (looked up by identity)."""
+    for name, f in self._fns.items():
+      if f is fn:
+        return self._decl[name]
+    raise KeyError(f"{getattr(fn, '__name__', fn)!r} is not a registered {self.kind}; register "
+                   f"it (e.g. `@register(name, family=...)`) to declare its inputs")
 
   def names(self, family: Optional[str] = None) -> Iterable[str]:
     return sorted(n for n in self._fns if family is None or self._decl[n].kind == family)

@@ -31,7 +31,6 @@ Chosen and rejected sequences go through the model as one [2B, T] batch.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import guards
+from rlhf_jax import losses as losses_lib
 from rlhf_jax import models as models_lib
 
 PARADIGMS = ("sft", "preference", "reward_model")
@@ -115,21 +115,26 @@ def _check_keys(batch: Mapping[str, Any], keys, what: str) -> None:
     raise KeyError(f"{what} batch is missing {missing}; it has {sorted(batch)}")
 
 
+def _parameters(fn: Callable):
+  """(name, required) of every parameter of a registered loss (its declaration)."""
+  return losses_lib.REGISTRY.declaration_of(fn).parameters
+
+
 def call_with_available(fn: Callable, available: Mapping[str, Any], kwargs: Mapping[str, Any],
                         what: str):
-  """Calls `fn` with the named inputs its signature takes (hyper-parameters from kwargs)."""
-  params = inspect.signature(fn).parameters
+  """Calls `fn` with the named inputs its declaration lists (hyper-parameters from kwargs)."""
+  params = dict(_parameters(fn))
   for k in kwargs:
     if k not in params:
       raise ValueError(f"loss_kwargs has {k!r}, which {what} does not take; it takes "
                        f"{sorted(p for p in params if p not in available)}")
   args = {}
-  for name, p in params.items():
+  for name, required in params.items():
     if name in kwargs:
       continue
     if name in available and available[name] is not None:
       args[name] = available[name]
-    elif p.default is inspect.Parameter.empty:
+    elif required:
       raise ValueError(f"{what} needs {name!r}, which this batch cannot provide (it provides "
                        f"{sorted(k for k, v in available.items() if v is not None)}); pass a "
                        "constant in config.loss_kwargs, a per-example field of the records "
@@ -142,7 +147,7 @@ def is_unpaired_loss(loss_fn: Optional[Callable]) -> bool:
   """True for losses over single completions with labels (KTO-style signatures)."""
   if loss_fn is None:
     return False
-  params = inspect.signature(loss_fn).parameters
+  params = dict(_parameters(loss_fn))
   return "desirable" in params and "chosen_logps" not in params
 
 
@@ -150,7 +155,7 @@ def is_list_loss(loss_fn: Optional[Callable]) -> bool:
   """True for listwise losses over `logps` / `mask` [B, K] (PRO, TRPA, GRAO signatures)."""
   if loss_fn is None:
     return False
-  params = inspect.signature(loss_fn).parameters
+  params = dict(_parameters(loss_fn))
   return "logps" in params and "mask" in params and "desirable" not in params
 
 
