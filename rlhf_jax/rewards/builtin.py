@@ -302,10 +302,14 @@ def call_python(fn: Callable, path: str, prompts: List[str], completions: List[s
   return check_output(out, n, path, where)
 
 
+# Keys of a loaded record that are not dataset fields (the prompt is passed on its own).
+_INTERNAL_KEYS = ("prompt", "prompt_ids", "_origin")
+
+
 def _record_fields(records: Sequence[Mapping[str, Any]]) -> Dict[str, List[Any]]:
   keys: Dict[str, None] = {}
   for r in records:
-    keys.update(dict.fromkeys(k for k in r if k != "prompt"))
+    keys.update(dict.fromkeys(k for k in r if k not in _INTERNAL_KEYS))
   return {k: [r.get(k) for r in records] for k in keys}
 
 
@@ -332,7 +336,7 @@ def _python_text(ctx: RewardContext, *, fn: str):
   path, user_fn = fn, load_function(fn)
 
   def score(record: Mapping[str, Any], text: str) -> float:
-    fields = {k: [v] for k, v in record.items() if k != "prompt"}
+    fields = {k: [v] for k, v in record.items() if k not in _INTERNAL_KEYS}
     prompt = prompt_text(ctx, record.get("prompt", ""))
     return float(call_python(user_fn, path, [prompt], [text], fields, lambda i: "the record")[0])
   return score

@@ -70,16 +70,20 @@ def _build(config):
                      "config.value = dict(optim=dict(learning_rate=...)) (or optim=None to "
                      "reuse config.optim)")
   task = online_setup.build_prompt_task(config, tok)
+  build.check_online(config, model, settings, task.train)
   rewards = online_setup.build_rewards(config, tok, task.train)
   weights = online_setup.reward_weights(rewards, settings.reward_weights)
   batches = online_setup.prompt_batches(config, tok, task.train, rewards, batch_size=nprompts)
+  online_setup.probe_host_rewards(config, tok, task.train, rewards)
   plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
+  vocab_limit = build.vocab_limit(model, tok)  # a padded model vocabulary: sample real ids only
   evaluate = online_setup.make_evaluator(model, tok, task.eval, task.score, prompt_length=plen,
-                                         max_new_tokens=alen)
+                                         max_new_tokens=alen, vocab_limit=vocab_limit)
   sampling_cfg = SamplingConfig(
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
-      eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size)
+      eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
+      vocab_limit=vocab_limit)
   return tok, model, params, settings, task, rewards, weights, batches, evaluate, sampling_cfg
 
 

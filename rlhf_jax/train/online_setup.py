@@ -75,7 +75,7 @@ def build_prompt_task(config, tokenizer) -> PromptTask:
 def _first_verifier(specs) -> str:
   for spec in specs:
     name = spec.get("name") if hasattr(spec, "get") else spec
-    if name in rewards_lib.names() and rewards_lib.decl(name).verifier:
+    if rewards_lib.decl(name).verifier:  # an unknown name is named here
       return spec
   verifiers = [n for n in rewards_lib.names() if rewards_lib.decl(n).verifier]
   raise ValueError(f"held-out accuracy needs a verifier: none of config.rewards={list(specs)} "
@@ -110,11 +110,48 @@ def prompt_batches(config, tokenizer, records, rewards, *, batch_size: int):
       answer_length=int(config.sampling.max_new_tokens) if needs_answers else None)
 
 
+def probe_host_rewards(config, tokenizer, records, rewards) -> None:
+  """Calls each host reward (Python code) once on the first records with empty completions,
+  so that a function that raises, returns the wrong length or a non-finite value is named
+  now, before anything is written, rather than at the first step."""
+  host = [(i, r) for i, r in enumerate(rewards) if r.decl.host]
+  if not host:
+    return
+  n = min(2, len(records))
+  needs_answers = any("answer_ids" in r.decl.needs for _, r in host)
+  alen = int(config.sampling.max_new_tokens)
+  batch = prompt_data.prompt_arrays(list(records[:n]), tokenizer,
+                                    prompt_length=int(config.data.max_prompt_length),
+                                    answer_length=alen if needs_answers else None)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  completion = jnp.full((n, alen), tokenizer.pad_id, jnp.int32)
+  extras = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
+  extras["prompt_mask"] = batch["prompt_mask"]
+  for i, r in host:
+    try:
+      out = np.asarray(jax.device_get(r.fn(batch["prompt_ids"], completion,
+                                           jnp.zeros((n, alen), bool), extras)))
+    except Exception as e:  # pylint: disable=broad-except
+      # The host's exception arrives inside the runtime error's text: keep its last line.
+      lines = [ln for ln in str(e).splitlines() if "Error: " in ln or "Exception: " in ln]
+      msg = lines[-1].split(": ", 1)[1].strip() if lines else str(e)
+      raise ValueError(f"config.rewards[{i}] ({r.name!r}) failed when called on the first "
+                       f"{n} prompts with empty completions: {msg}") from None
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+      raise ValueError(f"config.rewards[{i}] ({r.name!r}) returned {out!r} for {n} empty "
+                       f"completions; expected {n} finite floats (shape [N])")
+
+
 def make_evaluator(model, tokenizer, records: Sequence[dict], score: Scorer, *,
-                   prompt_length: int, max_new_tokens: int, batch_size: int = 256):
-  """Returns `accuracy(params) -> float`: greedy decoding scored by `score(record, text)`."""
+                   prompt_length: int, max_new_tokens: int, batch_size: int = 256,
+                   vocab_limit: int | None = None):
+  """Returns `accuracy(params) -> float`: greedy decoding scored by `score(record, text)`.
+
+  `vocab_limit`: decode only ids < vocab_limit (`SamplingConfig.vocab_limit`; a model
+  vocabulary padded beyond the tokenizer's)."""
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=1)
+                       eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=1,
+                       vocab_limit=vocab_limit)
   sample = jax.jit(lambda p, ids, m: sampling_lib.sample(model, p, ids, m, jax.random.PRNGKey(0),
                                                          cfg))
   arrays = prompt_data.prompt_arrays(records, tokenizer, prompt_length=prompt_length)
