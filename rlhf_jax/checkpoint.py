@@ -6,14 +6,26 @@ One checkpoint step directory holds four items:
   data_state  JSON dict of the input pipeline position (e.g. grain `get_state()`).
   config      JSON of the run config (dict or ml_collections.ConfigDict).
   meta        JSON: format version, step, random-key paths and their impls.
-and, once Orbax has committed the step, `rlhf_integrity.json` with the size and
-sha256 of every file, checked on restore.
+and the integrity manifest `rlhf_integrity.json` with the size and sha256 of every
+file, checked on restore (`rlhf_jax.checkpoint_integrity`).
 
-Guarantees (see docs/reliability.md): Orbax writes into a temporary directory
-and renames it on commit, so an interrupted save never appears as a step;
-corrupted or truncated files are detected on restore with an error naming the
-step; `restore_latest_valid` falls back to the newest loadable step with a
-warning; restore onto another mesh reshards to the given target shardings.
+Guarantees (see docs/reliability.md):
+- Orbax writes into a temporary directory and renames it on commit; the manifest is
+  written into that directory after every item is finalised and before the rename,
+  so it is part of the atomic commit. A step counts (`all_steps`, `latest_step`,
+  restore) only with Orbax's commit metadata and the manifest; an interrupted save
+  never appears as a step, and a `<step>` directory without its manifest is
+  incomplete: never restored, skipped by `restore_latest_valid` with a warning, and
+  set aside (renamed) when this run saves that step again.
+- Corrupted or truncated files are detected on restore with an error naming the
+  step; `restore_latest_valid` falls back to the newest loadable step.
+- Old steps are deleted (`max_to_keep`) only after a newer step is complete, so a
+  failed or interrupted save never leaves fewer loadable steps than before.
+- A save that cannot be written (full disk, read-only or unwritable directory)
+  raises CheckpointWriteError naming the directory, the cause and the fix, at
+  `save` (synchronous) or at the next `save`/`wait`/`close` (async); the earlier
+  steps stay loadable.
+- Restore onto another mesh reshards to the given target shardings.
 
 Typical loop::
 
@@ -30,12 +42,11 @@ Typical loop::
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import json
+import glob
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -43,261 +54,21 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from rlhf_jax import checkpoint_integrity as integrity
+from rlhf_jax import checkpoint_items as items
+from rlhf_jax.checkpoint_integrity import (  # pylint: disable=unused-import
+    FORMAT_VERSION, INTEGRITY_FILE, ITEMS, CheckpointError, CheckpointWriteError,
+    verify_step_dir, write_integrity)
+from rlhf_jax.checkpoint_items import (  # pylint: disable=unused-import
+    DEFAULT_MUST_MATCH, check_config_compatible, to_json_dict)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-INTEGRITY_FILE = "rlhf_integrity.json"
-ITEMS = ("state", "data_state", "config", "meta")
-DEFAULT_MUST_MATCH = ("model",)
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint step is missing, incomplete or corrupted."""
-
-
-# ------------------------------------------------------------------ JSON
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, (np.bool_,)):
-    return bool(x)
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return np.asarray(x).tolist()
-  if isinstance(x, bytes):
-    return {"__bytes__": base64.b64encode(x).decode("ascii")}
-  if isinstance(x, (tuple, set, frozenset)):
-    return list(x)
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  raise TypeError(f"cannot store {type(x).__name__} in a JSON checkpoint item: "
-                  f"{x!r}; convert it to int/float/str/list/dict.")
-
-
-def _json_hook(d):
-  if set(d) == {"__bytes__"}:
-    return base64.b64decode(d["__bytes__"])
-  return d
-
-
-def to_json_dict(obj: Any, name: str = "config") -> dict:
-  """Round-trips `obj` (dict / ConfigDict / None) through JSON."""
-  if obj is None:
-    return {}
-  if hasattr(obj, "to_dict"):
-    obj = obj.to_dict()
-  if not isinstance(obj, Mapping):
-    raise TypeError(f"{name} must be a dict or ConfigDict, got {type(obj).__name__}.")
-  return json.loads(json.dumps(dict(obj), default=_json_default), object_hook=_json_hook)
-
-
-def _encode_json_item(d: dict) -> dict:
-  # Orbax's JsonSave needs plain JSON; bytes etc. are encoded by _json_default.
-  return json.loads(json.dumps(d, default=_json_default))
-
-
-def _decode_json_item(d: dict | None) -> dict:
-  return json.loads(json.dumps(d or {}), object_hook=_json_hook)
-
-
-# ------------------------------------------------------------------ config checks
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def check_config_compatible(saved: Mapping | Any, current: Mapping | Any, *,
-                            must_match: Sequence[str] = DEFAULT_MUST_MATCH) -> None:
-  """Raises ValueError naming every key under `must_match` that differs.
-
-  `must_match` holds dotted prefixes ("model" covers "model.hidden_size" ...).
-  Keys present in only one config count as differing.
-  """
-  a = _flatten(to_json_dict(saved, "saved config"))
-  b = _flatten(to_json_dict(current, "current config"))
-
-  def relevant(k):
-    return any(k == p or k.startswith(p + ".") for p in must_match)
-
-  missing = object()
-  diffs = []
-  for k in sorted({k for k in (*a, *b) if relevant(k)}):
-    va, vb = a.get(k, missing), b.get(k, missing)
-    if va != vb:
-      fa = "<absent>" if va is missing else repr(va)
-      fb = "<absent>" if vb is missing else repr(vb)
-      diffs.append(f"{k}: checkpoint={fa} current={fb}")
-  if diffs:
-    raise ValueError(
-        "restored checkpoint config is incompatible with the current config in "
-        "keys that must match (" + ", ".join(must_match) + "):\n  " +
-        "\n  ".join(diffs) +
-        "\nUse the checkpoint's config for these keys or start a new workdir.")
-
-
-# ------------------------------------------------------------------ keys
-
-
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _keystr(path) -> str:
-  return jax.tree_util.keystr(path)
-
-
-def _unwrap_keys(tree):
-  """Replaces typed PRNG keys by their key data; returns (tree, {path: impl})."""
-  impls = {}
-
-  def f(path, x):
-    if _is_key(x):
-      impls[_keystr(path)] = str(jax.random.key_impl(x))
-      return jax.random.key_data(x)
-    return x
-
-  return jax.tree_util.tree_map_with_path(f, tree), impls
-
-
-def _rewrap_keys(tree, impls: Mapping[str, str]):
-  if not impls:
-    return tree
-
-  def f(path, x):
-    impl = impls.get(_keystr(path))
-    return x if impl is None else jax.random.wrap_key_data(x, impl=impl)
-
-  return jax.tree_util.tree_map_with_path(f, tree)
-
-
-def _abstract_target(target, shardings):
-  """ShapeDtypeStructs (key leaves as key data) with target shardings."""
-  leaves, treedef = jax.tree_util.tree_flatten(target)
-  sh_leaves = (treedef.flatten_up_to(shardings) if shardings is not None
-               else [None] * len(leaves))
-  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  out = []
-  for x, sh in zip(leaves, sh_leaves):
-    if sh is None:
-      sh = getattr(x, "sharding", None)
-      if not isinstance(sh, jax.sharding.Sharding):
-        sh = default
-    if _is_key(x):
-      shape = jax.eval_shape(jax.random.key_data, x)
-      out.append(jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sh))
-    else:
-      out.append(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh))
-  return treedef.unflatten(out)
-
-
-def _saved_fields(state_dir: str) -> set[str] | None:
-  """Top-level names of the state tree on disk (None when Orbax cannot say)."""
-  absl_log = logging.getLogger("absl")  # Orbax warns that a step-level metadata file is absent
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)
-  try:
-    md = ocp.StandardCheckpointer().metadata(state_dir)
-    tree = getattr(md, "item_metadata", md)
-    tree = getattr(tree, "tree", tree)
-    return set(tree.keys())
-  except Exception:  # pylint: disable=broad-except
-    return None
-  finally:
-    absl_log.setLevel(level)
-
-
-def _added_fields(target, saved: set[str] | None) -> tuple[list[str], list[str]]:
-  """Fields of a dataclass state that the saved tree lacks: (empty in `target`, not empty).
-
-  A checkpoint written before a field was added to the train state (e.g. `RLState.
-  reward_state`) restores when this run leaves the field empty (None)."""
-  if saved is None:
-    return [], []
-  added = [f.name for f in dataclasses.fields(target) if f.name not in saved]
-  empty = [n for n in added if not jax.tree_util.tree_leaves(getattr(target, n))]
-  return empty, [n for n in added if n not in empty]
-
-
-# ------------------------------------------------------------------ integrity
-
-
-def _hash_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _list_files(step_dir: str) -> list[str]:
-  out = []
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != INTEGRITY_FILE and not rel.endswith(".tmp"):
-        out.append(rel)
-  return sorted(out)
-
-
-def write_integrity(step_dir: str, *, checksum: bool = True) -> None:
-  """Writes size (+ sha256) of every file of a committed step, atomically."""
-  files = {}
-  for rel in _list_files(step_dir):
-    p = os.path.join(step_dir, rel)
-    files[rel] = {"size": os.path.getsize(p),
-                  "sha256": _hash_file(p) if checksum else None}
-  tmp = os.path.join(step_dir, INTEGRITY_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"format": FORMAT_VERSION, "files": files}, f)
-  os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
-
-
-def verify_step_dir(step_dir: str, step: int, *, checksum: bool = True) -> None:
-  """Raises CheckpointError naming the step and the problem, if any."""
-  if not os.path.isdir(step_dir):
-    raise CheckpointError(f"checkpoint step {step}: directory {step_dir} does not exist.")
-  if not os.path.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA")):
-    raise CheckpointError(f"checkpoint step {step} at {step_dir} is incomplete: "
-                          "_CHECKPOINT_METADATA is missing (save did not finish).")
-  for item in ITEMS:
-    if not os.path.isdir(os.path.join(step_dir, item)):
-      raise CheckpointError(f"checkpoint step {step} at {step_dir} is incomplete: "
-                            f"item directory {item!r} is missing.")
-  manifest = os.path.join(step_dir, INTEGRITY_FILE)
-  if not os.path.exists(manifest):
-    return  # committed by Orbax but manifest not yet written; Orbax checks apply.
-  try:
-    with open(manifest) as f:
-      files = json.load(f)["files"]
-  except (OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f"checkpoint step {step}: integrity manifest {manifest} "
-                          f"is unreadable ({e}).") from e
-  for rel, info in files.items():
-    p = os.path.join(step_dir, rel)
-    if not os.path.exists(p):
-      raise CheckpointError(f"checkpoint step {step}: file {rel} is missing.")
-    size = os.path.getsize(p)
-    if size != info["size"]:
-      raise CheckpointError(f"checkpoint step {step}: file {rel} has {size} bytes, "
-                            f"expected {info['size']} (truncated or overwritten).")
-    if checksum and info.get("sha256") and _hash_file(p) != info["sha256"]:
-      raise CheckpointError(f"checkpoint step {step}: file {rel} fails its sha256 "
-                            "check (corrupted).")
+# Orbax writes step N into "N" + this suffix, then renames it to "N".
+_TMP_SUFFIX = getattr(getattr(ocp.path, "atomicity", None), "TMP_DIR_SUFFIX",
+                      ".orbax-checkpoint-tmp")
 
 
 # ------------------------------------------------------------------ manager
@@ -308,7 +79,7 @@ class Checkpointer:
 
   Args:
     workdir: checkpoint root directory (created if missing).
-    max_to_keep: number of most recent steps kept (None = all).
+    max_to_keep: number of most recent complete steps kept (None = all).
     save_interval_steps: `save` writes when `step % save_interval_steps == 0`.
     save_interval_minutes: also write when this many minutes passed since the
       last write (None = off).
@@ -326,35 +97,41 @@ class Checkpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 or None.")
     self.workdir = os.path.abspath(os.fspath(workdir))
+    self.max_to_keep = max_to_keep
     self.save_interval_steps = save_interval_steps
     self.save_interval_minutes = save_interval_minutes
     self.checksum = checksum
     self._async = bool(async_save)
     self._last_save_time = time.monotonic()
-    self._pending: set[int] = set()
-    self._unloadable: set[int] = set()  # committed steps a fallback restore skipped
-    self._mngr = ocp.CheckpointManager(
-        self.workdir,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=async_save))
+    self._pending: int | None = None  # the step whose save is in flight
+    self._commit_error: BaseException | None = None
+    self._unloadable: set[int] = set()  # complete steps a fallback restore skipped
+    try:
+      # Always Orbax's async checkpointer: its post-finalisation callback writes the
+      # manifest before the commit (a synchronous save waits for it). Retention is
+      # done here (`_retain`), not by Orbax, which deletes old steps even when the
+      # new one failed to commit. Directories are created in `save`, so a read-only
+      # directory fails there instead of in a background thread.
+      self._mngr = ocp.CheckpointManager(
+          self.workdir,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None, create=True, enable_async_checkpointing=True,
+              async_options=ocp.options.AsyncOptions(
+                  post_finalization_callback=self._write_manifest,
+                  create_directories_asynchronously=False)))
+    except OSError as e:
+      raise integrity.write_error(self.workdir, None, e, previous=None) from e
 
   # -- queries
 
-  def _step_dirs(self) -> tuple[list[int], list[int]]:
-    # Listed from the directory: Orbax's `reload()` during an in-flight async
-    # save confuses its retention bookkeeping. Temporary dirs are not digits.
-    committed, partial = [], []
-    names = os.listdir(self.workdir) if os.path.isdir(self.workdir) else []
-    for s in (n for n in names if n.isdigit()):
-      d = self.step_dir(int(s))
-      ok = os.path.exists(os.path.join(d, "_CHECKPOINT_METADATA"))
-      (committed if ok else partial).append(int(s))
-    return sorted(committed), sorted(partial)
+  def _scan(self) -> dict[int, str | None]:
+    # Listed from the directory, not Orbax's bookkeeping, which also counts a step
+    # while its save is in flight or before its manifest exists.
+    return integrity.scan_steps(self.workdir)
 
   def all_steps(self) -> list[int]:
-    """Steps whose directory is committed (no temporary or partial dirs)."""
-    return self._step_dirs()[0]
+    """Complete steps: committed by Orbax with their integrity manifest."""
+    return sorted(s for s, why in self._scan().items() if why is None)
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -374,32 +151,120 @@ class Checkpointer:
 
   def save(self, step: int, state, *, data_state: Mapping | None = None,
            config: Mapping | Any = None, force: bool = False) -> bool:
-    """Saves when due (or `force`); returns whether a save was started."""
+    """Saves when due (or `force`); returns whether a save was started.
+
+    Raises CheckpointWriteError when this save (synchronous) or the previous one
+    (async) could not be written."""
     step = int(step)
     if not (force or self.should_save(step)):
       return False
-    committed, partial = self._step_dirs()
-    intact = step in committed and step not in self._unloadable and self._intact(step)
-    if step in self._pending or intact:
+    self._wait()  # Orbax would wait for the previous save too; its failure is raised here
+    status = self._scan()
+    if (step in status and status[step] is None and step not in self._unloadable and
+        self._intact(step)):
       log.info("checkpoint step %d already exists; not saving again.", step)
       return False
-    if step in committed:  # corrupted (e.g. a run resumed from an earlier step past it)
-      self._set_aside(step, "corrupted", "failed verification")
-    elif step in partial:
-      self._set_aside(step, "incomplete", "_CHECKPOINT_METADATA missing")
-    arrays, impls = _unwrap_keys(state)
+    if step in status:  # a run resumed from an earlier step, past a damaged one
+      why = status[step]
+      self._set_aside(step, *(("corrupted", "failed verification") if why is None
+                              else ("incomplete", why)))
+    arrays, impls = items.unwrap_keys(state)
     meta = {"format": FORMAT_VERSION, "step": step, "key_impls": impls}
-    self._mngr.save(step, args=ocp.args.Composite(
+    args = ocp.args.Composite(
         state=ocp.args.StandardSave(arrays),
-        data_state=ocp.args.JsonSave(_encode_json_item(dict(data_state or {}))),
-        config=ocp.args.JsonSave(to_json_dict(config)),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        data_state=ocp.args.JsonSave(items.encode_json_item(dict(data_state or {}))),
+        config=ocp.args.JsonSave(items.to_json_dict(config)),
+        meta=ocp.args.JsonSave(meta))
+    self._pending, self._commit_error = step, None
+    try:
+      self._mngr.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._pending = None
+      err = integrity.write_error(self.workdir, step, e, previous=self.latest_step(),
+                                  probe=False)
+      if err is None:
+        raise
+      self._discard_tmp(step)
+      raise err from e
     self._last_save_time = time.monotonic()
-    self._pending.add(step)
-    # Orbax finishes the previous async save before starting a new one, so all
-    # earlier steps are committed now.
-    self._finalize(exclude=step if self._async else None)
+    if not self._async:
+      self._wait()
     return True
+
+  def _write_manifest(self) -> None:
+    """Orbax's post-finalisation callback (background thread, primary host): runs once
+    every item of the step is finalised, before the temporary directory is renamed to
+    `<step>`, so the manifest commits with the data. Raising stops the commit."""
+    try:
+      step = self._pending
+      if step is None:
+        raise CheckpointError("Orbax finalised a save that this Checkpointer did not start.")
+      integrity.write_integrity(self._tmp_dir(step), checksum=self.checksum)
+    except BaseException as e:
+      self._commit_error = e
+      raise
+
+  def _tmp_dir(self, step: int) -> str:
+    final = self.step_dir(step)
+    tmp = final + _TMP_SUFFIX
+    for d in (tmp, *sorted(glob.glob(glob.escape(tmp) + "*"))):
+      if os.path.isdir(d):
+        return d
+    if os.path.isdir(final):  # Orbax's commit-file mode writes in place
+      return final
+    raise CheckpointError(f"checkpoint step {step}: Orbax's temporary directory {tmp} "
+                          "was not found.")
+
+  def _wait(self) -> None:
+    """Waits for the save in flight; raises CheckpointWriteError unless it is complete."""
+    step = self._pending
+    try:
+      self._mngr.wait_until_finished()
+      failure = None
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+    finally:
+      self._pending = None  # only now: the manifest callback reads it until the commit
+    if step is None:
+      if failure is not None:
+        raise failure
+      return
+    if failure is None and integrity.step_status(self.step_dir(step)) is None:
+      self._retain()
+      return
+    failure = failure or self._commit_error
+    self._discard_tmp(step)
+    try:
+      self._mngr.reload()  # forget the failed step, so that it can be saved again
+    except Exception:  # pylint: disable=broad-except
+      pass
+    raise integrity.write_error(self.workdir, step, failure,
+                                previous=self.latest_step()) from failure
+
+  def _discard_tmp(self, step: int) -> None:
+    """Removes a failed save's temporary directory (frees a full disk)."""
+    if jax.process_index() == 0:
+      shutil.rmtree(self.step_dir(step) + _TMP_SUFFIX, ignore_errors=True)
+
+  def _retain(self) -> None:
+    """Deletes complete steps beyond the newest `max_to_keep`, and committed steps
+    without a manifest older than those kept."""
+    if self.max_to_keep is None or jax.process_index() != 0:
+      return
+    status = self._scan()
+    keep = sorted(s for s, why in status.items() if why is None)[-self.max_to_keep:]
+    for s in sorted(status):
+      if not keep or s >= keep[0] or status[s] == integrity.METADATA_MISSING:
+        continue
+      d = self.step_dir(s)
+      try:
+        # Without its manifest the step is incomplete at once: a crash while
+        # deleting leaves no directory that passes for a complete step.
+        if os.path.exists(os.path.join(d, INTEGRITY_FILE)):
+          os.remove(os.path.join(d, INTEGRITY_FILE))
+        shutil.rmtree(d)
+      except OSError as e:
+        log.warning("could not delete old checkpoint step %d at %s: %s", s, d, e)
 
   def _intact(self, step: int) -> bool:
     try:
@@ -410,40 +275,35 @@ class Checkpointer:
 
   def _set_aside(self, step: int, kind: str, why: str) -> None:
     """Renames an incomplete or corrupted `<step>` dir so the step can be saved again."""
-    self._mngr.wait_until_finished()
     src = self.step_dir(step)
     dst = f"{src}.{kind}-{int(time.time())}"
+    n = 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.{kind}-{int(time.time())}-{n}"
     if jax.process_index() == 0:
-      os.replace(src, dst)
+      try:
+        os.replace(src, dst)
+      except OSError as e:
+        raise integrity.write_error(self.workdir, step, e,
+                                    previous=self.latest_step()) from e
     msg = (f"checkpoint step {step} at {src} was {kind} ({why}); moved to {dst} before "
            "saving again.")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     log.warning(msg)
     self._mngr.reload()
 
-  def _finalize(self, exclude: int | None = None) -> None:
-    if jax.process_index() != 0:
-      self._pending.clear()
-      return
-    for s in sorted(self._pending):
-      if s == exclude:
-        continue
-      d = self.step_dir(s)
-      try:
-        if os.path.exists(os.path.join(d, "_CHECKPOINT_METADATA")):
-          write_integrity(d, checksum=self.checksum)
-      except FileNotFoundError:
-        pass  # deleted by max_to_keep meanwhile
-      self._pending.discard(s)
-
   def wait(self) -> None:
-    """Blocks until pending async saves are committed (and manifests written)."""
-    self._mngr.wait_until_finished()
-    self._finalize()
+    """Blocks until the save in flight is committed with its manifest.
+
+    Raises CheckpointWriteError when it could not be written."""
+    self._wait()
 
   def close(self) -> None:
-    self.wait()
-    self._mngr.close()
+    try:
+      self._wait()
+    finally:
+      self._mngr.close()
 
   # -- restore
 
@@ -458,7 +318,7 @@ class Checkpointer:
     Args:
       target: abstract (ShapeDtypeStruct) or concrete state with the saved
         structure; random keys may be typed keys. None restores the raw tree.
-      step: a step number, or "latest"/None for the newest committed step.
+      step: a step number, or "latest"/None for the newest complete step.
       shardings: tree of target shardings (reshard onto any mesh); defaults to
         each target leaf's sharding, else the first local device.
       config: current config; keys under `must_match` must equal the saved.
@@ -474,17 +334,17 @@ class Checkpointer:
         raise FileNotFoundError(f"no committed checkpoint in {self.workdir}.")
     step = int(step)
     self.verify(step)
-    saved_config = _decode_json_item(self._read(step, lambda: self._mngr.restore(
+    saved_config = items.decode_json_item(self._read(step, lambda: self._mngr.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))["config"])
     if config is not None:  # before the state: a changed model config explains a tree mismatch
       check_config_compatible(saved_config, config, must_match=must_match)
     args = {"data_state": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
     abstract, empty, needed = None, [], []
     if target is not None:
-      abstract = _abstract_target(target, shardings)
+      abstract = items.abstract_target(target, shardings)
       if dataclasses.is_dataclass(abstract):  # only a dataclass state gains fields
-        empty, needed = _added_fields(
-            abstract, _saved_fields(os.path.join(self.step_dir(step), "state")))
+        empty, needed = items.added_fields(
+            abstract, items.saved_fields(os.path.join(self.step_dir(step), "state")))
     if needed:
       raise CheckpointError(
           f"checkpoint step {step} at {self.step_dir(step)} was written without the state "
@@ -503,8 +363,8 @@ class Checkpointer:
       return out, jax.block_until_ready(state)
     out, state = self._read(step, read_state)
     meta = out["meta"] or {}
-    state = _rewrap_keys(state, meta.get("key_impls", {}))
-    return state, _decode_json_item(out["data_state"]), saved_config, step
+    state = items.rewrap_keys(state, meta.get("key_impls", {}))
+    return state, items.decode_json_item(out["data_state"]), saved_config, step
 
   def _read(self, step: int, read):
     """`read()`, any failure raised as a CheckpointError naming the step."""
@@ -523,7 +383,8 @@ class Checkpointer:
     nothing; a skipped step is set aside (renamed) only when this run saves that step again.
     """
     self.wait()
-    steps, partial = self._step_dirs()
+    status = self._scan()
+    steps = sorted(s for s, why in status.items() if why is None)
     problems = []
 
     def skip(msg):
@@ -533,10 +394,10 @@ class Checkpointer:
       problems.append(msg)
 
     newest = steps[-1] if steps else -1
-    for s in partial:
-      if s > newest:
-        skip(f"checkpoint step {s} at {self.step_dir(s)} is incomplete "
-             "(_CHECKPOINT_METADATA missing) and is ignored.")
+    for s, why in sorted(status.items()):
+      if why is not None and s > newest:
+        skip(f"checkpoint step {s} at {self.step_dir(s)} is incomplete ({why}) and is "
+             "ignored.")
     if not steps:
       raise FileNotFoundError(f"no committed checkpoint in {self.workdir}.")
     failed = []

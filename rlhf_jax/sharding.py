@@ -256,9 +256,15 @@ def tree_shardings(abstract_tree, mesh: jax.sharding.Mesh,
   model's `rlhf_jax.models.axes.axes_for_path` names parameters wherever they sit in the
   state (policy, reference, value params, optimiser moments). Nothing is allocated.
   """
-  axes = jax.tree_util.tree_map_with_path(lambda p, x: axes_for_path(p, tuple(np.shape(x))),
-                                          abstract_tree)
-  return logical_to_sharding(axes, mesh, rules, shapes=abstract_tree, overrides=overrides)
+  def one(path, x):
+    shape, pname = tuple(np.shape(x)), _path_str(path)
+    for pattern, ospec in overrides:
+      if re.search(pattern, pname):
+        return NamedSharding(mesh, _fit_spec(ospec, shape, mesh, pname))
+    return NamedSharding(mesh, spec_for_shape(axes_for_path(path, shape), shape, mesh, rules,
+                                              name=pname))
+  # The result has the state's structure (None fields stay None).
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
 # ------------------------------------------------------------------ batches

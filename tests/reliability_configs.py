@@ -4,14 +4,49 @@
     python -m rlhf_jax.train --config=tests/reliability_configs.py:dpo
 
 Both checkpoint every step (synchronously) and resume automatically.
+
+With the environment variable `RLHF_PAUSE_AFTER_CHECKPOINT=<step>:<file>` the run pauses
+once checkpoint `<step>` is complete: it writes `<file>`, then waits for SIGTERM (or
+SIGKILL). After SIGTERM it goes on, so the loop runs one more step, saves it and stops.
+The kill and SIGTERM tests use this to act at an exact step instead of racing the run.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
+from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import demo
 from rlhf_jax.train.offline_config import synthetic_config
 
 ARGS = ("online", "dpo")
+PAUSE_ENV = "RLHF_PAUSE_AFTER_CHECKPOINT"
+PAUSE_LIMIT_S = 3600  # a paused run nobody signals goes on after this (no hung process)
+
+
+def _pause_after_checkpoint(spec: str) -> None:
+  """Makes `Checkpointer.save` of step `<step>` pause as described in the module doc."""
+  step, path = spec.split(":", 1)
+  step = int(step)
+  save = ckpt_lib.Checkpointer.save
+  if getattr(save, "pause_step", None) is not None:
+    return
+
+  def paused_save(self, s, *args, **kwargs):
+    saved = save(self, s, *args, **kwargs)
+    if saved and int(s) == step:
+      self.wait()
+      with open(path + ".tmp", "w") as f:
+        f.write(f"{s}\n")
+      os.replace(path + ".tmp", path)
+      t0 = time.monotonic()
+      while not ckpt_lib.should_stop() and time.monotonic() - t0 < PAUSE_LIMIT_S:
+        time.sleep(0.01)
+    return saved
+
+  paused_save.pause_step = step
+  ckpt_lib.Checkpointer.save = paused_save
 
 
 def get_config(arg=None):
@@ -34,4 +69,6 @@ def get_config(arg=None):
   c.resume = "auto"
   c.max_bad_steps = 10
   c.checkpoint = dict(every_steps=1, max_to_keep=20, async_save=False)
+  if os.environ.get(PAUSE_ENV):
+    _pause_after_checkpoint(os.environ[PAUSE_ENV])
   return c

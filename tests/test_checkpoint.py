@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import re
 import signal
+import subprocess
+import time
 from typing import Any
 
 import flax
@@ -18,10 +22,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import checkpoint as C
 from rlhf_jax import sharding as S
+from rlhf_jax.train.runner import Runner
 
 CONFIG = {"model": {"hidden_size": 8, "num_layers": 2}, "lr": 1e-3,
           "run": {"name": "t", "betas": (0.9, 0.99)}}
 TX = optax.adam(1e-2)
+# Only guards against a hang (a save takes well under a second here); never a speed check.
+HANG_GUARD_S = 120
 
 
 def make_state(seed: int = 0):
@@ -131,7 +138,7 @@ def test_resumed_run_saves_again_over_a_corrupted_step(tmp_path, manifest):
   ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=False)
   ck.save(1, make_state(1), data_state={"i": 1}, config=CONFIG)
   ck.save(2, make_state(2), data_state={"i": 2}, config=CONFIG)
-  if not manifest:  # then only Orbax's own read notices the damage
+  if not manifest:  # then step 2 is incomplete, whatever its data
     os.remove(os.path.join(ck.step_dir(2), C.INTEGRITY_FILE))
   for f in _data_files(ck.step_dir(2)):
     os.truncate(f, os.path.getsize(f) // 2)
@@ -140,7 +147,8 @@ def test_resumed_run_saves_again_over_a_corrupted_step(tmp_path, manifest):
     assert ck.restore_latest_valid(abstract(make_state()))[3] == 1
   assert ck.save(2, make_state(7), data_state={"i": 7}, config=CONFIG) is True
   ck.save(3, make_state(3), data_state={"i": 3}, config=CONFIG)
-  aside = [n for n in os.listdir(tmp_path) if n.startswith("2.corrupted-")]
+  kind = "corrupted" if manifest else "incomplete"
+  aside = [n for n in os.listdir(tmp_path) if n.startswith(f"2.{kind}-")]
   assert len(aside) == 1  # kept on disk, renamed
   ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=False)
   out, ds, _, step = ck.restore(abstract(make_state()), step=2)
@@ -157,20 +165,62 @@ def test_saving_an_intact_existing_step_is_a_no_op(tmp_path):
   assert_tree_equal(ck.restore(abstract(make_state()), step=1)[0], make_state(1))
 
 
-# Orbax leaves an unawaited read coroutine behind when a read fails.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_orbax_detects_truncation_without_manifest(tmp_path):
-  # Even if the integrity manifest is gone, Orbax's own read fails loudly.
-  ck = C.Checkpointer(tmp_path, async_save=False)
+def wide_state(seed: int):
+  """Weights large enough to be stored outside Orbax's checksummed b-tree nodes."""
+  return {"w": jax.random.normal(jax.random.key(seed), (64, 64)),
+          "step": jnp.asarray(seed, jnp.int32)}
+
+
+def flip_one_bit(path):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x10
+    f.seek(0)
+    f.write(bytes(data))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_step_without_manifest_is_incomplete_and_a_bit_flip_in_it_changes_nothing(
+    tmp_path, async_save):
+  ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=async_save)
+  ck.save(1, wide_state(1), data_state={"i": 1}, config=CONFIG)
+  ck.save(2, wide_state(2), data_state={"i": 2}, config=CONFIG)
+  ck.wait()
+  d2 = ck.step_dir(2)
+  os.remove(os.path.join(d2, C.INTEGRITY_FILE))
+  flip_one_bit(max(_data_files(d2), key=os.path.getsize))  # Orbax's own read misses this
+  ck = C.Checkpointer(tmp_path, max_to_keep=None, async_save=async_save)  # the resumed run
+  assert ck.all_steps() == [1] and ck.latest_step() == 1
+  with pytest.raises(C.CheckpointError,
+                     match="checkpoint step 2 .*incomplete: integrity manifest .* missing"):
+    ck.restore(abstract(wide_state(0)), step=2)
+  with pytest.warns(RuntimeWarning, match="checkpoint step 2 .*incomplete .*integrity manifest"):
+    out, ds, _, step = ck.restore_latest_valid(abstract(wide_state(0)))
+  assert step == 1 and ds == {"i": 1}
+  assert_tree_equal(out, wide_state(1))  # the run continues from step 1, unchanged
+  with pytest.warns(RuntimeWarning, match="step 2 .*incomplete .*moved to"):
+    assert ck.save(2, wide_state(7), data_state={"i": 7}, config=CONFIG)
+  ck.wait()
+  assert len([n for n in os.listdir(tmp_path) if n.startswith("2.incomplete-")]) == 1
+  out, ds, _, step = C.Checkpointer(tmp_path, async_save=False).restore(abstract(wide_state(0)))
+  assert step == 2 and ds == {"i": 7}
+  assert_tree_equal(out, wide_state(7))
+
+
+def test_async_step_appears_with_its_manifest(tmp_path):
+  # The manifest is inside Orbax's temporary directory before the rename that commits the
+  # step: a process killed at any moment after the rename leaves a complete step.
+  ck = C.Checkpointer(tmp_path, async_save=True, max_to_keep=None)
   ck.save(1, make_state(1), config=CONFIG)
-  ck.save(2, make_state(2), config=CONFIG)
-  os.remove(os.path.join(ck.step_dir(2), C.INTEGRITY_FILE))
-  for f in _data_files(ck.step_dir(2)):
-    os.truncate(f, os.path.getsize(f) // 2)
-  with pytest.raises(C.CheckpointError, match="checkpoint step 2 .*could not be restored"):
-    ck.restore(abstract(make_state()), step=2)
-  with pytest.warns(RuntimeWarning):
-    assert ck.restore_latest_valid(abstract(make_state()))[3] == 1
+  d1 = ck.step_dir(1)
+  t0 = time.monotonic()
+  while not os.path.isdir(d1):  # no wait(): as if the process died right after the commit
+    assert time.monotonic() - t0 < HANG_GUARD_S, "the async save never committed"
+    time.sleep(0.001)
+  assert os.path.exists(os.path.join(d1, C.INTEGRITY_FILE))
+  assert C.Checkpointer(tmp_path, async_save=False).latest_step() == 1
+  ck.wait()
+  assert_tree_equal(ck.restore(abstract(make_state()))[0], make_state(1))
 
 
 def test_interrupted_save_is_never_latest(tmp_path):
@@ -312,6 +362,121 @@ def test_restore_errors(tmp_path):
   wrong["params"]["w"] = jax.ShapeDtypeStruct((3, 3), jnp.float32)
   with pytest.raises(C.CheckpointError, match="checkpoint step 1"):
     ck.restore(wrong)
+
+
+# ------------------------------------------------------------------ write failures
+
+
+def _fail_manifest_writes(monkeypatch, code):
+  """Makes the manifest's final write fail with `code` (as a full or read-only disk does)."""
+  replace = os.replace
+
+  def failing(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(dst)) == C.INTEGRITY_FILE:
+      raise OSError(code, os.strerror(code), os.fspath(dst))
+    return replace(src, dst, *args, **kwargs)
+
+  monkeypatch.setattr(os, "replace", failing)
+
+
+WRITE_FAILURES = {errno.ENOSPC: r"no space left on device \(ENOSPC\)\. Fix: free space",
+                  errno.EROFS: r"the filesystem is read-only \(EROFS\)\. Fix: remount"}
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("code", sorted(WRITE_FAILURES), ids=errno.errorcode.get)
+def test_failed_write_is_named_and_previous_step_stays_loadable(tmp_path, monkeypatch,
+                                                                 code, async_save):
+  ck = C.Checkpointer(tmp_path, max_to_keep=1, async_save=async_save)
+  ck.save(1, make_state(1), data_state={"i": 1}, config=CONFIG)
+  ck.wait()
+  _fail_manifest_writes(monkeypatch, code)
+  with pytest.raises(C.CheckpointWriteError,
+                     match=f"cannot write checkpoint step 2 to {re.escape(str(tmp_path))}: "
+                           f"{WRITE_FAILURES[code]}.*newest complete checkpoint \\(step 1\\) "
+                           "is unchanged") as e:
+    ck.save(2, make_state(2), data_state={"i": 2}, config=CONFIG)
+    ck.wait()  # an async save's failure is raised here at the latest
+  assert (e.value.directory, e.value.step, e.value.errno) == (str(tmp_path), 2, code)
+  monkeypatch.undo()
+  # max_to_keep=1 deleted nothing: old steps go only once a newer one is complete.
+  assert sorted(os.listdir(tmp_path)) == ["1"]
+  out, ds, _, step = C.Checkpointer(tmp_path, async_save=False).restore_latest_valid(
+      abstract(make_state()))
+  assert step == 1 and ds == {"i": 1}
+  assert_tree_equal(out, make_state(1))
+
+
+def test_run_stops_with_the_write_error(tmp_path, monkeypatch):
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    c = ml_collections.ConfigDict(dict(workdir=str(tmp_path), resume="auto",
+                                       checkpoint=dict(every_steps=1, async_save=False)))
+    run = Runner(c, make_state(0))
+    assert not run.after_step(1, make_state(1))
+    _fail_manifest_writes(monkeypatch, errno.ENOSPC)
+    with pytest.raises(C.CheckpointWriteError, match="step 2 .*no space left on device"):
+      run.after_step(2, make_state(2))
+    monkeypatch.undo()
+    assert Runner(c, make_state(0)).start_step == 1
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+  """A real 1 MiB tmpfs (needs permission to mount; skipped where there is none)."""
+  mnt = tmp_path / "fs"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                     capture_output=True, text=True, check=False)
+  if r.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def big_state(seed: int):
+  return {"w": jax.random.normal(jax.random.key(seed), (400, 400))}  # 640 kB, incompressible
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_full_disk_is_named_and_previous_step_stays_loadable(small_fs, async_save):
+  ck = C.Checkpointer(small_fs / "ck", max_to_keep=1, async_save=async_save)
+  ck.save(1, big_state(1), config=CONFIG)
+  ck.wait()
+  with pytest.raises(C.CheckpointWriteError,
+                     match=r"cannot write checkpoint step 2 to .*/fs/ck: no space left on "
+                           r"device \(ENOSPC\).*\(step 1\) is unchanged") as e:
+    ck.save(2, big_state(2), config=CONFIG)  # a second step does not fit
+    ck.wait()
+  assert e.value.errno == errno.ENOSPC
+  assert sorted(os.listdir(small_fs / "ck")) == ["1"]  # the partial write was removed
+  out, _, _, step = C.Checkpointer(small_fs / "ck", async_save=False).restore_latest_valid(
+      abstract(big_state(0)))
+  assert step == 1
+  assert_tree_equal(out, big_state(1))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_read_only_disk_is_named_and_previous_step_stays_loadable(small_fs, async_save):
+  ck = C.Checkpointer(small_fs / "ck", max_to_keep=1, async_save=async_save)
+  ck.save(1, make_state(1), config=CONFIG)
+  ck.wait()
+  subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+  with pytest.raises(C.CheckpointWriteError,
+                     match=r"cannot write checkpoint step 2 to .*/fs/ck: the filesystem is "
+                           r"read-only \(EROFS\). Fix: remount it read-write") as e:
+    ck.save(2, make_state(2), config=CONFIG)
+    ck.wait()
+  assert e.value.errno == errno.EROFS
+  out, _, _, step = C.Checkpointer(small_fs / "ck", async_save=False).restore_latest_valid(
+      abstract(make_state()))
+  assert step == 1
+  assert_tree_equal(out, make_state(1))
 
 
 def test_preemption_handler_records_signal():
