@@ -251,3 +251,33 @@ def test_estimate_reads_the_declaration(tiny):
   _, s1 = bnpo(sc, ro, sig, s0)
   assert int(s0.count) == 0 and int(s1.count) == 1
   np.testing.assert_allclose(float(s1.mean), 0.5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bookkeep
+
+
+def test_bookkeep_kl_controller_reference_and_guard():
+  # Two updates per step: bookkeep itself restores the old params after a skipped step (with
+  # one update the learn phase already kept them).
+  settings = RLSettings.from_config(dict(group_size=2, kl_coef=0.1, kl_target=1.0,
+                                         kl_horizon=10.0, ref_update_every=1, epochs=2))
+  params = {"w": jnp.ones(3)}
+  opt = optax.sgd(0.1)
+  state = online.init_state(params, opt, jax.random.PRNGKey(0), settings)
+  bookkeep = online.make_bookkeep(settings)
+  new = learn.Trainable({"w": jnp.full(3, 2.0)}, None, opt.init(params), None, jnp.asarray(True))
+  sc = phases.Scores(rewards=jnp.zeros(4), each=jnp.zeros((4, 1)))
+  metrics = {"seq_kl": jnp.float32(3.0), "pg_loss": jnp.float32(0.5)}
+  out, m = bookkeep(state, new, sc, None, dict(metrics))
+  # adaptive β (Ziegler et al.): β ← β (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)
+  np.testing.assert_allclose(float(m["kl_beta"]), 0.1 * (1 + 0.2 * 4 / 10.0), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out.params["w"]), np.full(3, 2.0))
+  np.testing.assert_array_equal(np.asarray(out.ref_params["w"]), np.full(3, 2.0))  # follows
+  assert int(out.step) == 1 and float(m["skipped"]) == 0.0
+  # A non-finite update: params, reference and controller stay; the step still advances.
+  bad = new._replace(ok=jnp.asarray(False))
+  out, m = bookkeep(state, bad, sc, None, dict(metrics))
+  np.testing.assert_array_equal(np.asarray(out.params["w"]), np.ones(3))
+  np.testing.assert_array_equal(np.asarray(out.ref_params["w"]), np.ones(3))
+  np.testing.assert_allclose(float(out.kl_state.beta), float(state.kl_state.beta))
+  assert int(out.step) == 1 and float(m["skipped"]) == 1.0 and int(m["skipped_total"]) == 1
