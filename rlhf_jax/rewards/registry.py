@@ -375,6 +375,3 @@ def score_rows(batch: HostBatch, check: Callable[[str, Optional[str]], float],
     except Exception as e:  # pylint: disable=broad-except
       raise RewardError(f"{who}: {type(e).__name__}: {e} on {batch.where(i)}") from e
   return out
-
-
-from rlhf_jax.rewards import builtin  # noqa: E402,F401  (registers the built-in rewards)
