@@ -21,17 +21,28 @@ def rl_block(**overrides) -> dict:
   rl = dict(group_size=8, advantage="grpo", surrogate="ppo_clip", kl_coef=0.0,
             aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
             reward_weights=(), constraint_thresholds=(), constraint_equality=(),
-            constraint_lr=0.1, ref_update_every=0,
+            constraint_lr=0.1, ref_update_every=0, dynamic_sampling=0,
             ref_ema_decay=config_dict.placeholder(float))
   rl.update(overrides)
   return rl
 
 
+ARGS = ("runlocal",)
+
+
 def get_config(arg=None):
-  """Demo config; `arg="runlocal"` shrinks it to a seconds-long smoke run."""
+  """Demo config; `arg="runlocal"` shrinks it to a seconds-long smoke run.
+
+  Any other argument is a ValueError listing the known ones (a misspelt `:runlocal`
+  would otherwise start the full run).
+  """
+  if arg not in (None, "", *ARGS):
+    raise ValueError(f"config arg {arg!r} is unknown; use one of {list(ARGS)} or none "
+                     "(the full run)")
   c = ml_collections.ConfigDict()
   c.paradigm = "online"
   c.seed = 0
+  c.seeds = 1  # N > 1: N runs (seeds seed .. seed + N - 1) in one vmapped program
   c.workdir = "runs/demo"
   c.progress = True
   c.tokenizer = "char"
@@ -48,7 +59,7 @@ def get_config(arg=None):
   c.optim = dict(learning_rate=1e-3, max_grad_norm=1.0)
   c.train = dict(steps=300, prompts_per_step=32, eval_every=50)
   c.export_hf = False  # True: write the trained policy to <workdir>/hf_model
-  config_utils.optional_blocks(c, "value", "mesh", "distributed")
+  config_utils.optional_blocks(c, "value", "mesh", "distributed", "env")
   if arg == "runlocal":
     c.sft.steps, c.train.steps, c.data.eval_size, c.train.eval_every = 20, 3, 16, 0
     c.progress = False

@@ -200,3 +200,93 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="prompt_index"):
     sample(MODEL, PARAMS, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3), bool), jax.random.key(0),
            GREEDY, prompt_index=jnp.arange(3))
+
+
+# ----------------------------------------------------------------------------- padded vocab
+
+# A checkpoint's vocabulary padded beyond its tokenizer's: 96 model rows, the character
+# tokenizer's 84 ids. `vocab_limit` keeps ids 84..95 out of the samples and the log-probs.
+PAD_VOCAB = 96
+PADDED = M.from_config(dict(TINY_LLAMA, vocab_size=PAD_VOCAB, num_hidden_layers=1))
+
+
+def _padded_params(boost: float = 0.0):
+  """Random weights; `boost` > 0 makes the padded rows' logits the largest (LM-head columns
+  84..95 = boost x columns 0..11), so a greedy decode without the limit picks them."""
+  from rlhf_jax.data import CharTokenizer  # pylint: disable=import-outside-toplevel
+  real = CharTokenizer().vocab_size
+  params = PADDED.init(jax.random.key(1))
+  if boost:
+    w = params["lm_head"]
+    extra = PAD_VOCAB - real
+    params = dict(params, lm_head=w.at[..., real:].set(boost * w[..., :extra]))
+  return params, real
+
+
+def _padded_sample(params, config, seed=0):
+  prompts = jnp.asarray(np.tile(LEFT_IDS, (4, 1)))
+  return run(PADDED, params, prompts, prompts != 0, jax.random.key(seed), config)
+
+
+@pytest.mark.parametrize("top_k", [None, 40], ids=["plain", "top_k"])
+def test_vocab_limit_never_samples_padded_ids_and_logps_match_the_trainer(top_k):
+  params, real = _padded_params()
+  base = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=top_k, eos_ids=(2,), pad_id=0,
+                        num_samples=8)
+  unlimited = _padded_sample(params, base)
+  # 16 prompts x 8 samples x 8 tokens: without the limit ~1/8 of the draws are padded ids.
+  assert (np.asarray(unlimited.completion_ids) >= real).any()
+  limited_cfg = SamplingConfig(**dict(base.__dict__, vocab_limit=real))
+  for seed in range(3):
+    out = _padded_sample(params, limited_cfg, seed)
+    ids, mask = np.asarray(out.completion_ids), np.asarray(out.completion_mask)
+    assert ids.max() < real, f"sampled id {ids.max()} >= vocab_limit={real}"
+  # Sampler log-probs = trainer log-probs over the real vocabulary (both trainer paths).
+  full_ids = jnp.concatenate([out.prompt_ids, out.completion_ids], 1)
+  full_mask = jnp.concatenate([out.prompt_mask, out.completion_mask], 1)
+  p = out.prompt_ids.shape[1]
+  lp, ent = M.token_logps(PADDED, params, full_ids, full_mask, vocab_limit=real)
+  np.testing.assert_allclose(np.where(mask, np.asarray(lp)[:, p:], 0), np.asarray(out.logps),
+                             atol=1e-5)
+  g = limited_cfg.num_samples
+  lp2, ent2 = M.completion_logps(PADDED, params, out.prompt_ids[::g], out.prompt_mask[::g],
+                                 out.completion_ids, out.completion_mask, group_size=g,
+                                 vocab_limit=real)
+  np.testing.assert_allclose(np.where(mask, lp2, 0), np.asarray(out.logps), atol=1e-5)
+  np.testing.assert_allclose(np.where(mask, ent2, 0), np.where(mask, np.asarray(ent)[:, p:], 0),
+                             atol=1e-5)
+  # The limit changes the normaliser: without it the trainer disagrees with the sampler.
+  lp_full, _ = M.token_logps(PADDED, params, full_ids, full_mask)
+  assert np.abs(np.where(mask, np.asarray(lp_full)[:, p:], 0) - np.asarray(out.logps)).max() > 1e-3
+  # Entropy over the real vocabulary, float64 reference; gradients stay finite.
+  logits = np.asarray(PADDED.apply(params, full_ids, attention_mask=full_mask), np.float64)
+  real_logits = logits[..., :real]
+  q = np.exp(real_logits - real_logits.max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  ref_ent = -(q * np.log(q)).sum(-1)
+  np.testing.assert_allclose(np.asarray(ent)[:, 1:], ref_ent[:, :-1], atol=1e-4)
+  grads = jax.grad(lambda pr: jnp.sum(M.token_logps(PADDED, pr, full_ids, full_mask,
+                                                    vocab_limit=real)[0]))(params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
+
+
+def test_vocab_limit_greedy_decodes_only_real_ids():
+  params, real = _padded_params(boost=10.0)
+  greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, eos_ids=(2,), pad_id=0,
+                          num_samples=1)
+  assert (np.asarray(_padded_sample(params, greedy).completion_ids) >= real).any()
+  out = _padded_sample(params, SamplingConfig(**dict(greedy.__dict__, vocab_limit=real)))
+  assert np.asarray(out.completion_ids).max() < real
+
+
+def test_vocab_limit_is_validated():
+  with pytest.raises(ValueError, match=r"SamplingConfig\.vocab_limit must be None or a positive "
+                                       r"int .*got 0"):
+    SamplingConfig(max_new_tokens=4, vocab_limit=0)
+  with pytest.raises(ValueError, match=r"SamplingConfig\.eos_ids=\(90,\) is outside the "
+                                       r"vocabulary of vocab_limit=84 tokens"):
+    SamplingConfig(max_new_tokens=4, eos_ids=(90,), vocab_limit=84)
+  with pytest.raises(ValueError, match=r"vocab_limit must be None or a positive int"):
+    M.token_logps(PADDED, _padded_params()[0], jnp.zeros((1, 3), jnp.int32), vocab_limit=-1)
+  # Without a limit (the default) nothing changes: same values as before.
+  assert SamplingConfig(max_new_tokens=4).vocab_limit is None

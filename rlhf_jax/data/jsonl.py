@@ -11,7 +11,9 @@ Formats (one JSON object per line; extra fields are kept):
 | `rl`         | `prompt`, `answer` (str, or a number kept as str) |
 
 `prompt`, `chosen`, `rejected` and `completion` may be a string or a list of chat messages.
-Every error names the file, the 1-based line number and the field.
+Every error names the file, the 1-based line number and the field. Files are UTF-8 (a
+byte-order mark is ignored); a line that is not valid UTF-8 is an invalid line like
+malformed JSON (skipped with `skip_invalid=True`).
 """
 
 from __future__ import annotations
@@ -151,13 +153,23 @@ def load_jsonl(path: str | os.PathLike, *, format: str = "auto",
     raise ValueError(f"unknown format {format!r}; choose 'auto' or one of {sorted(FORMATS)}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"JSONL dataset {path!r} does not exist")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"JSONL dataset {path!r} is a directory; pass the path of a "
+                            ".jsonl file (one JSON object per line)")
   records, skipped = [], []
   fmt = None if format == "auto" else format
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
       try:
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataFormatError(f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
+                                f"column {e.start + 1}); re-encode the file as UTF-8") from None
+        if lineno == 1:
+          line = line.removeprefix("\ufeff")
+        if not line.strip():
+          continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:

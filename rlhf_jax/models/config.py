@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+from rlhf_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma", "gpt2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -55,6 +57,10 @@ class DecoderConfig:
   embed_scale: bool = False
   pad_token_id: int | None = None
   hf_config_json: str = "{}"  # the original transformers config, for save_hf
+  # Attention backend (see `rlhf_jax.models.attention`): "auto", "xla", "chunked",
+  # "cudnn" (GPU) or "splash" (TPU); block length of the chunked backend.
+  attention: str = "auto"
+  attention_chunk: int = 512
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -66,6 +72,32 @@ class DecoderConfig:
       if getattr(self, name) <= 0:
         raise ValueError(f"DecoderConfig.{name} must be positive, got "
                          f"{getattr(self, name)}.")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ValueError(f"DecoderConfig.attention={self.attention!r} is unknown; choose one "
+                       f"of {', '.join(ATTENTION_BACKENDS)}.")
+    chunk = self.attention_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+      raise ValueError(f"DecoderConfig.attention_chunk must be a positive int, got "
+                       f"{chunk!r}.")
+
+  @property
+  def position_key(self) -> str:
+    """The config.json key of `max_position_embeddings` ("n_positions" for GPT-2)."""
+    return "n_positions" if self.model_type == "gpt2" else "max_position_embeddings"
+
+  def check_sequence_length(self, length: int, *, what: str, fix: str) -> None:
+    """Raises ValueError when sequences of `length` tokens need more positions than the
+    model has (`max_position_embeddings`).
+
+    Positions past it were never trained: RoPE models (Llama, Qwen2, Gemma) run on
+    silently with degraded outputs, and GPT-2's learned position table has no row for
+    them (NaN). `what` names the setting that gives `length`, `fix` says what to change.
+    """
+    if int(length) > self.max_position_embeddings:
+      raise ValueError(
+          f"{what} = {int(length)} tokens, more than the model's {self.position_key}="
+          f"{self.max_position_embeddings} ({self.model_type} config): positions >= "
+          f"{self.max_position_embeddings} were never trained; {fix}")
 
   @property
   def rope_scaling_dict(self) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """One Flax linen decoder for Llama, Qwen2, Gemma and GPT-2 (selected by config flags).
 
 Layers are stacked with `nn.scan` (leading layer axis on every per-layer
-parameter) and optionally rematerialised. Attention uses
-`jax.nn.dot_product_attention` with an explicit boolean mask, so XLA may pick a
-fused implementation. The same layer code serves full-sequence forward passes
-and KV-cache decoding.
+parameter) and optionally rematerialised with a `jax.checkpoint` policy (`remat`).
+Attention goes through `rlhf_jax.models.attention.attention` with the backend named by
+`DecoderConfig.attention`; the mask is passed compactly (key padding + causal offset)
+so no backend needs a [T, S] array it does not build itself. The same layer code
+serves full-sequence forward passes and KV-cache decoding.
 """
 
 from __future__ import annotations
@@ -17,7 +18,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models import attention as attention_lib
 from rlhf_jax.models.config import DecoderConfig, default_init_std
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def normalize_remat(remat) -> str:
+  """bool or policy name -> one of `REMAT_POLICIES` (True is "full", False "none")."""
+  if remat is None or remat is False:
+    return "none"
+  if remat is True:
+    return "full"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)} "
+                     "(or a bool).")
+  return remat
+
+
+def remat_policy(remat: str):
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name ("full": save nothing)."""
+  remat = normalize_remat(remat)
+  if remat in ("none", "full"):
+    return None
+  return getattr(jax.checkpoint_policies, remat)
 
 
 class KVCache(NamedTuple):
@@ -77,17 +101,23 @@ def cached_attention(q, k, v, mask):
   """Softmax attention of q [B, T, H, Dh] over a cache k, v [B, Hkv, S, Dh].
 
   Grouped-query: query head h reads kv head h // (H / Hkv). mask: bool [B, 1, T, S].
-  Scores and softmax in float32 (as `jax.nn.dot_product_attention`). Returns [B, T, H, Dh].
+  Scores and softmax in float32. Returns [B, T, H, Dh].
   """
-  b, t, h, d = q.shape
-  kh = k.shape[1]
-  qg = q.reshape(b, t, kh, h // kh, d)
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * jnp.float32(1.0 / math.sqrt(d))
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+  return attention_lib.attention(q, k, v, mask=mask, kv_layout="bhsd", backend="xla")
+
+
+def _layer_attention(cfg: DecoderConfig, q, k, v, mask, write_index, cached: bool):
+  """Attention of one layer. `mask` is either a dense bool [B, 1, T, S] mask or the
+  key-padding mask [B, S] of causal attention whose query 0 sits at slot `write_index`."""
+  backend = cfg.attention
+  if cached and backend in ("cudnn", "splash"):
+    backend = "auto"  # those kernels do not read the [B, Hkv, S, Dh] cache layout
+  kw = dict(backend=backend, chunk_size=cfg.attention_chunk,
+            kv_layout="bhsd" if cached else "bshd")
+  if mask.ndim == 4:
+    return attention_lib.attention(q, k, v, mask=mask, **kw)
+  return attention_lib.attention(q, k, v, kv_mask=mask, causal=True,
+                                 q_offset=write_index if cached else None, **kw)
 
 
 def _param(mod: nn.Module, name: str, shape, std: float | None, param_dtype):
@@ -144,14 +174,15 @@ class Attention(nn.Module):
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
     if layer_cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+      out = _layer_attention(cfg, q, k, v, mask, write_index, cached=False)
     else:
       ck, cv = layer_cache  # [B, Hkv, S, Dh]: the layout the attention dots read directly
       idx = (0, 0, write_index, 0)
       ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), idx)
       cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), idx)
       new_cache = (ck, cv)
-      out = cached_attention(q, ck.astype(dt), cv.astype(dt), mask)
+      out = _layer_attention(cfg, q, ck.astype(dt), cv.astype(dt), mask, write_index,
+                             cached=True)
     wo = _param(self, "o_kernel", (h, hd, d), std, pd)
     y = out.reshape(out.shape[:2] + (h * hd,)) @ wo.reshape(h * hd, d).astype(dt)
     if cfg.o_bias:
@@ -210,12 +241,13 @@ class Decoder(nn.Module):
   """Embeddings -> scanned layers -> final norm; plus LM and scalar heads.
 
   head: "lm" (logits), "value" (per-token scalar) or "reward" (scalar at last token).
+  remat: a `REMAT_POLICIES` name (or a bool), applied to each layer.
   """
   cfg: DecoderConfig
   head: str = "lm"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
 
   def setup(self):
     cfg = self.cfg
@@ -227,8 +259,8 @@ class Decoder(nn.Module):
                                   (cfg.max_position_embeddings, cfg.hidden_size),
                                   self.param_dtype)
     block = Block
-    if self.remat:
-      block = nn.remat(Block, prevent_cse=False)
+    if normalize_remat(self.remat) != "none":
+      block = nn.remat(Block, prevent_cse=False, policy=remat_policy(self.remat))
     self.layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast), length=cfg.num_layers)(
@@ -243,6 +275,8 @@ class Decoder(nn.Module):
                               (cfg.hidden_size, 1), self.param_dtype)
 
   def _run(self, input_ids, positions, mask, cache, write_index):
+    """mask: bool [B, S] key mask of causal attention (query i at slot write_index + i),
+    or an explicit bool [B, 1, T, S] mask (then nothing else is applied)."""
     cfg = self.cfg
     x = jnp.take(self.embed, input_ids, axis=0).astype(self.dtype)
     if cfg.embed_scale:
@@ -267,8 +301,8 @@ class Decoder(nn.Module):
     """Runs per-layer parameters (a tuple, see `unstack_layers`) as a Python loop."""
     block = Block(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
     apply = block.apply
-    if self.remat:
-      apply = jax.checkpoint(block.apply)
+    if normalize_remat(self.remat) != "none":
+      apply = jax.checkpoint(block.apply, policy=remat_policy(self.remat))
     ks, vs = [], []
     for i, p in enumerate(layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
@@ -285,10 +319,7 @@ class Decoder(nn.Module):
   def hidden(self, input_ids, attention_mask):
     mask = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    t = input_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    full = causal[None, None] & mask[:, None, None, :]
-    h, _ = self._run(input_ids, positions, full, None, 0)
+    h, _ = self._run(input_ids, positions, mask, None, 0)  # causal over the key mask
     return h
 
   def logits_from_hidden(self, h):
@@ -315,12 +346,8 @@ class Decoder(nn.Module):
     return self.head_output(self.hidden(input_ids, attention_mask), attention_mask)
 
   def decode_hidden(self, input_ids, positions, cache, write_index, kv_mask):
-    t = input_ids.shape[1]
-    s = kv_mask.shape[1]
-    q_slot = write_index + jnp.arange(t)
-    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [t, S]
-    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
-    return self._run(input_ids, positions, mask, cache, write_index)
+    # Query i sits at slot write_index + i and sees slots s <= it with kv_mask[:, s].
+    return self._run(input_ids, positions, kv_mask.astype(bool), cache, write_index)
 
   def decode(self, input_ids, positions, cache, write_index, kv_mask):
     h, cache = self.decode_hidden(input_ids, positions, cache, write_index, kv_mask)

@@ -55,12 +55,28 @@ _BYTE_LEVEL_PRE = {"gpt2": False, "smollm": True}
 # ----------------------------------------------------------------------------- reading
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def _reader(path: str | os.PathLike):
+  """A `gguf.GGUFReader`; a path that is not a GGUF file is a ValueError naming it."""
   import gguf  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"GGUF file {path!r} is a directory; pass the path of a .gguf file.")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file {path!r} does not exist; pass the path of a .gguf file.")
-  return gguf.GGUFReader(path)
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head != GGUF_MAGIC:
+    raise ValueError(f"{path!r} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r} "
+                     "(a safetensors / PyTorch checkpoint goes to config.model.path, a "
+                     "download may be incomplete); pass a llama.cpp .gguf file.")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e}); it may "
+                     "be truncated or damaged: download it again.") from None
 
 
 def _metadata(reader) -> dict[str, Any]:

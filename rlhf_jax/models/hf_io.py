@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -151,6 +152,53 @@ class _TensorFiles:
     return np.asarray(self._open[fname].get_tensor(name))
 
 
+# Tensors a checkpoint may hold that carry no parameter: rotary frequency buffers (older
+# Llama checkpoints) and GPT-2's causal-mask buffers.
+_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|(^|\.)h\.\d+\.attn\.(masked_)?bias)$")
+_LLAMA_STYLE = ("llama", "qwen2", "gemma")
+
+
+def _weights_family(names) -> tuple[str | None, str | None]:
+  """("gpt2" | "llama-style", an example tensor) judged from the tensor names, or Nones."""
+  for n in names:
+    if re.search(r"(^|\.)(h\.\d+\.attn\.c_attn|wte)\.weight$", n):
+      return "gpt2", n
+  for n in names:
+    if re.search(r"(^|\.)layers\.\d+\.self_attn\.q_proj\.weight$", n):
+      return "llama-style", n
+  return None, None
+
+
+def _check_model_type(hf: dict, files: "_TensorFiles", cfg_path: str) -> None:
+  """Raises ValueError naming both when config.json's model_type does not match the
+  architecture the tensor names show (GPT-2 vs Llama-style)."""
+  model_type = hf.get("model_type")
+  family, example = _weights_family(files.where)
+  if family is None:
+    return
+  if (family == "gpt2") != (model_type == "gpt2"):
+    want = "'gpt2'" if family == "gpt2" else " or ".join(repr(t) for t in _LLAMA_STYLE)
+    raise ValueError(
+        f"{cfg_path} says model_type={model_type!r} but the weights in {files.desc} are "
+        f"{family} (e.g. tensor {example!r}); set model_type to {want} in config.json (or use "
+        "the config.json that was saved with these weights)")
+
+
+def _unused_hint(unused, hf: dict, model) -> str:
+  """Why tensors are left over: more layers than config.json says, or attention biases."""
+  layers = [int(m.group(2)) for n in unused
+            for m in [re.search(r"(^|\.)(?:layers|h)\.(\d+)\.", n)] if m]
+  key = "n_layer" if model.config.model_type == "gpt2" else "num_hidden_layers"
+  if layers and max(layers) >= model.config.num_layers:
+    return (f"the file has layers up to index {max(layers)} but config.json {key}="
+            f"{model.config.num_layers}; set {key}={max(layers) + 1}")
+  if all(re.search(r"_proj\.bias$", n) for n in unused) and model.config.model_type == "llama":
+    return ("the file has attention biases: the weights may be qwen2 (model_type='qwen2') or "
+            "a llama with attention_bias=True")
+  return (f"config.json (model_type={hf.get('model_type')!r}) describes another "
+          "architecture or size than the weights; fix it, or remove the tensors")
+
+
 def _read_config(path: str) -> dict:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Checkpoint directory {path} does not exist.")
@@ -221,14 +269,22 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
   head: "lm", "value" or "reward"; default "reward" for *ForSequenceClassification
   checkpoints, else "lm". A missing `score.weight` gets a fresh head from `rng`, or is a
   ValueError with `require_score` (loading a trained reward / value model).
+
+  Errors name the files: a config.json whose model_type is not the weights' architecture
+  (GPT-2 vs Llama-style tensor names), a tensor whose shape disagrees with config.json, a
+  missing tensor, and tensors config.json does not use (e.g. an extra layer; buffers such
+  as `rotary_emb.inv_freq`, and an `lm_head` next to tied embeddings, are ignored).
   """
   hf = _read_config(path)
   if head is None:
     archs = hf.get("architectures") or []
     head = "reward" if any("SequenceClassification" in a for a in archs) else "lm"
   param_dtype = dtype if param_dtype is None else param_dtype
-  model = from_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head)
   files = _TensorFiles(path)
+  cfg_path = os.path.join(path, "config.json")
+  _check_model_type(hf, files, cfg_path)  # before reading config.json's other keys
+  model = from_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head)
+  used: set[str] = set()
 
   def fetch(name: str, hf_shape):
     cands = [name]
@@ -236,6 +292,7 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
       cands.append(name.split(".", 1)[1])  # bare backbone checkpoint (no prefix)
     for cand in cands:
       if files.has(cand):
+        used.add(cand)
         x = files.get(cand)
         if tuple(x.shape) != tuple(hf_shape):
           raise ValueError(
@@ -244,7 +301,8 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
               f"disagree.")
         return x
     raise KeyError(f"Checkpoint {files.desc} is missing tensor {name!r} needed for "
-                   f"model_type={model.config.model_type!r}.")
+                   f"model_type={model.config.model_type!r} (as {cfg_path} says); check that "
+                   "config.json matches the weights.")
 
   fresh_score = not files.has("score.weight")
   if fresh_score and require_score and head != "lm":
@@ -252,7 +310,24 @@ def load_hf(path: str, *, dtype=jnp.float32, param_dtype=None, head: str | None 
                      "(a *ForSequenceClassification checkpoint, e.g. saved by the offline "
                      "reward_model loop with export_hf=True)")
   params = params_from_tensors(model, fetch, param_dtype, rng=rng, fresh_score=fresh_score)
+  unused = sorted(n for n in files.where if n not in used and not _ignorable(n, model))
+  if unused:
+    shown = ", ".join(repr(n) for n in unused[:6]) + (
+        f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+    raise ValueError(f"{files.desc} has {len(unused)} tensor(s) that {cfg_path} does not use: "
+                     f"{shown}; {_unused_hint(unused, hf, model)}")
   return model, params
+
+
+def _ignorable(name: str, model: Model) -> bool:
+  """Tensors that may be left over without being an error: buffers (no parameter), an
+  `lm_head` stored next to tied embeddings or under a reward / value head, a `score`
+  head under an LM head (the head is chosen by the caller)."""
+  if _BUFFERS.search(name):
+    return True
+  if name == "lm_head.weight":
+    return model.config.tie_embeddings or model.head != "lm"
+  return name.startswith("score.") and model.head == "lm"
 
 
 # ----------------------------------------------------------------------------- save

@@ -1,6 +1,14 @@
-"""Chunked per-token log-probabilities and entropies from hidden states."""
+"""Chunked per-token log-probabilities and entropies from hidden states.
+
+`vocab_limit` (every function, default None): the number of real tokens when the model's
+vocabulary is padded beyond the tokenizer's (checkpoints round it up, e.g. to a multiple
+of 64). Ids >= vocab_limit get probability 0: the log-softmax and the entropy are taken
+over the real vocabulary only, as the sampler does with `SamplingConfig.vocab_limit`.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -8,20 +16,44 @@ import jax.numpy as jnp
 from rlhf_jax.models.model import prefill_groups
 
 
-def _check_lm(model, chunk_size):
+def _check_lm(model, chunk_size, vocab_limit=None):
   if chunk_size <= 0:
     raise ValueError(f"token_logps: chunk_size must be positive, got {chunk_size}.")
   if model.head != "lm":
     raise ValueError(f"token_logps needs an LM-head model, got head={model.head!r}.")
+  check_vocab_limit(vocab_limit)
 
 
-def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128):
+def check_vocab_limit(vocab_limit: Optional[int]) -> None:
+  """Raises ValueError unless `vocab_limit` is None or a positive (static) int."""
+  if vocab_limit is not None and (isinstance(vocab_limit, bool)
+                                  or not isinstance(vocab_limit, int) or vocab_limit < 1):
+    raise ValueError(f"vocab_limit must be None or a positive int (the tokenizer's "
+                     f"vocab_size), got {vocab_limit!r}")
+
+
+def limit_vocab(logits: jax.Array, vocab_limit: Optional[int]) -> jax.Array:
+  """`logits` [..., V] with ids >= `vocab_limit` set to -inf (unchanged when None or >= V).
+
+  Equivalent to a softmax over the first `vocab_limit` ids; the shape (and any sharding
+  of the vocabulary axis) is kept.
+  """
+  if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+    return logits
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.where(ids < vocab_limit, logits, -jnp.inf)
+
+
+def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
+                      vocab_limit: Optional[int] = None):
   """Log-prob and entropy of `targets` [B, n] under the LM head applied to `h` [B, n, D].
 
   The LM head and log-softmax run over chunks of `chunk_size` positions (each chunk
   rematerialised under autodiff when there are several), so the full [B, n, V] float32
-  log-softmax is never materialised. Returns (logps [B, n], entropy [B, n]) float32.
+  log-softmax is never materialised. With `vocab_limit`, over ids < vocab_limit only (a
+  target >= vocab_limit has log-prob -inf). Returns (logps [B, n], entropy [B, n]) float32.
   """
+  check_vocab_limit(vocab_limit)
   b, n, d = h.shape
   c = min(chunk_size, n)
   n_chunks = -(-n // c)
@@ -34,6 +66,13 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128):
   def one(args):
     hc, tc = args
     logits = model.logits_from_hidden(params, hc).astype(jnp.float32)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+      masked = limit_vocab(logits, vocab_limit)  # -inf beyond the real vocabulary
+      logz = jax.nn.logsumexp(masked, axis=-1)
+      picked = jnp.take_along_axis(masked, tc[..., None], axis=-1)[..., 0]
+      probs = jnp.exp(masked - logz[..., None])  # 0 beyond it (no 0 * -inf below)
+      ent = logz - jnp.sum(probs * jnp.where(jnp.isfinite(masked), logits, 0.0), axis=-1)
+      return picked - logz, ent
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     probs = jnp.exp(logits - logz[..., None])
@@ -49,20 +88,22 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128):
   return lp, ent
 
 
-def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128):
+def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128,
+                vocab_limit: Optional[int] = None):
   """Per-token log-probs and entropies of `input_ids` under an LM-head model.
 
   logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, logps[:, 0] = 0;
   entropy[:, t] = -sum_v p_v log p_v of the same next-token distribution
   (entropy[:, 0] = 0). The LM head and log-softmax run over chunks of
-  `chunk_size` positions (see `logps_from_hidden`).
+  `chunk_size` positions (see `logps_from_hidden`); with `vocab_limit`, over the real
+  vocabulary only (module doc).
 
   Args:
     input_ids: int [B, T]. attention_mask: [B, T] (1 = real token).
   Returns:
     (logps [B, T] float32, entropy [B, T] float32). Callers apply their own mask.
   """
-  _check_lm(model, chunk_size)
+  _check_lm(model, chunk_size, vocab_limit)
   input_ids = jnp.asarray(input_ids)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
@@ -71,13 +112,15 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
   if t < 2:
     z = jnp.zeros((b, t), jnp.float32)
     return z, z
-  lp, ent = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
+  lp, ent = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size,
+                              vocab_limit=vocab_limit)
   zero = jnp.zeros((b, 1), jnp.float32)
   return jnp.concatenate([zero, lp], 1), jnp.concatenate([zero, ent], 1)
 
 
 def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                     *, group_size: int, chunk_size: int = 128):
+                     *, group_size: int, chunk_size: int = 128,
+                     vocab_limit: Optional[int] = None):
   """Log-probs and entropies of completions that share their prompt within groups of G.
 
   Row r = i * G + g of `completion_ids` continues prompt i. Each prompt runs through the
@@ -91,10 +134,11 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
     prompt_ids, prompt_mask: [B, P], left-padded (real tokens at the right end, as the
       sampler returns them), every row with >= 1 real token.
     completion_ids, completion_mask: [B * G, T].
+    vocab_limit: log-softmax over ids < vocab_limit only (module doc).
   Returns:
     (logps [B * G, T], entropy [B * G, T]) float32; callers apply `completion_mask`.
   """
-  _check_lm(model, chunk_size)
+  _check_lm(model, chunk_size, vocab_limit)
   b, p = prompt_ids.shape
   n, t = completion_ids.shape
   if n != b * group_size:
@@ -112,4 +156,5 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
     h_comp, _ = model.decode_hidden(params, completion_ids[:, :-1], positions, cache,
                                     write_index=p, kv_mask=kv)
     h_last = jnp.concatenate([h_last, h_comp], axis=1)
-  return logps_from_hidden(model, params, h_last, completion_ids, chunk_size=chunk_size)
+  return logps_from_hidden(model, params, h_last, completion_ids, chunk_size=chunk_size,
+                           vocab_limit=vocab_limit)

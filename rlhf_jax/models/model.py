@@ -3,6 +3,8 @@
   model = from_config(hf_config_dict, dtype=jnp.float32)
   params = model.init(rng)                     # plain nested dict, no boxes
   logits = model.apply(params, input_ids, attention_mask=mask)
+  model = model.with_options(dtype="bfloat16", param_dtype="float32", remat="full",
+                             attention="chunked", cache_dtype="bfloat16")
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import DecoderConfig, config_from_hf, default_init_std
-from rlhf_jax.models.decoder import Decoder, KVCache
+from rlhf_jax.models.decoder import Decoder, KVCache, normalize_remat
 
 HEADS = ("lm", "value", "reward")
 
@@ -54,19 +56,46 @@ def _check_ids_mask(input_ids, attention_mask):
         f"{input_ids.shape}.")
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _float_dtype_name(dtype, what: str) -> str:
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in FLOAT_DTYPES:
+    raise ValueError(f"{what}={dtype!r} is not a supported dtype; use one of "
+                     f"{', '.join(FLOAT_DTYPES)}.")
+  return name
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """Hashable model handle; all methods are pure functions of `params`."""
+  """Hashable model handle; all methods are pure functions of `params`.
+
+  Precision: parameters are stored in `param_dtype` (e.g. float32 master weights) and
+  cast to the compute `dtype` (e.g. bfloat16) where each is used inside the forward;
+  norms, RoPE, softmax and log-softmax run in float32. The KV cache is stored in
+  `cache_dtype` (None: the compute dtype). `remat` is a `REMAT_POLICIES` name (True and
+  False mean "full" and "none"), applied to every layer.
+  """
 
   config: DecoderConfig
   head: str = "lm"
   dtype_name: str = "float32"
   param_dtype_name: str = "float32"
-  remat: bool = False
+  remat: Any = "none"
+  cache_dtype_name: str | None = None
 
   def __post_init__(self):
     if self.head not in HEADS:
       raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+    object.__setattr__(self, "remat", normalize_remat(self.remat))
+    _float_dtype_name(self.dtype_name, "dtype")
+    _float_dtype_name(self.param_dtype_name, "param_dtype")
+    if self.cache_dtype_name is not None:
+      _float_dtype_name(self.cache_dtype_name, "cache_dtype")
 
   @property
   def dtype(self):
@@ -75,6 +104,39 @@ class Model:
   @property
   def param_dtype(self):
     return jnp.dtype(self.param_dtype_name)
+
+  @property
+  def cache_dtype(self):
+    return self.dtype if self.cache_dtype_name is None else jnp.dtype(self.cache_dtype_name)
+
+  def with_options(self, *, dtype=None, param_dtype=None, cache_dtype=None, remat=None,
+                   attention: str | None = None, attention_chunk: int | None = None
+                   ) -> "Model":
+    """A copy with the given settings changed (None keeps the current one).
+
+    dtype / param_dtype / cache_dtype: "float32", "bfloat16" or "float16" (or dtypes);
+    remat: one of `REMAT_POLICIES` or a bool; attention: one of
+    `rlhf_jax.models.attention.BACKENDS`; attention_chunk: a positive int. Parameters are
+    not converted: cast them with `jax.tree.map(lambda x: x.astype(model.param_dtype), p)`
+    when `param_dtype` changes.
+    """
+    kw = {}
+    if dtype is not None:
+      kw["dtype_name"] = _float_dtype_name(dtype, "dtype")
+    if param_dtype is not None:
+      kw["param_dtype_name"] = _float_dtype_name(param_dtype, "param_dtype")
+    if cache_dtype is not None:
+      kw["cache_dtype_name"] = _float_dtype_name(cache_dtype, "cache_dtype")
+    if remat is not None:
+      kw["remat"] = normalize_remat(remat)
+    cfg = {}
+    if attention is not None:
+      cfg["attention"] = attention
+    if attention_chunk is not None:
+      cfg["attention_chunk"] = attention_chunk
+    if cfg:
+      kw["config"] = dataclasses.replace(self.config, **cfg)
+    return dataclasses.replace(self, **kw)
 
   @property
   def module(self) -> Decoder:
@@ -129,8 +191,9 @@ class Model:
 
   # -- KV cache decoding ------------------------------------------------------
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """Zeros [L, B, Hkv, max_len, Dh] in `dtype` (default `self.cache_dtype`)."""
     cfg = self.config
-    dt = self.dtype if dtype is None else jnp.dtype(dtype)
+    dt = self.cache_dtype if dtype is None else jnp.dtype(dtype)
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
@@ -210,11 +273,18 @@ def _jit_call(model: Model, method_name: str, params, *args):
 
 
 def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: bool = False, head: str = "lm") -> Model:
-  """Builds a `Model` from a transformers config dict (or a `DecoderConfig`)."""
+                remat: bool | str = False, head: str = "lm", cache_dtype=None,
+                attention: str | None = None, attention_chunk: int | None = None) -> Model:
+  """Builds a `Model` from a transformers config dict (or a `DecoderConfig`).
+
+  remat: a bool or one of `REMAT_POLICIES`; attention / attention_chunk override the
+  `DecoderConfig` fields; cache_dtype: KV-cache dtype (None: `dtype`).
+  """
   cfg = hf_config if isinstance(hf_config, DecoderConfig) else config_from_hf(hf_config)
-  return Model(config=cfg, head=head, dtype_name=_dtype_name(dtype),
-               param_dtype_name=_dtype_name(param_dtype), remat=remat)
+  model = Model(config=cfg, head=head, dtype_name=_dtype_name(dtype),
+                param_dtype_name=_dtype_name(param_dtype), remat=remat)
+  return model.with_options(cache_dtype=cache_dtype, attention=attention,
+                            attention_chunk=attention_chunk)
 
 
 def ValueModel(hf_config: Any, **kw) -> Model:  # noqa: N802

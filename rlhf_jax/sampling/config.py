@@ -24,6 +24,12 @@ class SamplingConfig:
     pad_id: token written after a sequence has finished.
     num_samples: group size G; every prompt is sampled G times, rows i*G .. i*G+G-1 come
       from prompt i.
+    vocab_limit: the number of real tokens (the tokenizer's vocabulary) when the model's
+      vocabulary is padded beyond it (None: every row of the model's vocabulary is a
+      token). Logits of ids >= vocab_limit are -inf before a token is chosen, so they are
+      never sampled, and `logps` / `sampling_logps` are log-softmaxes over the real
+      vocabulary only; pass the same limit to the trainer's log-probs
+      (`models.token_logps(..., vocab_limit=)`) so both agree.
   """
 
   max_new_tokens: int
@@ -33,6 +39,7 @@ class SamplingConfig:
   eos_ids: Tuple[int, ...] = ()
   pad_id: int = 0
   num_samples: int = 1
+  vocab_limit: Optional[int] = None
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -50,6 +57,17 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.eos_ids must be a tuple of non-negative ints, got {self.eos_ids!r}")
     if not isinstance(self.pad_id, int) or self.pad_id < 0:
       raise ValueError(f"SamplingConfig.pad_id must be a non-negative int, got {self.pad_id!r}")
+    if self.vocab_limit is not None and (isinstance(self.vocab_limit, bool)
+                                         or not isinstance(self.vocab_limit, int)
+                                         or self.vocab_limit < 1):
+      raise ValueError(f"SamplingConfig.vocab_limit must be None or a positive int (the "
+                       f"tokenizer's vocab_size), got {self.vocab_limit!r}")
+    if self.vocab_limit is not None:
+      for name, ids in (("eos_ids", self.eos_ids), ("pad_id", (self.pad_id,))):
+        if any(i >= self.vocab_limit for i in ids):
+          raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} is outside the "
+                           f"vocabulary of vocab_limit={self.vocab_limit} tokens; use the "
+                           "tokenizer's ids")
     self.method()  # validates temperature / top_k / top_p
 
   def method(self):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models as models_lib
+from rlhf_jax.models.logps import limit_vocab
 from rlhf_jax.sampling.config import DecodeState, SampleOutput, SamplingConfig
 
 
@@ -58,6 +59,8 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token by inverse CDF
   from `uniform(fold_in(rng, prompt_index[i] * G + g), [T])[t]`, so results do not depend on
   which other prompts share the batch. The loop exits early once every row has emitted an EOS.
+With `config.vocab_limit`, ids >= vocab_limit (a padded vocabulary's extra rows) are never
+chosen and both log-probs are over the real vocabulary only.
 
   Args:
     model: a `rlhf_jax.models` decoder (uses `init_cache` and `decode`); static.
@@ -99,7 +102,7 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   def choose(state: DecodeState) -> DecodeState:
     """Pick token `state.step` from `state.logits` and record it."""
     t = state.step
-    logits32 = state.logits.astype(jnp.float32)
+    logits32 = limit_vocab(state.logits.astype(jnp.float32), config.vocab_limit)
     u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=1, keepdims=False)
     tok, slogp = method.select(logits32, u)
     if getattr(method, "is_plain", False):

@@ -44,9 +44,13 @@ def gguf_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _load_gguf(path: str, dtype_name: str):
-  """(model, params, tokenizer) of a GGUF file, loaded once per process."""
-  return models_lib.load_gguf(path, dtype={"float32": np.float32, "bfloat16": "bfloat16"}[
-      dtype_name])
+  """(model, params, tokenizer) of a GGUF file, loaded once per process; a file that is not a
+  usable GGUF file is a ValueError naming config.model.gguf."""
+  try:
+    return models_lib.load_gguf(path, dtype={"float32": np.float32, "bfloat16": "bfloat16"}[
+        dtype_name])
+  except ValueError as e:
+    raise ValueError(f"config.model.gguf={path!r}: {e}") from None
 
 
 def _gguf_of(config) -> str | None:
@@ -88,7 +92,10 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
       params = {k: v for k, v in params.items() if k != "lm_head"}
       params["score"] = model.init_score(jax.random.PRNGKey(int(cfg.get("init_seed", 0))))
   elif cfg.get("path"):
-    model, params = models_lib.load_hf(cfg["path"], dtype=dtype)
+    try:
+      model, params = models_lib.load_hf(cfg["path"], dtype=dtype)
+    except ValueError as e:
+      raise ValueError(f"config.model.path={cfg['path']!r}: {e}") from None
     if head != "lm":
       model = model.with_head(head)
       params = None  # the caller initialises a head; see load_hf docs
@@ -107,6 +114,61 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
   if tokenizer is not None:
     data_lib.check_vocab_fits(tokenizer, model.config.vocab_size)
   return model, params
+
+
+def vocab_limit(model, tokenizer) -> int | None:
+  """`tokenizer.vocab_size` when the model's vocabulary is padded beyond it (checkpoints
+  round it up), else None: the `SamplingConfig.vocab_limit` that keeps the sampler from
+  emitting ids the tokenizer does not have (and the trainer's log-probs equal to it)."""
+  if tokenizer is None or model.config.vocab_size <= tokenizer.vocab_size:
+    return None
+  return int(tokenizer.vocab_size)
+
+
+def check_positions(model, length: int, *, what: str, fix: str) -> None:
+  """Raises ValueError when `length` tokens exceed the model's max_position_embeddings."""
+  model.config.check_sequence_length(length, what=what, fix=fix)
+
+
+def check_online(config, model, settings, train_records) -> None:
+  """Online settings checked against the model and the prompts, before anything is written.
+
+  Raises ValueError naming the keys and the fix when: prompt + completion are longer than
+  the model's positions; greedy sampling (`sampling.temperature=0` or `top_k=1`) feeds a
+  group estimator (every group's samples are identical: all advantages are 0); there are
+  fewer training prompts than `train.prompts_per_step`; `train.prompts_per_step` does not
+  divide over the mesh; the SFT warm-up's optimiser or records are unusable.
+  """
+  from rlhf_jax import advantages as advantages_lib  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import online_setup, optim, placement  # pylint: disable=g-import-not-at-top
+  plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
+  check_positions(model, plen + alen,
+                  what=f"data.max_prompt_length + sampling.max_new_tokens = {plen} + {alen}",
+                  fix="lower data.max_prompt_length or sampling.max_new_tokens, or use a model "
+                      "with more positions")
+  sampling = _dict(config.sampling)
+  greedy = ("sampling.temperature=0" if float(sampling.get("temperature", 1.0)) == 0 else
+            "sampling.top_k=1" if sampling.get("top_k") == 1 else None)
+  if greedy and advantages_lib.REGISTRY.family(settings.advantage) == "group":
+    raise ValueError(
+        f"{greedy} decodes greedily, so the rl.group_size={settings.group_size} samples of "
+        f"every prompt are identical and rl.advantage={settings.advantage!r} (a group "
+        "estimator) gives every sample advantage 0: nothing is learnt; set "
+        "sampling.temperature > 0 (e.g. 1.0) and top_k > 1 or None")
+  nprompts = int(config.train.prompts_per_step)
+  if len(train_records) < nprompts:
+    raise ValueError(
+        f"the task has {len(train_records)} training prompts, fewer than one step's "
+        f"train.prompts_per_step={nprompts}; lower train.prompts_per_step or add prompts "
+        "(data.train_size for a synthetic task)")
+  placement.check_batch_size(config, "train.prompts_per_step")
+  sft = config.get("sft")
+  if sft and int(sft.get("steps") or 0) > 0:
+    if not sft.get("optim"):
+      raise ValueError("sft.steps > 0 needs sft.optim (e.g. dict(learning_rate=3e-3)); set it "
+                       "or sft.steps=0")
+    optim.make_optimizer(sft.optim, key="sft.optim")
+    online_setup.sft_records(train_records)
 
 
 def build_task(task_cfg):

@@ -3,16 +3,17 @@
 `check(config, loop)` rejects an unknown key (naming the closest known one) at the
 top level and in the sections listed here (`checkpoint`, `train`, `model`, `mesh`,
 `distributed`, `data`; for the online loop also `sft`, `sampling`, `value`), and checks
-their types. Sections such as `rl`, `optim` and `task` are validated by their own
-builders.
+their types and ranges (`RANGES`) and that `workdir` can be a directory. Sections such
+as `rl`, `optim` and `task` are validated by their own builders.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from rlhf_jax import config_utils
-from rlhf_jax.train.runner import RESUME_MODES
+from rlhf_jax.train.runner import RESUME_MODES, check_workdir
 
 _NONE = type(None)
 
@@ -24,7 +25,7 @@ MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed":
 
 MESH = {"data": int, "fsdp": int, "tensor": int}
 DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
-OPTIONAL_SECTIONS = ("mesh", "distributed", "value")  # None (or absent): not used
+OPTIONAL_SECTIONS = ("mesh", "distributed", "value", "env")  # None (or absent): not used
 
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,
            "tokenizer": str, "max_bad_steps": int, "checkpoint": CHECKPOINT,
@@ -39,10 +40,12 @@ OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and t
     "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE)}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
-    "online": dict(_COMMON, rewards=None, rl=None, value={"optim": None},
+    "online": dict(_COMMON, rewards=None, rl=None, seeds=(int, _NONE), value={"optim": None},
                    model=dict(MODEL, unroll_layers=bool),
                    data={"max_prompt_length": int, "train_size": int, "eval_size": int},
-                   sft={"steps": int, "batch_size": int, "optim": None},
+                   sft={"steps": int, "batch_size": int, "optim": None,
+                        "tool_demonstrations": bool},
+                   env=None,
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
@@ -52,8 +55,42 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
 }
 
 
+# key -> (lowest allowed value, whether it is allowed, what the value means / the fix).
+# Checked when the key is set (not None); keys a loop does not have are skipped.
+RANGES: Mapping[str, tuple] = {
+    "sampling.max_new_tokens": (1, True, "the completion length in tokens"),
+    "sampling.temperature": (0, True, "0 decodes greedily, > 0 samples"),
+    "sampling.top_k": (1, True, "None keeps every token"),
+    "data.max_prompt_length": (1, True, "prompts are cut or rejected beyond it"),
+    "data.max_length": (1, True, "the longest training sequence in tokens"),
+    "data.train_size": (0, True, "the number of synthetic training records"),
+    "data.eval_batch_size": (0, True, "0: train.batch_size"),
+    "data.num_responses": (0, True, "K, the most responses of a ranked record"),
+    "sft.steps": (0, True, "0 skips the warm-up"),
+    "sft.batch_size": (1, True, "records per warm-up step"),
+    "train.eval_every": (0, True, "0 or None: evaluate only before and after training"),
+    "checkpoint.max_to_keep": (1, True, "None keeps every checkpoint"),
+    "checkpoint.every_minutes": (0, False, "None: no time-based checkpoints"),
+}
+
+
+def _check_ranges(config) -> None:
+  for key, (low, inclusive, meaning) in RANGES.items():
+    v = config_utils.get_key(config, key, None)
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+      continue  # absent, or a wrong type (named by the schema)
+    if math.isnan(v) or (v < low if inclusive else v <= low):
+      raise ValueError(f"config key {key!r}={v!r} must be {'>=' if inclusive else '>'} {low} "
+                       f"({meaning}); set it to a value in range")
+  top_p = config_utils.get_key(config, "sampling.top_p", None)
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"config key 'sampling.top_p'={top_p!r} must be in (0, 1] (the nucleus "
+                     "mass; None or 1.0 keeps every token)")
+
+
 def check(config, loop: str) -> None:
-  """Raises KeyError (unknown key, closest known suggested) or TypeError (wrong type)."""
+  """Raises KeyError (unknown key, closest known suggested), TypeError (wrong type) or
+  ValueError (a value out of range, a workdir that cannot be a directory)."""
   if loop not in SCHEMAS:
     raise ValueError(f"loop={loop!r} is unknown; use one of {sorted(SCHEMAS)}")
   config_utils.validate_config(
@@ -66,3 +103,12 @@ def check(config, loop: str) -> None:
     if config_utils.get_key(config, key, None) is not None:
       config_utils.require_positive(config, key,
                                     allow_zero=key in ("train.steps", "checkpoint.every_steps"))
+  _check_ranges(config)
+  if loop == "offline" and config.get("paradigm") in ("preference", "reward_model"):
+    data = config.get("data") or {}
+    plen, length = data.get("max_prompt_length"), data.get("max_length")
+    if plen is not None and length is not None and plen >= length:
+      raise ValueError(f"config key 'data.max_prompt_length'={plen} must be < "
+                       f"'data.max_length'={length}: the response needs at least one token; "
+                       "lower data.max_prompt_length or raise data.max_length")
+  check_workdir(config)

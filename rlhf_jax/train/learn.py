@@ -40,14 +40,17 @@ class Trainable(NamedTuple):
 
 
 def make_objective(model, settings: RLSettings, value_model=None, *,
-                   policy_logps: Optional[Callable] = None, value_fn: Optional[Callable] = None):
+                   policy_logps: Optional[Callable] = None, value_fn: Optional[Callable] = None,
+                   vocab_limit: Optional[int] = None):
   """Returns `objective(params, value_params, mb, normalizer, beta) -> (loss, aux)`.
 
   mb: {"ids", "attn" [n, P + T], "mask", "old_logps", "ref_logps" [n, T],
   "advantages" [n] or [n, T], and with a value model "old_values", "returns" [n, T],
   "prompt_len" (static int)}.
   policy_logps(params, mb) -> (logps, entropy) [n, T] and value_fn(value_params, mb) ->
-  values [n, T] default to the completion positions of `model` / `value_model`.
+  values [n, T] default to the completion positions of `model` / `value_model`;
+  `vocab_limit` (the sampler's `SamplingConfig.vocab_limit`) restricts the default
+  policy log-probs to the real vocabulary, so they equal the sampler's.
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
@@ -56,7 +59,7 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   group = settings.group_size if settings.num_minibatches == 1 else 1
   if policy_logps is None:
     policy_logps = lambda params, mb: completion_logps(  # noqa: E731
-        model, params, mb["ids"], mb["attn"], mb["prompt_len"], group)
+        model, params, mb["ids"], mb["attn"], mb["prompt_len"], group, vocab_limit)
   if value_fn is None and value_model is not None:
     value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
         vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]

@@ -6,7 +6,8 @@
 `update(state, batch, rng) -> (state, metrics)` is the jitted step (e.g.
 `online.make_update`); `batches` an iterator of host batches (numpy); `put_batch`
 places each on the devices (default: `jnp.asarray` of the numeric fields); `on_step`
-receives the step just completed (1-based), the new state, the metrics as host floats and
+receives the step just completed (1-based), the new state, the metrics as host floats
+(numpy arrays for a `vmap`ped step: one value per seed) and
 the step's wall time, and returns True to stop early (e.g. after a preemption save).
 """
 
@@ -28,6 +29,12 @@ def default_put_batch(batch) -> Dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in host_arrays(batch).items()}
 
 
+def _host(v):
+  """A float for a scalar metric; a numpy array for stacked (per-seed) metrics."""
+  v = np.asarray(v)
+  return float(v) if v.ndim == 0 else v
+
+
 def run_steps(update: Callable, state, batches: Iterator, rng: jax.Array, *, start: int,
               stop: int, put_batch: Optional[Callable] = None,
               on_step: Optional[OnStep] = None) -> Tuple[Any, int]:
@@ -42,7 +49,7 @@ def run_steps(update: Callable, state, batches: Iterator, rng: jax.Array, *, sta
     batch = put(host_arrays(next(batches)))
     t0 = time.time()
     state, metrics = update(state, batch, rng)
-    metrics = {k: float(np.asarray(v)) for k, v in fetch(metrics).items()}
+    metrics = {k: _host(v) for k, v in fetch(metrics).items()}
     seconds = time.time() - t0
     step += 1
     if on_step is not None and on_step(step, state, metrics, seconds):

@@ -24,6 +24,8 @@ class MetricsWriter:
 
   `plot(keys)` draws the recorded curves to `<workdir>/<name>.png`. In a multi-process
   run only process 0 writes (`primary`); the others keep the history in memory only.
+  Rows written with `seed=i` (a seed sweep) carry `"seed": i`, go to TensorBoard as run
+  `tb/seed_<i>`, and are drawn as the mean ± std over seeds.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, desc: str = "train",
@@ -45,22 +47,35 @@ class MetricsWriter:
     self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb_seed: Dict[int, object] = {}
+    self._summary_writer = SummaryWriter
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True)
 
-  def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+  def _tb_for(self, seed: Optional[int]):
+    if seed is None:
+      return self._tb
+    if seed not in self._tb_seed:
+      self._tb_seed[seed] = self._summary_writer(os.path.join(self.workdir, "tb", f"seed_{seed}"))
+    return self._tb_seed[seed]
+
+  def write(self, step: int, metrics: Mapping[str, float], prefix: str = "",
+            seed: Optional[int] = None) -> None:
     row = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
     row["step"] = int(step)
+    if seed is not None:
+      row["seed"] = int(seed)
     self.history.append(row)
     if not self.primary:
       return
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
+    tb = self._tb_for(seed)
     for k, v in row.items():
-      if k != "step":
-        self._tb.add_scalar(k, v, step)
-    if self._bar is not None and not prefix:
+      if k not in ("step", "seed"):
+        tb.add_scalar(k, v, step)
+    if self._bar is not None and not prefix and seed in (None, 0):
       self._bar.set_postfix({k: f"{row[k]:.3f}" for k in self._show if k in row})
       self._bar.update(1)
 
@@ -74,8 +89,16 @@ class MetricsWriter:
       return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
-      pts = [(r["step"], r[k]) for r in self.history if k in r]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+      by_step: Dict[int, List[float]] = {}
+      for r in self.history:
+        if k in r:
+          by_step.setdefault(r["step"], []).append(r[k])
+      x = sorted(by_step)
+      mean = np.array([np.mean(by_step[s]) for s in x])
+      ax.plot(x, mean, marker="." if len(x) < 30 else None)
+      if any(len(v) > 1 for v in by_step.values()):  # several seeds: mean ± std
+        std = np.array([np.std(by_step[s]) for s in x])
+        ax.fill_between(x, mean - std, mean + std, alpha=0.3)
       ax.set_title(k)
       ax.set_xlabel("step")
     fig.tight_layout()
@@ -89,4 +112,6 @@ class MetricsWriter:
       self._bar.close()
     if self._tb is not None:
       self._tb.close()
+      for tb in self._tb_seed.values():
+        tb.close()
       self._jsonl.close()

@@ -29,7 +29,8 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
                      task: dict | None = None) -> ml_collections.ConfigDict:
   """An offline config on the synthetic preference task; `arg` in FAST_ARGS shrinks it."""
   if arg not in (None, "", *FAST_ARGS):
-    raise ValueError(f"config arg {arg!r} is unknown; use one of {FAST_ARGS} or nothing")
+    raise ValueError(f"config arg {arg!r} is unknown; use one of {list(FAST_ARGS)} or none "
+                     "(the full run)")
   fast = arg in FAST_ARGS
   c = ml_collections.ConfigDict()
   c.paradigm = paradigm

@@ -70,6 +70,14 @@ def load_records(config, *, build_task) -> tuple[Sequence, Sequence]:
   if source == "jsonl":
     if not d.get("path"):
       raise ValueError("config.data.source='jsonl' needs config.data.path")
+    for key in ("path", "eval_path"):
+      path = d.get(key)
+      if path and not os.path.exists(path):
+        raise FileNotFoundError(f"config.data.{key}={path!r} does not exist (relative paths are "
+                                f"from {os.getcwd()!r}); point it at a .jsonl file")
+      if path and os.path.isdir(path):
+        raise IsADirectoryError(f"config.data.{key}={path!r} is a directory; point it at a "
+                                ".jsonl file (one JSON object per line)")
     fmt = d.get("format", "auto")
     skip = bool(d.get("skip_invalid", False))
     train = data_lib.load_jsonl(d.path, format=fmt, skip_invalid=skip).records

@@ -20,7 +20,10 @@ reference log-probs of every train and eval example once, saves them to
 `<workdir>/ref_logps_*.safetensors` and feeds them through the batch (the reference
 parameters are then not kept in the training state).
 The per-step work is the jitted `offline.make_step`; evaluation, checkpoints,
-resume and preemption are handled here and by `runner.Runner`.
+resume and preemption are handled here and by `runner.Runner`. Every config, model and
+data error (including sequences longer than the model's positions, fewer records than
+one train or eval batch, a batch that does not divide over `config.mesh`) is raised
+before anything is written to `config.workdir`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.train import config_schema
-from rlhf_jax.train.placement import fetch, host_arrays, placement
+from rlhf_jax.train.placement import check_batch_size, fetch, host_arrays, placement
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
 from rlhf_jax.train import offline_heads
@@ -140,6 +143,58 @@ def _ref_tables(config, ref_fn, ref_params, train, evals, batch_size: int):
   return out
 
 
+def _train_fix(d) -> str:
+  source = d.get("source", "synthetic")
+  if source == "synthetic":
+    return f"raise data.train_size (now {d.get('train_size')})"
+  if source == "jsonl":
+    return f"add records to data.path={d.get('path')!r}"
+  return f"use a larger data.split of {d.get('name')!r}"
+
+
+def _eval_fix(d) -> str:
+  source = d.get("source", "synthetic")
+  if source == "synthetic":
+    return f"raise data.eval_size (now {d.get('eval_size')})"
+  if source == "jsonl":
+    return (f"add records to data.eval_path={d.eval_path!r}" if d.get("eval_path") else
+            "set data.eval_path (without it the eval set is the first 10% of data.path)")
+  return f"use a larger data.eval_split of {d.get('name')!r}"
+
+
+def _check_data_sizes(config, batches, make_eval_iter, train_src, eval_src, eval_bs: int):
+  """Raises ValueError (naming the keys) when the training set is smaller than one step's
+  `train.batch_size` or the eval set smaller than one eval batch; with `data.precheck`
+  only records that are not skipped (truncation="skip") count. Returns the precheck info."""
+  d = config.data
+  bs = int(config.train.batch_size)
+  eval_key = "data.eval_batch_size" if d.get("eval_batch_size") else "train.batch_size"
+  packed = bool(d.get("packing"))  # a packed row holds several records
+  if not packed and len(train_src) < bs:
+    raise ValueError(f"the training set has {len(train_src)} examples, fewer than one step's "
+                     f"train.batch_size={bs}; lower train.batch_size or {_train_fix(d)}")
+  if len(eval_src) < eval_bs:
+    raise ValueError(f"the eval set has {len(eval_src)} records, fewer than one eval batch "
+                     f"({eval_key}={eval_bs}); lower {eval_key} or {_eval_fix(d)}")
+  info = {"records": len(train_src), "skipped": 0}
+  if not d.get("precheck", True):
+    return info
+  info = batches.precheck()
+  kept = info["records"] - info["skipped"]
+  if not packed and kept < bs:
+    raise ValueError(f"only {kept} of {info['records']} training examples fit "
+                     f"data.max_length={d.max_length} (truncation={d.get('truncation')!r}), "
+                     f"fewer than one step's train.batch_size={bs}; raise data.max_length, "
+                     "lower train.batch_size or add records")
+  ev = make_eval_iter().precheck()
+  kept = ev["records"] - ev["skipped"]
+  if kept < eval_bs:
+    raise ValueError(f"only {kept} of {ev['records']} eval records fit data.max_length="
+                     f"{d.max_length} (truncation={d.get('truncation')!r}), fewer than one "
+                     f"eval batch ({eval_key}={eval_bs}); lower {eval_key} or {_eval_fix(d)}")
+  return info
+
+
 def evaluate(evaluate_fn, state, make_eval_iter, table=None) -> Dict[str, float]:
   """Mean of the eval metrics over one pass of the eval records (full batches)."""
   rows = []
@@ -163,6 +218,9 @@ def train(config) -> Dict[str, Any]:
   tok = build.build_tokenizer(config)
   head = "reward" if paradigm == "reward_model" else "lm"
   model, params = build.build_model(config.model, tok, head=head)
+  if config.data.get("max_length") is not None:
+    build.check_positions(model, int(config.data.max_length), what="data.max_length",
+                          fix="lower data.max_length or use a model with more positions")
   if config.get("rm_head"):
     if paradigm != "reward_model":
       raise ValueError("config.rm_head applies to paradigm 'reward_model' only")
@@ -175,6 +233,7 @@ def train(config) -> Dict[str, Any]:
     if loss not in family:
       raise ValueError(f"config.loss={loss!r} is not a {paradigm!r} loss; use one of {family}")
   unpaired = offline.is_unpaired_loss(loss_fn)
+  check_batch_size(config, "train.batch_size")
   optimizer, step_fn, eval_fn, ref_fn = _compiled(
       paradigm, model, loss, json.dumps(od.plain(config.get("loss_kwargs")), sort_keys=True),
       json.dumps(od.plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
@@ -183,25 +242,26 @@ def train(config) -> Dict[str, Any]:
   train_records, eval_records = load_records(config)
   batches, make_eval_iter, train_parts, eval_parts = _sources(
       config, paradigm, unpaired, train_records, eval_records, tok)
-  if config.data.get("precheck", True):
-    info = batches.precheck()
-    if info["skipped"]:
-      logging.warning("%d of %d training records will be skipped (truncation=%r)",
-                      info["skipped"], info["records"], config.data.get("truncation"))
+  info = _check_data_sizes(config, batches, make_eval_iter, train_parts[0], eval_parts[0],
+                           eval_parts[2])
+  if info["skipped"]:
+    logging.warning("%d of %d training records will be skipped (truncation=%r)",
+                    info["skipped"], info["records"], config.data.get("truncation"))
+  ref = jax.tree.map(jnp.copy, params) if keep_ref and not precompute else None
+  state = offline.init_state(params, optimizer, ref_params=ref,
+                             rng=jax.random.PRNGKey(int(config.seed)))
+  put_state, put_batch, _ = placement(config, model, state, batch_key_name="train.batch_size")
+  # Everything is built and checked: from here on files are written to config.workdir.
   eval_table = None
   if precompute:
     train_table, eval_table = _ref_tables(config, ref_fn, params, train_parts,
                                           eval_parts, int(config.train.batch_size))
     batches = od.WithRef(batches, train_table)
-  ref = jax.tree.map(jnp.copy, params) if keep_ref and not precompute else None
-  state = offline.init_state(params, optimizer, ref_params=ref,
-                             rng=jax.random.PRNGKey(int(config.seed)))
   steps = int(config.train.steps)
   eval_every = int(config.train.get("eval_every", 0) or 0)
+  run = Runner(config, state, batches)
   writer = MetricsWriter(config.workdir, total_steps=steps, desc=paradigm,
                          show=("loss",), progress=config.get("progress", True))
-  run = Runner(config, state, batches)
-  put_state, put_batch, _ = placement(config, model, run.state)
   state = put_state(run.state)
   do_eval = lambda s: evaluate(eval_fn, s, make_eval_iter, eval_table)  # noqa: E731
   summary: Dict[str, Any] = {"start_step": run.start_step}

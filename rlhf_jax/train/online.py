@@ -27,7 +27,7 @@ import optax
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
 from rlhf_jax.train import learn as learn_lib
-from rlhf_jax.train import phases
+from rlhf_jax.train import multiturn, phases
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
 from rlhf_jax.train.rl_config import RLSettings
 
@@ -128,6 +128,20 @@ def step_metrics(ro: Rollout, sc: Scores, sig: Signals, aux, group_size: int):
   return metrics
 
 
+def variant_metrics(info, extra) -> Dict[str, jax.Array]:
+  """Metrics of the phase variants: multi-turn turns, dynamic sampling, ReMax."""
+  out = {}
+  if info is not None:
+    out.update(num_turns=jnp.mean(info.num_turns.astype(jnp.float32)),
+               env_reward_mean=jnp.mean(info.reward),
+               env_done_fraction=jnp.mean(info.done.astype(jnp.float32)))
+  if "selected" in extra:
+    out["selected_informative_groups"] = jnp.mean(extra["selected"].astype(jnp.float32))
+  if "greedy" in extra:
+    out["greedy_reward_mean"] = jnp.mean(extra["greedy"])
+  return out
+
+
 def make_bookkeep(settings: RLSettings):
   """Returns `bookkeep(state, trained, ok, sc, adv_state, metrics) -> (state, metrics)`:
   the KL controller, dual variables, reference update and non-finite guard."""
@@ -181,12 +195,17 @@ def learn_data(ro: Rollout, sig: Signals, advantages) -> Dict[str, jax.Array]:
 def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.GradientTransformation,
                 settings: RLSettings, sampling_config, *, reward_weights=None, value_model=None,
                 value_optimizer: Optional[optax.GradientTransformation] = None,
-                jit: bool = True, donate: bool = True, out_shardings=None):
+                env=None, env_spec=None, jit: bool = True, donate: bool = True,
+                out_shardings=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
   prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
   extras are repeated G times and handed to every reward function. The rewards are
   weighted by `reward_weights` (default `settings.reward_weights`, else all 1).
+  With an environment (`rlhf_jax.envs.make`: `env`, `env_spec`) the rollout phase is the
+  multi-turn one (`rlhf_jax.train.multiturn`): the environment's trajectory reward reaches
+  the reward functions as `extras["env_reward"]` (`multiturn.env_reward()` returns it),
+  and turn-level estimators ("step" family, e.g. `gigpo`, `turn_returns`) get the turns.
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -196,38 +215,63 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     raise ValueError("make_update needs at least one reward function")
   estimator = phases.Estimator.build(
       settings.advantage, dict(settings.advantage_kwargs), group_size=g,
-      provides=step_inputs(value_model is not None))
+      provides=step_inputs(value_model is not None) + (() if env is None
+                                                       else multiturn.TURN_INPUTS))
+  if env is not None and "greedy_rewards" in estimator.needs:
+    raise ValueError(f"rl.advantage={settings.advantage!r} needs a greedy single-turn decode, "
+                     "which a multi-turn environment does not have; choose another estimator")
   weights = reward_weights or settings.reward_weights or (1.0,) * len(reward_fns)
   score_rollout = phases.make_score(reward_fns, weights, settings.reward_constraints(),
                                     len(settings.constraint_thresholds))
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)
                    if "greedy_rewards" in estimator.needs else None)
-  objective = learn_lib.make_objective(model, settings, value_model)
+  vocab_limit = getattr(sampling_config, "vocab_limit", None)  # the trainer's = the sampler's
+  objective = learn_lib.make_objective(model, settings, value_model, vocab_limit=vocab_limit)
   bookkeep = make_bookkeep(settings)
+
+  def rollout(params, prompt_batch, rng):
+    """The rollout phase: single-turn sampling, or multi-turn with the environment."""
+    if env is None:
+      return phases.rollout(model, params, prompt_batch, rng, sampling_config), None
+    return multiturn.rollout_multiturn(model, params, prompt_batch, rng, sampling_config, env,
+                                       env_spec)
+
+  def sample_and_score(params, prompt_batch, rng, reward_state):
+    """rollout -> score (ReMax's greedy baseline; dynamic sampling's selection)."""
+    ro, info = rollout(params, prompt_batch, rng)
+    extras = phases.repeat_extras(prompt_batch, g)
+    sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
+                       reward_state)
+    extra = {}
+    if greedy_config is not None:  # ReMax's baseline: the reward of a greedy decode per prompt
+      gro = phases.rollout(model, params, prompt_batch, rng, greedy_config)
+      extra["greedy"] = jax.lax.stop_gradient(
+          score_rollout(gro, phases.repeat_extras(prompt_batch, 1), reward_state).rewards)
+    if settings.oversample > 1:  # dynamic sampling: learn on informative groups only
+      ro, sc, info, chosen, extra["selected"] = phases.select_groups(
+          ro, sc, info, group_size=g, keep=ro.prompt_ids.shape[0] // g // settings.oversample)
+      if "greedy" in extra:
+        extra["greedy"] = extra["greedy"][chosen]
+    return ro, info, sc, extra
 
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
-    settings.check_batch(prompt_batch["prompt_ids"].shape[0])
-    ro = phases.rollout(model, state.params, prompt_batch, rng_sample, sampling_config)
-    sc = score_rollout(ro, phases.repeat_extras(prompt_batch, g), state.reward_state)
-    greedy = None
-    if greedy_config is not None:  # ReMax's baseline: the reward of a greedy decode per prompt
-      gro = phases.rollout(model, state.params, prompt_batch, rng_sample, greedy_config)
-      greedy = score_rollout(gro, phases.repeat_extras(prompt_batch, 1), state.reward_state)
-      greedy = jax.lax.stop_gradient(greedy.rewards)
+    settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
+    ro, info, sc, extra = sample_and_score(state.params, prompt_batch, rng_sample,
+                                           state.reward_state)
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
-                         value_params=state.value_params)
-    adv, adv_state = phases.estimate(estimator, sc, ro, sig, state.adv_state, greedy)
+                         value_params=state.value_params, vocab_limit=vocab_limit)
+    adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
+                      if info is None else
+                      multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info))
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))
     trained, aux = learn_lib.learn(objective, settings, optimizer, value_optimizer, carry,
                                    learn_data(ro, sig, adv), ro.prompt_len, beta, rng_perm)
-    metrics = step_metrics(ro, sc, sig, aux, g)
-    if greedy is not None:
-      metrics["greedy_reward_mean"] = jnp.mean(greedy)
+    metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra))
     return bookkeep(state, trained, sc, adv_state, metrics)
 
   if not jit:

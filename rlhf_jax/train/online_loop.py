@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,8 @@ from rlhf_jax import models as models_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import prompt_data
 from rlhf_jax.sampling.config import SamplingConfig
-from rlhf_jax.train import build, config_schema, loop, online, online_setup, optim
+from rlhf_jax.train import build, config_schema, loop, online, online_env, online_setup, optim
+from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.online_setup import sft_warmup  # noqa: F401  (re-exported)
 from rlhf_jax.train.placement import placement
@@ -58,33 +59,62 @@ def value_setup(config, model, params, rng):
   return value_model, value_params, optim.make_optimizer(vcfg.get("optim") or config.optim)
 
 
-def _build(config):
-  """Everything the run needs, built and checked before anything is written."""
+class _Built(NamedTuple):
+  tok: Any
+  model: Any
+  params: Any
+  settings: RLSettings
+  task: online_setup.PromptTask
+  evaluate: Any
+  sampling_cfg: SamplingConfig
+  env: Any = None
+  env_spec: Any = None
+
+
+def _build(config) -> _Built:
+  """The model, settings, prompts and evaluator of one run (one seed), built and checked
+  before anything is written."""
   tok = build.build_tokenizer(config)
   model, params = build.build_model(config.model, tok)
   settings = RLSettings.from_config(config.rl)
-  nprompts = int(config.train.prompts_per_step)
-  settings.check_batch(nprompts)
+  settings.check_batch(int(config.train.prompts_per_step))
   if "values" in settings.estimator_inputs() and not config.get("value"):
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a value model: add "
                      "config.value = dict(optim=dict(learning_rate=...)) (or optim=None to "
                      "reuse config.optim)")
   task = online_setup.build_prompt_task(config, tok)
   build.check_online(config, model, settings, task.train)
-  rewards = online_setup.build_rewards(config, tok, task.train)
-  weights = online_setup.reward_weights(rewards, settings.reward_weights)
-  batches = online_setup.prompt_batches(config, tok, task.train, rewards, batch_size=nprompts)
-  online_setup.probe_host_rewards(config, tok, task.train, rewards)
   plen, alen = int(config.data.max_prompt_length), int(config.sampling.max_new_tokens)
   vocab_limit = build.vocab_limit(model, tok)  # a padded model vocabulary: sample real ids only
-  evaluate = online_setup.make_evaluator(model, tok, task.eval, task.score, prompt_length=plen,
-                                         max_new_tokens=alen, vocab_limit=vocab_limit)
+  env, env_spec = online_env.build_env(config, tok)
+  if env is None:
+    evaluate = online_setup.make_evaluator(model, tok, task.eval, task.score, prompt_length=plen,
+                                           max_new_tokens=alen, vocab_limit=vocab_limit)
+  else:  # held-out accuracy: the environment's reward of greedy episodes
+    evaluate = online_env.make_env_evaluator(model, tok, task.eval, env, env_spec,
+                                             prompt_length=plen, vocab_limit=vocab_limit)
   sampling_cfg = SamplingConfig(
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
       vocab_limit=vocab_limit)
-  return tok, model, params, settings, task, rewards, weights, batches, evaluate, sampling_cfg
+  return _Built(tok, model, params, settings, task, evaluate, sampling_cfg, env, env_spec)
+
+
+def _rewards_and_batches(config, runs: Sequence[_Built]):
+  """Rewards over every run's records, and the (stacked, for several seeds) batches."""
+  # Dynamic sampling samples `oversample` times more prompts than it learns on.
+  tok = runs[0].tok
+  nprompts = int(config.train.prompts_per_step) * runs[0].settings.oversample
+  table, offsets = seeds_lib.concat_records([r.task.train for r in runs])
+  rewards = online_setup.build_rewards(config, tok, table)
+  weights = online_setup.reward_weights(rewards, runs[0].settings.reward_weights)
+  its = [online_setup.prompt_batches(seeds_lib.seed_config(config, i) if len(runs) > 1 else config,
+                                     tok, r.task.train, rewards, batch_size=nprompts)
+         for i, r in enumerate(runs)]
+  online_setup.probe_host_rewards(config, tok, table, rewards)
+  batches = its[0] if len(runs) == 1 else seeds_lib.StackedBatches(its, offsets)
+  return rewards, weights, batches
 
 
 def _named_rewards(metrics, rewards) -> None:
@@ -98,48 +128,69 @@ def _named_rewards(metrics, rewards) -> None:
 def train(config) -> Dict[str, Any]:
   """Runs the configured online experiment; returns a summary dict.
 
-  Every config, data and reward error is raised before anything is written to
-  `config.workdir`.
+  With `config.seeds = N > 1`, N runs (seeds config.seed + i) step together in one
+  `vmap`ped program (`rlhf_jax.train.seeds`); accuracies are then per-seed lists. Every
+  config, data and reward error is raised before anything is written to `config.workdir`.
   """
   config_schema.check(config, "online")
+  n = seeds_lib.num_seeds(config)
   sharding_lib.init_distributed(config.get("distributed"))
   t_start = time.time()
-  (tok, model, params, settings, task, rewards, weights, batches, evaluate,
-   sampling_cfg) = _build(config)
+  cfgs = [seeds_lib.seed_config(config, i) for i in range(n)] if n > 1 else [config]
+  runs = [_build(c) for c in cfgs]
+  rewards, weights, batches = _rewards_and_batches(config, runs)
+  model, settings = runs[0].model, runs[0].settings
   steps = int(config.train.steps)
   optimizer = optim.make_optimizer(config.optim)
-  rng = jax.random.PRNGKey(int(config.seed))
+  rngs = [jax.random.PRNGKey(int(c.seed)) for c in cfgs]
   unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
 
-  def init_state(params):
-    value_model, value_params, value_opt = value_setup(config, model, params, rng)
-    return value_model, value_opt, online.init_state(
-        params, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-        value_optimizer=value_opt, unroll_layers=unroll_layers)
-  value_model, value_opt, state = init_state(params)
-  online_setup.log_once(task.message)
+  def init_states(all_params):
+    states = []
+    for p, rng in zip(all_params, rngs):
+      value_model, value_params, value_opt = value_setup(config, model, p, rng)
+      states.append(online.init_state(
+          p, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
+          value_optimizer=value_opt, unroll_layers=unroll_layers))
+    return value_model, value_opt, (states[0] if n == 1 else seeds_lib.stack(states))
+  value_model, value_opt, state = init_states([r.params for r in runs])
+  for msg in dict.fromkeys(r.task.message for r in runs):
+    online_setup.log_once(msg)
   os.makedirs(config.workdir, exist_ok=True)
   writer = MetricsWriter(config.workdir, total_steps=steps, desc="rl",
                          progress=config.get("progress", True))
-  summary: Dict[str, Any] = {"dropped_prompts": task.message} if task.message else {}
+  summary: Dict[str, Any] = {"dropped_prompts": runs[0].task.message} if runs[0].task.message else {}
+  seed_of = lambda i: None if n == 1 else i  # noqa: E731
+  params_of = lambda st, i: st.params if n == 1 else seeds_lib.unstack(st.params, i)  # noqa: E731
+
+  def evaluate_all(st, step):
+    accs = [r.evaluate(params_of(st, i)) for i, r in enumerate(runs)]
+    for i, a in enumerate(accs):
+      writer.write(step, {"accuracy": a}, prefix="eval/", seed=seed_of(i))
+    return accs[0] if n == 1 else accs
   run = Runner(config, state, batches)
   if run.start_step == 0:
     if config.get("sft") and int(config.sft.steps) > 0:
       t0 = time.time()
-      params = online_setup.sft_warmup(config, model, params, tok, task.train, writer=writer)
+      tuned = [online_setup.sft_warmup(c, model, r.params, r.tok, r.task.train, writer=writer)
+               for c, r in zip(cfgs, runs)]
       summary["sft_seconds"] = time.time() - t0
-      _, _, state = init_state(params)
-    summary["accuracy_before"] = evaluate(state.params)
-    writer.write(0, {"accuracy": summary["accuracy_before"]}, prefix="eval/")
-    logging.info("held-out accuracy before RL: %.3f", summary["accuracy_before"])
+      _, _, state = init_states(tuned)
+    summary["accuracy_before"] = evaluate_all(state, 0)
+    logging.info("held-out accuracy before RL: %s", summary["accuracy_before"])
   else:
     state = run.state
     summary["resumed_from"] = run.start_step
   put_state, put_batch, out_shardings = placement(config, model, state)
   state = put_state(state)
-  update = online.make_update(model, [r.fn for r in rewards], optimizer, settings, sampling_cfg,
-                              reward_weights=weights, value_model=value_model,
-                              value_optimizer=value_opt, out_shardings=out_shardings)
+  update = online.make_update(model, [r.fn for r in rewards], optimizer, settings,
+                              runs[0].sampling_cfg, reward_weights=weights,
+                              value_model=value_model, value_optimizer=value_opt,
+                              env=runs[0].env, env_spec=runs[0].env_spec,
+                              out_shardings=out_shardings, jit=n == 1)
+  rng = rngs[0]
+  if n > 1:
+    update, rng = seeds_lib.vmapped(update), jnp.stack(rngs)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
 
@@ -148,22 +199,24 @@ def train(config) -> Dict[str, Any]:
       summary["first_step_seconds"] = seconds
     else:
       step_times.append(seconds)
-    metrics["tokens_per_second"] = metrics["num_tokens"] / seconds
-    _named_rewards(metrics, rewards)
-    writer.write(step, metrics)
+    rows = [metrics] if n == 1 else seeds_lib.per_seed(metrics, n)
+    for i, row in enumerate(rows):
+      row["tokens_per_second"] = row["num_tokens"] / seconds
+      _named_rewards(row, rewards)
+      writer.write(step, row, seed=seed_of(i))
     if eval_every and step % eval_every == 0 and step < steps:
-      writer.write(step, {"accuracy": evaluate(state.params)}, prefix="eval/")
-    return run.after_step(step, state, metrics)
+      evaluate_all(state, step)
+    worst = max(rows, key=lambda r: r["bad_steps_in_a_row"])
+    return run.after_step(step, state, worst)
 
   state, done = loop.run_steps(update, state, batches, rng, start=run.start_step, stop=steps,
                                put_batch=put_batch, on_step=on_step)
   if run.stopped_by_signal:
     writer.close()
     return dict(summary, stopped_at=done, state=state)
-  summary["accuracy_after"] = evaluate(state.params)
-  writer.write(steps, {"accuracy": summary["accuracy_after"]}, prefix="eval/")
+  summary["accuracy_after"] = evaluate_all(state, steps)
   if config.get("export_hf"):
-    summary["hf_model"] = build.export_hf(config, model, state.params)
+    summary["hf_model"] = build.export_hf(config, model, params_of(state, 0))
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
   curves = ["reward_mean", "eval/accuracy", "kl", "response_length"]
   if len(rewards) > 1:

@@ -24,7 +24,7 @@ from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.data import prompt_data
 from rlhf_jax.rewards import registry as rewards_lib
 from rlhf_jax.sampling.config import SamplingConfig
-from rlhf_jax.train import offline, optim
+from rlhf_jax.train import offline, online_env, optim
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.placement import fetch, host_arrays
 
@@ -62,9 +62,9 @@ def build_prompt_task(config, tokenizer) -> PromptTask:
       raise ValueError(f"task {loaded.source}: no held-out prompts (set task.eval_path / "
                        "task.eval_split, or task.eval_fraction > 0)")
     ctx = rewards_lib.RewardContext(tokenizer, int(config.sampling.max_new_tokens), loaded.eval)
-    return PromptTask(loaded.train, loaded.eval,
-                      rewards_lib.text_scorer(verifier or _first_verifier(config.rewards), ctx),
-                      loaded.message)
+    score = (None if config.get("env") else  # the environment scores held-out episodes
+             rewards_lib.text_scorer(verifier or _first_verifier(config.rewards), ctx))
+    return PromptTask(loaded.train, loaded.eval, score, loaded.message)
   name = task_cfg.pop("name")
   task = data_lib.make_task(name, **task_cfg)
   train = task.generate(int(config.data.train_size), seed=int(config.seed), split="train")
@@ -87,8 +87,15 @@ def build_rewards(config, tokenizer, records: Sequence[dict]) -> List[rewards_li
   specs = [s.to_dict() if hasattr(s, "to_dict") else s for s in config.rewards]
   if not specs:
     raise ValueError("config.rewards is empty; name at least one reward, e.g. ('exact_match',)")
+  specs, env_at = online_env.split_env_specs(specs)
+  if env_at and not config.get("env"):
+    raise ValueError("config.rewards has 'env' (an environment's reward) but config.env is "
+                     "not set; set config.env or remove 'env'")
   ctx = rewards_lib.RewardContext(tokenizer, int(config.sampling.max_new_tokens), records)
-  return rewards_lib.build_rewards(specs, ctx)
+  rewards = rewards_lib.build_rewards(specs, ctx) if specs else []
+  for i in sorted(env_at):
+    rewards.insert(i, online_env.env_reward_entry(env_at[i]))
+  return rewards
 
 
 def reward_weights(rewards: Sequence[rewards_lib.Reward], rl_weights: Sequence[float]):
@@ -191,6 +198,7 @@ def sft_warmup(config, model, params, tokenizer, examples, *, writer: MetricsWri
   opt = optim.make_optimizer(sft.optim)
   step = offline.make_step("sft", model, None, opt)
   state = offline.init_state(params, opt)
+  examples = online_env.with_demonstrations(config, examples)
   it = data_lib.sft_batches(sft_records(examples), tokenizer, batch_size=sft.batch_size,
                             max_length=config.data.max_prompt_length +
                             config.sampling.max_new_tokens, seed=config.seed)

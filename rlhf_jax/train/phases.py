@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import advantages as advantages_lib
+from rlhf_jax.advantages import turn as turn_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.losses import kl as kl_lib
@@ -138,6 +139,22 @@ def make_score(reward_fns: Sequence[RewardFn], weights: Sequence[float], dual=No
   return score_rollout
 
 
+def select_groups(ro: Rollout, sc: Scores, extras, *, group_size: int, keep: int):
+  """Dynamic sampling's selection at a fixed shape: the first `keep` groups whose rewards
+  are not all equal (batch order), then equal-reward groups if there are not enough.
+
+  `extras`: any pytree of per-row arrays [N, ...] (e.g. a multi-turn `TurnInfo`), selected
+  alike. Returns (rollout, scores, extras, chosen group indices [keep], informative [keep]).
+  """
+  r = sc.rewards.reshape(-1, group_size)
+  informative = jnp.any(r != r[:, :1], axis=1)
+  chosen = jnp.argsort(~informative, stable=True)[:keep]
+  rows = (chosen[:, None] * group_size + jnp.arange(group_size)[None, :]).reshape(-1)
+  take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+  return (jax.tree.map(take, ro), jax.tree.map(take, sc), jax.tree.map(take, extras), chosen,
+          informative[chosen])
+
+
 # ----------------------------------------------------------------------------- signals
 
 
@@ -157,27 +174,30 @@ class Signals:
   values: Optional[jax.Array] = None
 
 
-def completion_logps(model, params, ids, attn, prompt_len: int, group: int):
+def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
+                     vocab_limit: Optional[int] = None):
   """Completion log-probs / entropies of [prompt, completion] rows.
 
   When consecutive groups of `group` rows share their prompt (as sampled), each prompt
   runs through the model once (`models.completion_logps`); otherwise every row is run in
-  full. Both give the same values.
+  full. Both give the same values. `vocab_limit`: over the real vocabulary only, as the
+  sampler's `SamplingConfig.vocab_limit` (a padded model vocabulary).
   """
   if group > 1 and ids.shape[0] % group == 0:
     return models_lib.completion_logps(
         model, params, ids[::group, :prompt_len], attn[::group, :prompt_len],
-        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group)
-  lp, ent = models_lib.token_logps(model, params, ids, attn)
+        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group, vocab_limit=vocab_limit)
+  lp, ent = models_lib.token_logps(model, params, ids, attn, vocab_limit=vocab_limit)
   return lp[:, prompt_len:], ent[:, prompt_len:]
 
 
 def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
             group_size: int, kl_in_reward: bool, value_model=None,
-            value_params=None) -> Signals:
+            value_params=None, vocab_limit: Optional[int] = None) -> Signals:
   """Reference log-probs, the sampler-vs-reference KL, token rewards and values."""
   ids, attn = ro.ids, ro.attn
-  ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size)
+  ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size,
+                                  vocab_limit)
   mask = ro.loss_mask
   kl_tok = kl_lib.k1(ro.logps, ref_logps, mask)
   token_rewards = kl_lib.kl_in_reward(rewards, kl_tok, mask,
@@ -238,11 +258,17 @@ class Estimator:
     return self._transform().init() if self.stateful else None
 
   def __call__(self, scores: Scores, ro: Rollout, sig: Signals, state,
-               greedy_rewards: Optional[jax.Array] = None):
-    """(advantages [N] or [N, T], new state)."""
+               greedy_rewards: Optional[jax.Array] = None,
+               turn_inputs: Optional[Mapping[str, jax.Array]] = None):
+    """(advantages [N] or [N, T], new state).
+
+    `turn_inputs` (multi-turn rollouts): the turn-level inputs ("step_rewards",
+    "anchor_ids", "step_mask") and "token_turn" [N, T]; a "step" estimator's per-turn
+    advantages [N, K] are then spread over each turn's trained tokens.
+    """
     inputs = {"group_size": self.group_size, "mask": ro.loss_mask,
               "lengths": jnp.sum(ro.loss_mask, axis=1), "values": sig.values,
-              "greedy_rewards": greedy_rewards}
+              "greedy_rewards": greedy_rewards, **(turn_inputs or {})}
     kwargs = dict(self.kwargs)
     for n in self.needs:
       if n not in kwargs:
@@ -262,10 +288,13 @@ class Estimator:
                        f"({type(out).__name__}: {', '.join(getattr(out, '_fields', ()))}), not "
                        "one advantage; combine them in a custom estimator to use it in the RL "
                        "step")
+    if self.kind == "step":
+      out = turn_lib.per_token(out, inputs["token_turn"], ro.loss_mask)
     return out, state
 
 
 def estimate(estimator: Estimator, scores: Scores, ro: Rollout, sig: Signals, adv_state,
-             greedy_rewards: Optional[jax.Array] = None):
+             greedy_rewards: Optional[jax.Array] = None,
+             turn_inputs: Optional[Mapping[str, jax.Array]] = None):
   """The estimate phase: `(advantages, new adv_state)` (see `Estimator.__call__`)."""
-  return estimator(scores, ro, sig, adv_state, greedy_rewards)
+  return estimator(scores, ro, sig, adv_state, greedy_rewards, turn_inputs)

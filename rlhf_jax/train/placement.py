@@ -35,20 +35,57 @@ def state_shardings(state, mesh, rules=None):
                                      sharding_lib.DEFAULT_RULES if rules is None else rules)
 
 
-def placement(config, model, state):
+def batch_key(config) -> str:
+  """The config key of one step's batch rows: `train.prompts_per_step` (online loop) or
+  `train.batch_size` (offline loops)."""
+  train = config.get("train") or {}
+  return "train.prompts_per_step" if "prompts_per_step" in train else "train.batch_size"
+
+
+def _mesh(config):
+  """The mesh of `config.mesh` (None without one); a bad shape names `config.mesh`."""
+  mesh_cfg = config.get("mesh")
+  if not mesh_cfg:
+    return None
+  mesh_cfg = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+  try:
+    return sharding_lib.make_mesh(**mesh_cfg)
+  except ValueError as e:
+    raise ValueError(f"config.mesh={mesh_cfg}: {e}") from None
+
+
+def check_batch_size(config, key: str | None = None) -> None:
+  """Raises ValueError (before anything is built on the mesh) when one step's batch rows,
+  `config[key]` (default `batch_key(config)`), do not divide over the mesh's data x fsdp
+  devices, or when `config.mesh` does not fit the devices."""
+  mesh = _mesh(config)
+  if mesh is None:
+    return
+  key = key or batch_key(config)
+  section, name = key.split(".")
+  rows = int(config[section][name])
+  n = sharding_lib.batch_shard_count(mesh)
+  if rows % n:
+    raise ValueError(f"{key}={rows} is not divisible by the mesh's data x fsdp = {n} devices "
+                     f"(config.mesh={dict(mesh.shape)}); set {key} to a multiple of {n}")
+
+
+def placement(config, model, state, *, batch_key_name: str | None = None):
   """(put_state, put_batch, out_shardings) for `config.mesh`; identity without a mesh.
 
   With `config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}` the state is placed by
   the logical-axis rules (`state_shardings`) and each batch is a global
   array over data x fsdp; every process materialises only its own shards, so the
   same code runs on one device, a multi-device host, or several processes.
+  `batch_key_name` is the config key that sets the batch rows, named when they do not
+  divide (default `batch_key(config)`).
   """
-  mesh_cfg = config.get("mesh")
-  if not mesh_cfg:
+  mesh = _mesh(config)
+  if mesh is None:
     return (lambda s: s), (lambda b: {k: jnp.asarray(v) for k, v in b.items()}), None
-  mesh = sharding_lib.make_mesh(**dict(mesh_cfg))
   del model  # parameters are found by their paths in the state
   shardings = state_shardings(state, mesh)
+  key = batch_key_name or batch_key(config)
 
   def put_batch(batch):
     n = sharding_lib.batch_shard_count(mesh)
@@ -56,7 +93,7 @@ def placement(config, model, state):
     for k, v in batch.items():
       if v.shape[0] % n:
         raise ValueError(f"batch field {k!r} has {v.shape[0]} rows, not divisible by "
-                         f"mesh data x fsdp = {n}; set train.prompts_per_step to a multiple")
+                         f"mesh data x fsdp = {n}; set {key} to a multiple of {n}")
       out[k] = jax.make_array_from_callback(
           v.shape, sharding_lib.batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
     return out

@@ -45,6 +45,11 @@ class RLSettings:
     constraints v_i ≥ θ_i (or = θ_i); the step trains on v_0 + Σ λ_i (v_i − θ_i) and
     updates the multipliers λ (state) by dual descent on the batch means
     (`rlhf_jax.rewards.shaping_state.lagrangian_multipliers`). Exclusive with reward_weights.
+  dynamic_sampling: DAPO's dynamic sampling (Yu et al. 2025) at a fixed compiled shape: with
+    k >= 2 the step samples k x prompts_per_step prompts (the loop's batches are k times
+    larger), keeps prompts_per_step groups whose rewards are not all equal (in batch order;
+    equal-reward groups only when there are not enough others) and learns on those alone.
+    0 or 1: off.
   ref_update_every, ref_ema_decay: the reference policy is fixed (default), set to the
     policy after every k-th update (`ref_update_every=k`), or an EMA of the policy
     (`ref_ema_decay=δ`: ref ← δ·ref + (1 − δ)·θ after each update); `rlhf_jax.train.reference`.
@@ -72,6 +77,7 @@ class RLSettings:
   constraint_lr: float = 0.1
   ref_update_every: int = 0
   ref_ema_decay: Optional[float] = None
+  dynamic_sampling: int = 0
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -118,6 +124,10 @@ class RLSettings:
                                      != len(self.constraint_thresholds)):
       raise ValueError(f"rl.constraint_equality has {len(self.constraint_equality)} entries "
                        f"but rl.constraint_thresholds has {len(self.constraint_thresholds)}")
+    if self.dynamic_sampling < 0 or (self.dynamic_sampling > 1 and self.group_size < 2):
+      raise ValueError(f"rl.dynamic_sampling={self.dynamic_sampling}: use 0 (off) or an "
+                       "oversampling factor k >= 2 with rl.group_size >= 2 (a group of one "
+                       "always has zero variance)")
     if self.ref_update_every < 0:
       raise ValueError(f"rl.ref_update_every must be >= 0 (0: a fixed reference), got "
                        f"{self.ref_update_every}")
@@ -168,6 +178,11 @@ class RLSettings:
       return kl_lib.fixed_kl_controller(beta=self.kl_coef)
     return kl_lib.adaptive_kl_controller(init_beta=self.kl_coef, target=self.kl_target,
                                          horizon=self.kl_horizon)
+
+  @property
+  def oversample(self) -> int:
+    """How many prompts the step samples per prompt it learns on (dynamic sampling)."""
+    return max(1, self.dynamic_sampling)
 
   def check_batch(self, num_prompts: int) -> None:
     """Checks that the sampled batch splits into minibatches and micro-batches."""

@@ -12,6 +12,10 @@ config keys: `workdir`, `resume` ("auto": newest complete checkpoint; "never"),
 `checkpoint.every_steps`, `checkpoint.every_minutes`, `checkpoint.max_to_keep`,
 `checkpoint.async_save`, `max_bad_steps` (consecutive non-finite steps before
 stopping with an error).
+
+`checkpoint.every_steps=0` (or None) means no step-based checkpoints: with
+`checkpoint.every_minutes` unset too the run writes no checkpoint at all (a warning says
+so) and a restarted run begins again at step 0.
 """
 
 from __future__ import annotations
@@ -26,6 +30,28 @@ from rlhf_jax import guards
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+
+
+def check_workdir(config) -> None:
+  """Raises ValueError when `config.workdir` is empty, or it (or a folder above it) is an
+  existing file, so it cannot be the run's directory. Writes nothing."""
+  workdir = config.get("workdir")
+  if workdir is None:
+    return
+  if not str(workdir).strip():
+    raise ValueError("config.workdir is empty; set it to the run's directory (created if "
+                     "absent)")
+  path = os.path.abspath(os.fspath(workdir))
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+  if not os.path.isdir(path):
+    where = ("is an existing file" if path == os.path.abspath(os.fspath(workdir))
+             else f"is under {path!r}, an existing file")
+    raise ValueError(f"config.workdir={workdir!r} {where}, not a directory; set workdir to "
+                     "a new or existing directory")
 
 
 class Runner:
@@ -44,7 +70,11 @@ class Runner:
     self.start_step = 0
     self.state = state
     self.stopped_by_signal = False
-    if self.every_steps or ck.get("every_minutes"):
+    if not (self.every_steps or ck.get("every_minutes")):
+      log.warning("no checkpoints: checkpoint.every_steps=%r and checkpoint.every_minutes is "
+                  "unset, so a stopped run starts again from step 0; set "
+                  "checkpoint.every_steps=N to save every N steps", ck.get("every_steps", 0))
+    else:
       self.ckpt = ckpt_lib.Checkpointer(
           os.path.join(config.workdir, "checkpoints"),
           max_to_keep=ck.get("max_to_keep", 3),

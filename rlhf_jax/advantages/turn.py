@@ -1,0 +1,106 @@
+"""Turn-level credit for multi-turn rollouts: turn returns, and turn -> token advantages.
+
+A multi-turn episode has K turns; turn-level ("step" family) estimators take per-turn
+inputs `[N, K]` (rewards, a valid-turn mask, anchor ids) and return per-turn advantages
+`[N, K]`; `per_token` spreads them over each turn's tokens with the turn index of every
+token (`TurnInfo.token_turn`, -1 for padding). GiGPO (`token.gigpo`) has the same form.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.advantages import base
+from rlhf_jax.advantages.registry import register
+from rlhf_jax.advantages.token import discounted_returns
+from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
+
+
+def per_token(turn_advantages: jax.Array, token_turn: jax.Array, mask: jax.Array) -> jax.Array:
+  """Per-token advantages from per-turn ones: A_t = A_{turn(t)} where mask, else 0.
+
+  Shapes: turn_advantages [N, K] float, token_turn [N, T] int (the turn of each token,
+  -1 for padding), mask [N, T] (the trained tokens) -> [N, T].
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> per_token(jnp.array([[1., -2.]]), jnp.array([[0, 0, 1, 1, -1]]),
+    ...           jnp.array([[1, 1, 0, 1, 0]])).tolist()
+    [[1.0, 1.0, 0.0, -2.0, 0.0]]
+  """
+  check_rank(turn_advantages, 2, "turn_advantages")
+  check_rank(token_turn, 2, "token_turn")
+  if token_turn.shape != mask.shape or token_turn.shape[0] != turn_advantages.shape[0]:
+    raise ValueError(f"token_turn {token_turn.shape} and mask {mask.shape} must both be "
+                     f"[N={turn_advantages.shape[0]}, T]")
+  if not jnp.issubdtype(token_turn.dtype, jnp.integer):
+    raise ValueError(f"token_turn must be integer turn indices, got dtype {token_turn.dtype}")
+  k = turn_advantages.shape[1]
+  idx = jnp.clip(token_turn, 0, k - 1)
+  adv = jnp.take_along_axis(turn_advantages, idx, axis=1)
+  keep = mask.astype(bool) & (token_turn >= 0) & (token_turn < k)
+  return jnp.where(keep, adv, 0.0)
+
+
+def _check_steps(method, rewards, step_rewards, step_mask):
+  check_rank(rewards, 1, "rewards")
+  check_float(rewards, "rewards")
+  check_rank(step_rewards, 2, "step_rewards")
+  check_float(step_rewards, "step_rewards")
+  if step_mask.shape != step_rewards.shape:
+    raise ValueError(f"{method}: step_mask has shape {step_mask.shape} but step_rewards has "
+                     f"{step_rewards.shape}; they must match")
+  if step_rewards.shape[0] != rewards.shape[0]:
+    raise ValueError(f"{method}: step_rewards has {step_rewards.shape[0]} rows but rewards has "
+                     f"{rewards.shape[0]}; pass one row of turns per episode")
+
+
+def with_residual(rewards: jax.Array, step_rewards: jax.Array, step_mask: jax.Array) -> jax.Array:
+  """Step rewards whose last valid turn also gets `rewards − Σ_k step_rewards`.
+
+  The episode's turn rewards then sum to the sequence reward the step scored (reward
+  functions beyond the environment's, shaping); rows without a valid turn are unchanged.
+  Shapes: rewards [N], step_rewards, step_mask [N, K] -> [N, K].
+  """
+  m = step_mask.astype(bool)
+  r = jnp.where(m, step_rewards, 0.0)
+  k = step_rewards.shape[1]
+  last = k - 1 - jnp.argmax(m[:, ::-1], axis=1)
+  is_last = (jnp.arange(k)[None, :] == last[:, None]) & m
+  return r + jnp.where(is_last, (rewards - jnp.sum(r, axis=1))[:, None], 0.0)
+
+
+@register("turn_returns", family="step", needs=("step_rewards", "step_mask", "group_size"))
+def turn_returns(rewards: jax.Array, *, step_rewards: jax.Array, step_mask: jax.Array,
+                 group_size: int, gamma: float = 1.0, normalize_std: bool = False,
+                 residual_to_last: bool = True, eps: float = 1e-6) -> jax.Array:
+  """Turn-level discounted return-to-go minus the group's mean episode return.
+
+  R_{i,k} = Σ_{j≥k} γ^{j−k} r_{i,j} over the valid turns;
+  A_{i,k} = (R_{i,k} − mean_G R_{·,0}) / F;  F = std_G R_{·,0} + ε (population), or 1.
+
+  Each turn is credited with the rewards from that turn on (reward-to-go, REINFORCE
+  with a per-prompt baseline), so a late tool result does not credit the turns before
+  it unless γ > 0 carries it back; with one turn and no step rewards it is Dr. GRPO's
+  advantage (GRPO's with `normalize_std`, population std). With `residual_to_last`,
+  `rewards − Σ_k r_{i,k}` (the part of the scored reward the environment did not assign
+  to a turn) is added to the last valid turn (`with_residual`).
+
+  Simple statistical gradient-following algorithms for connectionist reinforcement
+  learning (Williams, 1992); group baseline as in GRPO (Shao et al., 2024).
+  Shapes: rewards [N] sequence rewards, step_rewards [N, K], step_mask [N, K] ->
+  advantages [N, K] (0 on invalid turns); spread them over tokens with `per_token`.
+  """
+  check_unit_interval("turn_returns", gamma=gamma)
+  check_nonnegative("turn_returns", eps=eps)
+  _check_steps("turn_returns", rewards, step_rewards, step_mask)
+  r = with_residual(rewards, step_rewards, step_mask) if residual_to_last else step_rewards
+  ret = discounted_returns(r, step_mask, gamma=gamma)
+  r0 = ret[:, 0]
+  c0 = base.centred(base.group_view(r0, group_size, "episode returns"))
+  adv = (ret - r0[:, None]) + c0.reshape(-1)[:, None]
+  if normalize_std:
+    std = base.group_std(base.group_view(r0, group_size, "episode returns"))
+    adv = adv / (jnp.repeat(std.reshape(-1), group_size)[:, None] + eps)
+  return jnp.where(step_mask.astype(bool), adv, 0.0)

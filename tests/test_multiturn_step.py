@@ -1,0 +1,56 @@
+"""The multi-turn rollout as the online step's rollout phase: one compiled program with an
+environment, turn-level credit, and no gradient on observation tokens."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax.train import learn, multiturn, online
+from rlhf_jax.train.rl_config import RLSettings
+from test_multiturn import G, MODEL, PARAMS, SAMPLING, SPEC, ScriptedEnv, _batch
+
+
+def _step(advantage):
+  settings = RLSettings.from_config(dict(group_size=G, advantage=advantage, kl_coef=0.01))
+  opt = optax.adam(1e-3)
+  state = online.init_state(PARAMS, opt, jax.random.PRNGKey(1), settings)
+  update = online.make_update(MODEL, [multiturn.env_reward()], opt, settings, SAMPLING,
+                              env=ScriptedEnv(), env_spec=SPEC, donate=False)
+  return state, update
+
+
+def test_multi_turn_step_compiles_once_and_credits_turns():
+  state, update = _step("turn_returns")
+  for seed in range(2):
+    batch = {k: jnp.asarray(v) for k, v in _batch(seed).items()}
+    state, m = update(state, batch, jax.random.PRNGKey(seed))
+    assert np.isfinite(float(m["pg_loss"])) and float(m["num_turns"]) > 1.0
+    assert float(m["reward_mean"]) == float(m["env_reward_mean"])  # env_reward() is the score
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  # A trajectory-level estimator runs on the same rollout phase.
+  state, update = _step("grpo")
+  _, m = update(state, {k: jnp.asarray(v) for k, v in _batch(0).items()}, jax.random.PRNGKey(0))
+  assert np.isfinite(float(m["pg_loss"]))
+
+
+def test_no_observation_token_receives_gradient():
+  batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
+  ro, info = multiturn.rollout_multiturn(MODEL, PARAMS, batch, jax.random.PRNGKey(0), SAMPLING,
+                                         ScriptedEnv(), SPEC)
+  obs = np.asarray(info.obs_mask)
+  assert obs.any() and not (obs & (np.asarray(ro.loss_mask) > 0)).any()
+  settings = RLSettings.from_config(dict(group_size=G, kl_coef=0.1, entropy_coef=0.1))
+  # A policy whose log-probs are free variables: the objective's gradient is non-zero on
+  # every token it trains, so a zero there can only come from the mask.
+  objective = learn.make_objective(None, settings, policy_logps=lambda p, mb: (p, -p))
+  data = online.learn_data(ro, online.phases.Signals(
+      ref_logps=jnp.zeros_like(ro.logps), kl=jnp.zeros_like(ro.logps),
+      token_rewards=jnp.zeros_like(ro.logps)), jnp.ones(ro.logps.shape[0]))
+  mb = dict(data, prompt_len=ro.prompt_len)
+  lp = jnp.full(ro.logps.shape, -1.0)
+  grad = np.asarray(jax.grad(lambda p: objective(p, None, mb, jnp.sum(ro.loss_mask), 0.1)[0])(lp))
+  assert np.all(grad[obs] == 0.0)
+  assert np.all(grad[np.asarray(ro.loss_mask) > 0] != 0.0)

@@ -1,0 +1,78 @@
+"""Seed sweeps in one compiled program: the vmapped step and loop equal single-seed runs."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import demo
+from rlhf_jax.train import online, online_loop, seeds
+from test_online import prompts, setup
+
+
+def test_vmapped_step_of_four_seeds_equals_four_single_steps():
+  model, settings, sc, opt, rewards, state = setup()
+  single = online.make_update(model, rewards, opt, settings, sc, donate=False)
+  swept = seeds.vmapped(online.make_update(model, rewards, opt, settings, sc, jit=False),
+                        donate=False)
+  keys = [jax.random.PRNGKey(s) for s in range(4)]
+  batches = [prompts(n=4, seed=s) for s in range(4)]
+  states = [jax.tree.map(lambda x, s=s: x + 0.01 * s if x.dtype == np.float32 else x, state)
+            for s in range(4)]  # different params per seed
+  stacked = seeds.stack(states)
+  batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  for _ in range(2):
+    want = [single(st, b, k) for st, b, k in zip(states, batches, keys)]
+    stacked, metrics = swept(stacked, batch, jax.numpy.stack(keys))
+    states = [w[0] for w in want]
+    for i, (_, m) in enumerate(want):
+      for k in ("reward_mean", "pg_loss", "kl", "entropy", "grad_norm"):
+        np.testing.assert_allclose(np.asarray(metrics[k])[i], np.asarray(m[k]), atol=1e-5,
+                                   err_msg=k)
+      for a, b in zip(jax.tree.leaves(seeds.unstack(stacked.params, i)),
+                      jax.tree.leaves(states[i].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert swept._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _cfg(tmp_path, name, **kw):
+  c = demo.get_config("runlocal")
+  c.workdir = str(tmp_path / name)
+  c.train.steps, c.sft.steps, c.data.eval_size = 2, 2, 8
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def _rows(path):
+  rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
+  return [r for r in rows if "reward_mean" in r]
+
+
+def test_loop_with_two_seeds_equals_two_single_seed_runs(tmp_path):
+  swept = online_loop.train(_cfg(tmp_path, "swept", seeds=2))
+  singles = [online_loop.train(_cfg(tmp_path, f"s{s}", seed=s)) for s in (0, 1)]
+  assert len(swept["accuracy_after"]) == 2
+  rows = _rows(tmp_path / "swept")
+  assert sorted({r["seed"] for r in rows}) == [0, 1]
+  for s, single in enumerate(singles):
+    assert swept["accuracy_before"][s] == pytest.approx(single["accuracy_before"], abs=1e-6)
+    assert swept["accuracy_after"][s] == pytest.approx(single["accuracy_after"], abs=1e-6)
+    mine = [r for r in rows if r["seed"] == s]
+    theirs = _rows(tmp_path / f"s{s}")
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+      for k in ("reward_mean", "pg_loss", "kl", "entropy", "grad_norm", "response_length"):
+        assert a[k] == pytest.approx(b[k], abs=1e-5), k
+  assert (tmp_path / "swept" / "tb" / "seed_1").is_dir()
+  assert (tmp_path / "swept" / "reward_curve.png").is_file()
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_bad_number_of_seeds_is_named(tmp_path, bad):
+  with pytest.raises(ValueError, match=r"config\.seeds"):
+    online_loop.train(_cfg(tmp_path, "bad", seeds=bad))
+  assert not (tmp_path / "bad").exists()
