@@ -229,7 +229,7 @@ def _code_tests_text(ctx: RewardContext, *, tests_key: str = "tests", timeout_s:
 
 # ----------------------------------------------------------------------------- host: python
 
-def load_function(path: Any, who: str = "python") -> Callable:
+def _load_function(path: Any, who: str = "python") -> Callable:
   """"pkg.module:function" (or "pkg.module.function") -> the function; ValueError naming
   the path and the import error when it does not import."""
   if not isinstance(path, str) or not path.strip():
@@ -256,7 +256,7 @@ def _is_number(v) -> bool:
           and not isinstance(v, np.complexfloating))
 
 
-def check_output(out: Any, n: int, path: str, where: Callable[[int], str]) -> np.ndarray:
+def _check_output(out: Any, n: int, path: str, where: Callable[[int], str]) -> np.ndarray:
   """A python reward's return value -> float32 [n]; errors name the function and the row."""
   expect = f"expected a list of N={n} finite floats, shape [N]"
   head = f"python reward {path!r}"
@@ -282,7 +282,7 @@ def check_output(out: Any, n: int, path: str, where: Callable[[int], str]) -> np
   return result
 
 
-def call_python(fn: Callable, path: str, prompts: List[str], completions: List[str],
+def _call_python(fn: Callable, path: str, prompts: List[str], completions: List[str],
                 fields: Mapping[str, List[Any]], where: Callable[[int], str]) -> np.ndarray:
   """fn(prompts, completions, **fields), checked; when the batch call raises, the rows are
   tried one by one to name the first that raises on its own."""
@@ -299,7 +299,7 @@ def call_python(fn: Callable, path: str, prompts: List[str], completions: List[s
         raise RewardError(msg + f"{where(i)} raises on its own ({type(e_i).__name__}: {e_i}); "
                           f"prompt {prompts[i]!r:.80}, completion {completions[i]!r:.80}") from e
     raise RewardError(msg + "no single row raises on its own") from e
-  return check_output(out, n, path, where)
+  return _check_output(out, n, path, where)
 
 
 # Keys of a loaded record that are not dataset fields (the prompt is passed on its own).
@@ -319,24 +319,24 @@ def python(ctx: RewardContext, *, fn: str) -> base.RewardFn:
   as "module:function"; fields are the record's other keys ("answer", ...), one value per
   row. Without a record table, prompts are the decoded prompt_ids and the only field is
   "answer" (the decoded answer_ids, when the batch has them)."""
-  path, user_fn = fn, load_function(fn)
+  path, user_fn = fn, _load_function(fn)
 
   def score(batch: HostBatch):
     if batch.records is not None:
       fields = _record_fields(batch.records)
     else:
       fields = {"answer": batch.answers} if batch.has_answers else {}
-    return call_python(user_fn, path, batch.prompts, batch.completions, fields, batch.where)
+    return _call_python(user_fn, path, batch.prompts, batch.completions, fields, batch.where)
   out = host_reward(ctx, score, who=f"python reward {path!r}", answers="optional")
   return out if ctx.records is not None else with_needs(out, ())
 
 
 @register_text_scorer("python")
 def _python_text(ctx: RewardContext, *, fn: str):
-  path, user_fn = fn, load_function(fn)
+  path, user_fn = fn, _load_function(fn)
 
   def score(record: Mapping[str, Any], text: str) -> float:
     fields = {k: [v] for k, v in record.items() if k not in _INTERNAL_KEYS}
     prompt = prompt_text(ctx, record.get("prompt", ""))
-    return float(call_python(user_fn, path, [prompt], [text], fields, lambda i: "the record")[0])
+    return float(_call_python(user_fn, path, [prompt], [text], fields, lambda i: "the record")[0])
   return score
