@@ -250,7 +250,7 @@ def test_file_errors(tmp_path):
     ('{"prompt": [{"role": "user"}]}', r"x.jsonl:2: .*missing field 'content'"),
     ('{"prompt": "a", "answer": [1]}', r"x.jsonl:2: field 'answer' \(task.answer_key\) holds "
      "list; expected a string or a number"),
-    ('{"prompt": "a",}', r"x.jsonl:2: invalid JSON"),
+    ('{"prompt": "a",}', r"x.jsonl:2: malformed JSON"),
     ('"a"', r"x.jsonl:2: expected a JSON object, got str"),
     ('{"prompt": "\\u00e9"}', r"x.jsonl:2: cannot encode the prompt .*not in the vocabulary"),
 ])

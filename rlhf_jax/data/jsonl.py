@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rlhf_jax.data import chat as chat_lib
@@ -134,6 +134,28 @@ def validate_record(record: Any, fmt: str) -> dict[str, Any]:
 
 
 # pylint: disable-next=redefined-builtin
+def json_lines(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed JSON value) of each non-blank line of a UTF-8 JSONL file (a
+  leading byte-order mark is ignored); a line that is not UTF-8 or not JSON yields a
+  `DataFormatError` saying what is wrong in place of the value."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield lineno, DataFormatError(f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
+                                      f"column {e.start + 1}); re-encode the file as UTF-8")
+        continue
+      if lineno == 1:
+        line = line.removeprefix("\ufeff")
+      if not line.strip():
+        continue
+      try:
+        yield lineno, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield lineno, DataFormatError(f"malformed JSON ({e.msg} at column {e.colno})")
+
+
 def load_jsonl(path: str | os.PathLike, *, format: str = "auto",
                skip_invalid: bool = False,
                max_examples: int | None = None) -> JsonlDataset:
@@ -158,34 +180,22 @@ def load_jsonl(path: str | os.PathLike, *, format: str = "auto",
                             ".jsonl file (one JSON object per line)")
   records, skipped = [], []
   fmt = None if format == "auto" else format
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      try:
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          raise DataFormatError(f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
-                                f"column {e.start + 1}); re-encode the file as UTF-8") from None
-        if lineno == 1:
-          line = line.removeprefix("\ufeff")
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataFormatError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-        if fmt is None:
-          if not isinstance(record, dict):
-            raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
-          fmt = infer_format(record)
-        records.append(validate_record(record, fmt))
-      except DataFormatError as e:
-        if not skip_invalid:
-          raise DataFormatError(f"{path}:{lineno}: {e} (pass skip_invalid=True to skip "
-                                "invalid lines)") from None
-        skipped.append((lineno, str(e)))
-      if max_examples is not None and len(records) >= max_examples:
-        break
+  for lineno, record in json_lines(path):
+    try:
+      if isinstance(record, DataFormatError):
+        raise record
+      if fmt is None:
+        if not isinstance(record, dict):
+          raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
+        fmt = infer_format(record)
+      records.append(validate_record(record, fmt))
+    except DataFormatError as e:
+      if not skip_invalid:
+        raise DataFormatError(f"{path}:{lineno}: {e} (pass skip_invalid=True to skip "
+                              "invalid lines)") from None
+      skipped.append((lineno, str(e)))
+    if max_examples is not None and len(records) >= max_examples:
+      break
   if skipped:
     logging.warning("%s: skipped %d invalid line(s); first: line %d: %s", path, len(skipped),
                     *skipped[0])

@@ -15,7 +15,6 @@ fix, or records it when invalid rows are skipped.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rlhf_jax.data import chat as chat_lib
+from rlhf_jax.data import jsonl
 from rlhf_jax.data.jsonl import DataFormatError
 
 ORIGIN_KEY = "_origin"
@@ -104,28 +104,15 @@ def plain(value: Any) -> Any:
 def read_jsonl(path: str, invalid: Invalid) -> Table:
   """One JSON object per line; blank lines are ignored."""
   rows = []
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{path}:{lineno}"
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        invalid.report(where, f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
-                       f"column {e.start + 1}); re-encode the file as UTF-8")
-        continue
-      if lineno == 1:
-        text = text.removeprefix("\ufeff")
-      if not text.strip():
-        continue
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        invalid.report(where, f"invalid JSON ({e.msg} at column {e.colno})")
-        continue
-      if not isinstance(obj, dict):
-        invalid.report(where, f"expected a JSON object, got {type(obj).__name__}")
-        continue
-      rows.append(Row(where, obj))
+  for lineno, obj in jsonl.json_lines(path):
+    where = f"{path}:{lineno}"
+    if isinstance(obj, jsonl.DataFormatError):
+      invalid.report(where, str(obj))
+      continue
+    if not isinstance(obj, dict):
+      invalid.report(where, f"expected a JSON object, got {type(obj).__name__}")
+      continue
+    rows.append(Row(where, obj))
   return Table(rows, None)
 
 
