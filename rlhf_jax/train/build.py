@@ -113,6 +113,27 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
                      "'gguf' ('smollm2' or a .gguf file)")
   if tokenizer is not None:
     data_lib.check_vocab_fits(tokenizer, model.config.vocab_size)
+  return with_model_options(model, params, cfg)
+
+
+MODEL_OPTIONS = ("param_dtype", "cache_dtype", "remat", "attention", "attention_chunk")
+
+
+def with_model_options(model, params, cfg: Mapping[str, Any]):
+  """`config.model.{param_dtype, cache_dtype, remat, attention, attention_chunk}` applied
+  (`Model.with_options`); params are cast to `param_dtype`. Each bad value is named."""
+  opts = {k: cfg[k] for k in MODEL_OPTIONS if cfg.get(k) is not None}
+  if not opts:
+    return model, params
+  try:
+    model = model.with_options(**opts)
+    if "attention" in opts:
+      models_lib.attention.validate_backend(opts["attention"])
+  except ValueError as e:
+    raise ValueError(f"config.model ({', '.join(f'{k}={v!r}' for k, v in opts.items())}): "
+                     f"{e}") from None
+  if "param_dtype" in opts and params is not None:
+    params = jax.tree.map(lambda x: x.astype(model.param_dtype), params)
   return model, params
 
 

@@ -21,7 +21,10 @@ CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
               "max_to_keep": (int, _NONE), "async_save": bool}
 
 # `hf_config` is a Hugging Face config dict: keys it does not use are ignored, as there.
-MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int}
+MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int,
+         # rlhf_jax.models.Model.with_options (docs/models.md)
+         "param_dtype": str, "cache_dtype": str, "remat": (str, bool), "attention": str,
+         "attention_chunk": int}
 
 MESH = {"data": int, "fsdp": int, "tensor": int}
 DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
