@@ -281,3 +281,15 @@ def test_bookkeep_kl_controller_reference_and_guard():
   np.testing.assert_array_equal(np.asarray(out.ref_params["w"]), np.ones(3))
   np.testing.assert_allclose(float(out.kl_state.beta), float(state.kl_state.beta))
   assert int(out.step) == 1 and float(m["skipped"]) == 1.0 and int(m["skipped_total"]) == 1
+
+
+def test_a_reward_function_of_the_wrong_shape_is_named(tiny):
+  _, _, batch, ro = tiny
+  def scalar_reward(p, c, m, e):
+    return jnp.sum(m)
+  def short_reward(p, c, m, e):
+    return jnp.ones(c.shape[0] - 1)
+  for fn, shape in ((scalar_reward, r"\(\)"), (short_reward, r"\(3,\)")):
+    with pytest.raises(ValueError, match=rf"reward function .*{fn.__name__} returned shape "
+                                         rf"{shape}; expected \[N\].*N = 4"):
+      phases.make_score([fn], (1.0,))(ro, phases.repeat_extras(batch, 2), None)

@@ -100,9 +100,13 @@ class Scores:
 def score_each(reward_fns: Sequence[RewardFn], prompt_ids, completion_ids, completion_mask,
                extras: Mapping[str, jax.Array]) -> jax.Array:
   """The reward functions' outputs side by side: [N, K] (a function may return [N, k])."""
-  cols = []
+  cols, n = [], completion_ids.shape[0]
   for fn in reward_fns:
     r = jnp.asarray(fn(prompt_ids, completion_ids, completion_mask, extras), jnp.float32)
+    if r.ndim not in (1, 2) or r.shape[0] != n:
+      name = getattr(fn, "__qualname__", None) or repr(fn)
+      raise ValueError(f"reward function {name} returned shape {tuple(r.shape)}; expected [N] "
+                       f"(or [N, k]) with N = {n} completions: one reward per completion")
     cols.append(r[:, None] if r.ndim == 1 else r)
   return jnp.concatenate(cols, axis=1)
 
