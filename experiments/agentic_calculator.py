@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.sampling.max_new_tokens = 2 * 18 + 6 if tool else 18  # the episode's token budget
   c.sft.tool_demonstrations = tool
   if not (arg and "runlocal" in arg):
-    c.sft.steps = 300
+    c.sft.steps = 150
     c.train.steps = 150
+    c.optim.learning_rate = 5e-4
   return c
