@@ -16,8 +16,8 @@ ARGS = (None, "runlocal", "notool", "notool_runlocal")
 
 def get_config(arg=None):
   if arg not in ARGS:
-    raise ValueError(f"experiments/agentic_calculator.py: unknown config argument {arg!r}; "
-                     f"use one of {[a for a in ARGS if a]}")
+    raise ValueError(f"experiments/agentic_calculator.py: config arg {arg!r} is unknown; use "
+                     f"one of {[a for a in ARGS if a]}")
   tool = "notool" not in (arg or "")
   c = demo.get_config("runlocal" if arg and "runlocal" in arg else None)
   c.workdir = "runs/agentic_calculator" + ("" if tool else "_notool")

@@ -19,5 +19,5 @@ def test_agentic_calculator_config_variants():
     assert c.sampling.max_new_tokens == episode
     assert c.data.max_prompt_length + episode <= c.model.hf_config.max_position_embeddings
   assert agentic_calculator.get_config("runlocal").train.steps < tool.train.steps
-  with pytest.raises(ValueError, match="unknown config argument 'runlocl'"):
+  with pytest.raises(ValueError, match="config arg 'runlocl' is unknown"):
     agentic_calculator.get_config("runlocl")

@@ -2,7 +2,8 @@
 
 `run_tests(code, tests)` runs the untrusted `code` alone in a *worker* process
 (new network, PID, mount, IPC, UTS namespaces; read-only file system with
-private tmpfs on /tmp, /var/tmp, /dev/shm; no capabilities; rlimits) and the
+private tmpfs as its directory and on /tmp, /var/tmp, /dev/shm unless the interpreter
+lives there; no capabilities; rlimits) and the
 `tests` in a *judge* process where each name the solution defines is a proxy:
 calls, attributes, items, iteration, `len` and arithmetic are forwarded to the
 worker, whose results come back as plain data or as proxies of other objects
@@ -160,16 +161,29 @@ def _unshare() -> str:
   return "user"
 
 
-def _mount_private_fs() -> bool:
-  """Everything read-only; private tmpfs on /tmp, /var/tmp, /dev/shm; own (or no) /proc.
+def _covered(d: str) -> bool:
+  """Whether a private tmpfs may cover `d`: not when the interpreter (a virtualenv under
+  /tmp, say) or its import path lives there."""
+  need = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                        os.path.dirname(sys.executable), *sys.path) if p}
+  return os.path.isdir(d) and not any(p == d or p.startswith(d + "/") for p in need)
+
+
+def _mount_private_fs(workdir: str) -> bool:
+  """Everything read-only; a private tmpfs as the worker's directory `workdir`, and on
+  /tmp, /var/tmp, /dev/shm unless the interpreter lives there; own (or no) /proc.
 
   Returns whether the file system is read-only and /proc shows only the namespace."""
   _libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None)    # MS_REC | MS_PRIVATE
   attr = (ctypes.c_uint64 * 4)(0x1 | 0x2 | 0x4, 0, 0, 0)      # MOUNT_ATTR_RDONLY|NOSUID|NODEV
   ok = _libc.syscall(442, -100, b"/", 0x8000, attr, 32) == 0  # mount_setattr(AT_RECURSIVE)
-  for d in (b"/tmp", b"/var/tmp", b"/dev/shm"):
-    if os.path.isdir(d):
-      _libc.mount(b"tmpfs", d, b"tmpfs", 0x2 | 0x4, b"size=64m,nr_inodes=4096,mode=1777")
+  tmpfs = lambda d, size: _libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0x2 | 0x4,  # noqa: E731
+                                      f"size={size},nr_inodes=4096,mode=1777".encode())
+  for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    if _covered(d):
+      tmpfs(d, "64m")
+  os.makedirs(workdir, exist_ok=True)  # on the new tmpfs when it covered the parent's /tmp
+  ok = tmpfs(workdir, "64m") == 0 and ok
   return (_libc.mount(b"proc", b"/proc", b"proc", 0x2 | 0x4 | 0x8, None) == 0
           or _libc.mount(b"tmpfs", b"/proc", b"tmpfs", 0x2 | 0x4 | 0x8, b"size=1m") == 0) and ok
 
@@ -182,7 +196,7 @@ def _setrlimit(lim, soft, hard=None):
 
 def _limit_and_drop(cfg, ns):
   """Worker set-up before any untrusted code: cwd, rlimits, no capabilities."""
-  os.chdir("/tmp" if ns else cfg["workdir"])
+  os.chdir(cfg["workdir"])
   cpu = int(math.ceil(cfg["timeout_s"])) + 1
   _setrlimit(resource.RLIMIT_CPU, cpu, cpu + 1)
   for lim, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CORE, 0),
@@ -217,7 +231,7 @@ def _child_main(cfg):
       _libc.prctl(1, signal.SIGKILL, 0, 0, 0)                 # PR_SET_PDEATHSIG: die with us
       _libc.prctl(4, 0, 0, 0, 0)                              # PR_SET_DUMPABLE 0
       signal.signal(signal.SIGINT, signal.SIG_DFL)            # init ignores in-namespace signals
-      if not _mount_private_fs() and ns == "user":   # (as root the fresh uid protects the rest)
+      if not _mount_private_fs(cfg["workdir"]) and ns == "user":   # (as root the fresh uid protects the rest)
         os._exit(71)
       worker = os.fork()
     if not ns or worker == 0:
@@ -512,7 +526,8 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
            "max_open_files": int(max_open_files), "max_file_mb": int(max_file_mb),
            "workdir": tmp, "uid": 0x40000000 + secrets.randbelow(0x3fffff00),
            "req_fd": req_r, "rep_fd": rep_w, "status_fd": st_w}
-    kw = dict(cwd=tmp, env=_ENV, start_new_session=True, stderr=subprocess.DEVNULL)
+    kw = dict(cwd=tmp, env=dict(_ENV, HOME=tmp, TMPDIR=tmp), start_new_session=True,
+              stderr=subprocess.DEVNULL)
     child = judge = None
     try:
       child = subprocess.Popen(cmd + ["child", json.dumps(cfg)], stdin=subprocess.DEVNULL,
