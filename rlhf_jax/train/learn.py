@@ -86,6 +86,7 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
           values, mb["old_values"], mb["returns"], mask, clip_range=settings.value_clip)
       aux["value_loss"] = agg(vl)
       loss = loss + settings.value_coef * aux["value_loss"]
+    aux["loss"] = loss
     return loss, aux
   return objective
 
@@ -130,18 +131,24 @@ def gradients(objective, micro_batches: int, params, value_params, mb, normalize
 
 def learn(objective, settings: RLSettings, optimizer: optax.GradientTransformation,
           value_optimizer: Optional[optax.GradientTransformation], carry: Trainable,
-          data: Dict[str, jax.Array], prompt_len: int, beta: jax.Array, rng: jax.Array):
-  """The learn phase. Returns `(carry, aux)`, aux stacked [epochs, minibatches]."""
+          data: Dict[str, jax.Array], prompt_len: int, beta: jax.Array, rng: jax.Array,
+          normalizer: Optional[Callable] = None):
+  """The learn phase. Returns `(carry, aux)`, aux stacked [epochs, minibatches].
+
+  `normalizer(mb)`: the denominator of the minibatch's loss, shared by its micro-batches
+  (default: `aggregate.global_normalizer` of the token mask under `settings.aggregation`).
+  """
   nmb = settings.num_minibatches
   n = data["ids"].shape[0]
   has_value = carry.value_params is not None
 
   def minibatch_update(c: Trainable, mb):
     """One optimiser update; skipped (params and optimiser state kept) when non-finite."""
-    normalizer = aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+    denom = (aggregate_lib.global_normalizer(mb["mask"], mode=settings.aggregation)
+             if normalizer is None else normalizer(mb))
     mb = dict(mb, prompt_len=prompt_len)
     gp, gv, aux = gradients(objective, settings.micro_batches, c.params, c.value_params, mb,
-                            normalizer, beta)
+                            denom, beta)
     aux["grad_norm"] = optax.tree.norm(gp)
     # Any non-finite gradient makes the global norm non-finite. Once anything in the step
     # (rewards included) was non-finite, no later update is applied either.

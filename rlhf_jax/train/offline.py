@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import guards
-from rlhf_jax import losses as losses_lib
 from rlhf_jax import models as models_lib
+from rlhf_jax.train.loss_inputs import (call_with_available, is_list_loss,  # noqa: F401
+                                        is_unpaired_loss)
 
 PARADIGMS = ("sft", "preference", "reward_model")
 PAIRED_KEYS = ("chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
@@ -113,50 +114,6 @@ def _check_keys(batch: Mapping[str, Any], keys, what: str) -> None:
   missing = [k for k in keys if k not in batch]
   if missing:
     raise KeyError(f"{what} batch is missing {missing}; it has {sorted(batch)}")
-
-
-def _parameters(fn: Callable):
-  """(name, required) of every parameter of a registered loss (its declaration)."""
-  return losses_lib.REGISTRY.declaration_of(fn).parameters
-
-
-def call_with_available(fn: Callable, available: Mapping[str, Any], kwargs: Mapping[str, Any],
-                        what: str):
-  """Calls `fn` with the named inputs its declaration lists (hyper-parameters from kwargs)."""
-  params = dict(_parameters(fn))
-  for k in kwargs:
-    if k not in params:
-      raise ValueError(f"loss_kwargs has {k!r}, which {what} does not take; it takes "
-                       f"{sorted(p for p in params if p not in available)}")
-  args = {}
-  for name, required in params.items():
-    if name in kwargs:
-      continue
-    if name in available and available[name] is not None:
-      args[name] = available[name]
-    elif required:
-      raise ValueError(f"{what} needs {name!r}, which this batch cannot provide (it provides "
-                       f"{sorted(k for k, v in available.items() if v is not None)}); pass a "
-                       "constant in config.loss_kwargs, a per-example field of the records "
-                       "through config.data.passthrough, or use a loss with a matching "
-                       "signature")
-  return fn(**args, **kwargs)
-
-
-def is_unpaired_loss(loss_fn: Optional[Callable]) -> bool:
-  """True for losses over single completions with labels (KTO-style signatures)."""
-  if loss_fn is None:
-    return False
-  params = dict(_parameters(loss_fn))
-  return "desirable" in params and "chosen_logps" not in params
-
-
-def is_list_loss(loss_fn: Optional[Callable]) -> bool:
-  """True for listwise losses over `logps` / `mask` [B, K] (PRO, TRPA, GRAO signatures)."""
-  if loss_fn is None:
-    return False
-  params = dict(_parameters(loss_fn))
-  return "logps" in params and "mask" in params and "desirable" not in params
 
 
 def sft_loss(model, params, batch, *, packed: bool = False):

@@ -27,7 +27,7 @@ import optax
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
 from rlhf_jax.train import learn as learn_lib
-from rlhf_jax.train import multiturn, phases
+from rlhf_jax.train import multiturn, phases, preference_step
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
 from rlhf_jax.train.rl_config import RLSettings
 
@@ -45,6 +45,8 @@ class RLState:
   adv_state: estimator state such as BNPO moments (None when stateless).
   reward_state: constrained RLHF's Lagrange multipliers (None without constraints).
   guard: `guards.NonFiniteState` counting skipped (non-finite) updates.
+  iterate_params: the kept iterate π_t of online preference methods (INPO;
+    `rl.iterate_every`), None otherwise.
   """
   step: jax.Array
   params: Any
@@ -57,6 +59,7 @@ class RLState:
   adv_state: Any = None
   guard: Any = None
   reward_state: Any = None
+  iterate_params: Any = None
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -82,6 +85,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   params = _with_layout(params, layout)
   ref = (settings.reference_update().init(params) if ref_params is None
          else _with_layout(ref_params, layout))
+  iterate = settings.iterate_update()
   vopt = None
   if value_params is not None:
     if value_optimizer is None:
@@ -91,6 +95,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                  ref_params=ref, kl_state=kl_controller.init(), rng=rng,
                  value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
                  reward_state=None if dual is None else dual.init(),
+                 iterate_params=None if iterate is None else iterate.init(params),
                  guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
@@ -147,6 +152,7 @@ def make_bookkeep(settings: RLSettings):
   the KL controller, dual variables, reference update and non-finite guard."""
   kl_controller = settings.kl_controller()
   ref_update = settings.reference_update()
+  iterate_update = settings.iterate_update()
   dual = settings.reward_constraints()
   single_update = settings.epochs * settings.num_minibatches == 1
 
@@ -175,7 +181,11 @@ def make_bookkeep(settings: RLSettings):
       ref = ref_update.update(state.ref_params, new_state.params, state.step + 1)
       new_state = new_state.replace(
           ref_params=guards.select_tree(skipped, state.ref_params, ref))
-    guard = guards.nonfinite_update(guard, metrics["pg_loss"], skipped)
+    if iterate_update is not None:  # the kept iterate π_t, every k-th update
+      it = iterate_update.update(state.iterate_params, new_state.params, state.step + 1)
+      new_state = new_state.replace(
+          iterate_params=guards.select_tree(skipped, state.iterate_params, it))
+    guard = guards.nonfinite_update(guard, metrics["loss"], skipped)
     metrics.update(skipped=skipped.astype(jnp.float32), skipped_total=guard.total,
                    bad_steps_in_a_row=guard.consecutive)
     return new_state.replace(guard=guard), metrics
@@ -213,11 +223,19 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                      f"rl.group_size={g}; set them equal")
   if not reward_fns:
     raise ValueError("make_update needs at least one reward function")
-  estimator = phases.Estimator.build(
-      settings.advantage, dict(settings.advantage_kwargs), group_size=g,
-      provides=step_inputs(value_model is not None) + (() if env is None
-                                                       else multiturn.TURN_INPUTS))
-  if env is not None and "greedy_rewards" in estimator.needs:
+  vocab_limit = getattr(sampling_config, "vocab_limit", None)  # the trainer's = the sampler's
+  pref, estimator = None, None
+  if settings.objective == "preference":  # the pairs phase replaces the estimate phase
+    if value_model is not None:
+      raise ValueError("rl.objective='preference' trains no value model: remove config.value")
+    pref = preference_step.PreferencePhase.build(settings, vocab_limit=vocab_limit)
+  else:
+    estimator = phases.Estimator.build(
+        settings.advantage, dict(settings.advantage_kwargs), group_size=g,
+        provides=step_inputs(value_model is not None) + (() if env is None
+                                                         else multiturn.TURN_INPUTS))
+  needs = () if estimator is None else estimator.needs
+  if env is not None and "greedy_rewards" in needs:
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a greedy single-turn decode, "
                      "which a multi-turn environment does not have; choose another estimator")
   weights = reward_weights or settings.reward_weights or (1.0,) * len(reward_fns)
@@ -225,9 +243,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                                     len(settings.constraint_thresholds))
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)
-                   if "greedy_rewards" in estimator.needs else None)
-  vocab_limit = getattr(sampling_config, "vocab_limit", None)  # the trainer's = the sampler's
-  objective = learn_lib.make_objective(model, settings, value_model, vocab_limit=vocab_limit)
+                   if "greedy_rewards" in needs else None)
+  objective = (learn_lib.make_objective(model, settings, value_model, vocab_limit=vocab_limit)
+               if pref is None else pref.make_objective(model))
   bookkeep = make_bookkeep(settings)
 
   def rollout(params, prompt_batch, rng):
@@ -255,6 +273,18 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
         extra["greedy"] = extra["greedy"][chosen]
     return ro, info, sc, extra
 
+  def estimate_or_pair(state: RLState, ro, info, sc, sig, extra, rng):
+    """The estimate phase (advantages), or the pairs phase of the preference objective:
+    returns (learn data, adv_state, metrics)."""
+    if pref is not None:
+      data, more = pref.data(model, ro, sc, sig, state.iterate_params,
+                             jax.random.fold_in(rng, 2**31 - 1))
+      return data, state.adv_state, more
+    adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
+                      if info is None else
+                      multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info))
+    return learn_data(ro, sig, adv), adv_state, {}
+
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
     settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
@@ -264,14 +294,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
                          value_params=state.value_params, vocab_limit=vocab_limit)
-    adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
-                      if info is None else
-                      multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info))
+    data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))
-    trained, aux = learn_lib.learn(objective, settings, optimizer, value_optimizer, carry,
-                                   learn_data(ro, sig, adv), ro.prompt_len, beta, rng_perm)
-    metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra))
+    trained, aux = learn_lib.learn(objective, settings, optimizer, value_optimizer, carry, data,
+                                   ro.prompt_len, beta, rng_perm,
+                                   normalizer=None if pref is None else pref.normalizer)
+    metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra), **more)
     return bookkeep(state, trained, sc, adv_state, metrics)
 
   if not jit:

@@ -18,6 +18,10 @@ from rlhf_jax.rewards import shaping_state
 from rlhf_jax.train import reference as reference_lib
 
 
+OBJECTIVES = ("policy_gradient", "preference")
+PAIRINGS = ("best_worst", "all_pairs", "rso")
+
+
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
   return tuple(sorted(dict(d or {}).items()))
 
@@ -53,6 +57,14 @@ class RLSettings:
   ref_update_every, ref_ema_decay: the reference policy is fixed (default), set to the
     policy after every k-th update (`ref_update_every=k`), or an EMA of the policy
     (`ref_ema_decay=δ`: ref ← δ·ref + (1 − δ)·θ after each update); `rlhf_jax.train.reference`.
+  objective: "policy_gradient" (advantages and `surrogate`) or "preference" (online
+    preference optimisation, `rlhf_jax.train.preference_step`): pairs (or the ranked group)
+    from each prompt's G scored samples, trained with `preference_loss` /
+    `preference_loss_kwargs` (default dpo). `pairs`: "best_worst", "all_pairs" or "rso"
+    (statistical rejection sampling at temperature `rso_beta`). `preference_temperature`
+    T: OSP's preference strength σ((r_w − r_l)/T). `iterate_every=k` keeps the policy of
+    every k-th update as the iterate π_t that INPO's loss reads (DNO's previous-iterate
+    reference is `ref_update_every=k`).
   """
   group_size: int = 4
   advantage: str = "grpo"
@@ -78,6 +90,13 @@ class RLSettings:
   ref_update_every: int = 0
   ref_ema_decay: Optional[float] = None
   dynamic_sampling: int = 0
+  objective: str = "policy_gradient"
+  preference_loss: Optional[str] = None
+  preference_loss_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  pairs: str = "best_worst"
+  rso_beta: float = 0.5
+  preference_temperature: float = 1.0
+  iterate_every: int = 0
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -86,13 +105,15 @@ class RLSettings:
     unknown = sorted(set(cfg) - fields)
     if unknown:
       raise ValueError(f"unknown rl config keys {unknown}; known keys: {sorted(fields)}")
-    for key in ("advantage_kwargs", "surrogate_kwargs"):
+    for key in ("advantage_kwargs", "surrogate_kwargs", "preference_loss_kwargs"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
     for key, kind in (("reward_weights", float), ("constraint_thresholds", float),
                       ("constraint_equality", bool)):
       if cfg.get(key) is not None:
         cfg[key] = tuple(kind(w) for w in cfg[key])
+    if cfg.get("objective") == "preference" and not cfg.get("preference_loss"):
+      cfg["preference_loss"] = "dpo"
     settings = cls(**cfg)
     settings.validate()
     return settings
@@ -106,8 +127,11 @@ class RLSettings:
                        f"{', '.join(advantages_lib.names())}")
     fam = losses_lib.REGISTRY.family(self.surrogate) if self.surrogate in losses_lib.REGISTRY else None
     if fam != "policy_gradient":
-      raise ValueError(f"rl.surrogate={self.surrogate!r} is not a policy-gradient loss; choose "
-                       f"one of {', '.join(losses_lib.names('policy_gradient'))}")
+      hint = (f" ({self.surrogate!r} is a preference loss: set rl.objective='preference' and "
+              f"rl.preference_loss={self.surrogate!r})" if fam == "preference" else "")
+      raise ValueError(f"rl.surrogate={self.surrogate!r} is not a policy-gradient loss{hint}; "
+                       f"choose one of {', '.join(losses_lib.names('policy_gradient'))}")
+    self._validate_objective()
     if self.kl_estimator not in losses_lib.names("kl"):
       raise ValueError(f"rl.kl_estimator={self.kl_estimator!r} is unknown; choose one of "
                        f"{', '.join(losses_lib.names('kl'))}")
@@ -141,6 +165,40 @@ class RLSettings:
     losses_lib.declaration(self.surrogate).check_kwargs(dict(self.surrogate_kwargs),
                                                         key="rl.surrogate_kwargs")
 
+  def _validate_objective(self) -> None:
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"rl.objective={self.objective!r} is unknown; choose one of "
+                       f"{', '.join(OBJECTIVES)}")
+    if self.iterate_every < 0:
+      raise ValueError(f"rl.iterate_every must be >= 0 (0: no kept iterate), got "
+                       f"{self.iterate_every}")
+    if self.objective != "preference":
+      for key in ("preference_loss", "preference_loss_kwargs", "iterate_every"):
+        if getattr(self, key):
+          raise ValueError(f"rl.{key} is read only with rl.objective='preference'; set "
+                           f"rl.objective='preference' or remove rl.{key}")
+      return
+    loss = self.preference_loss
+    fam = losses_lib.REGISTRY.family(loss) if loss in losses_lib.REGISTRY else None
+    if fam != "preference":
+      what = "a policy-gradient loss" if fam == "policy_gradient" else "not a preference loss"
+      fix = (" (for it, use rl.objective='policy_gradient' and rl.surrogate="
+             f"{loss!r})" if fam == "policy_gradient" else "")
+      raise ValueError(f"rl.preference_loss={loss!r} is {what}{fix}; choose one of "
+                       f"{', '.join(losses_lib.names('preference'))}")
+    if self.group_size < 2:
+      raise ValueError(f"rl.objective='preference' builds pairs within each prompt's group: "
+                       f"rl.group_size must be >= 2, got {self.group_size}")
+    if self.pairs not in PAIRINGS:
+      raise ValueError(f"rl.pairs={self.pairs!r} is unknown; choose one of {', '.join(PAIRINGS)}")
+    if self.rso_beta <= 0 or self.preference_temperature <= 0:
+      raise ValueError(f"rl.rso_beta and rl.preference_temperature must be > 0, got "
+                       f"{self.rso_beta} and {self.preference_temperature}")
+    if self.kl_coef or self.kl_target is not None or self.kl_in_reward or self.entropy_coef:
+      raise ValueError("rl.kl_coef / rl.kl_target / rl.kl_in_reward / rl.entropy_coef shape the "
+                       "policy-gradient objective; with rl.objective='preference' the loss's own "
+                       "beta (rl.preference_loss_kwargs) sets the strength of the reference")
+
   def estimator_inputs(self) -> frozenset:
     """Inputs the advantage estimator declares that rl.advantage_kwargs does not set
     (e.g. "values" for GAE, "greedy_rewards" for ReMax)."""
@@ -168,6 +226,12 @@ class RLSettings:
       return reference_lib.periodic_reference(every=int(self.ref_update_every))
     return reference_lib.fixed_reference()
 
+  def iterate_update(self):
+    """The `(init, update)` rule of the kept iterate π_t (`iterate_every`), or None."""
+    if not self.iterate_every:
+      return None
+    return reference_lib.periodic_reference(every=int(self.iterate_every))
+
   @property
   def moves_reference(self) -> bool:
     return self.ref_ema_decay is not None or self.ref_update_every > 0
@@ -186,6 +250,14 @@ class RLSettings:
 
   def check_batch(self, num_prompts: int) -> None:
     """Checks that the sampled batch splits into minibatches and micro-batches."""
+    if self.objective == "preference":  # minibatches and micro-batches of whole groups
+      if num_prompts % self.num_minibatches or (num_prompts // self.num_minibatches
+                                                % self.micro_batches):
+        raise ValueError(
+            f"rl.num_minibatches={self.num_minibatches} x rl.micro_batches={self.micro_batches} "
+            f"must divide prompts_per_step={num_prompts}: rl.objective='preference' splits the "
+            "batch by prompt (whole groups); pick divisors")
+      return
     n = num_prompts * self.group_size
     if n % self.num_minibatches:
       raise ValueError(

@@ -1,0 +1,241 @@
+"""Online preference optimisation inside the fused step: the pairs phase and its objective.
+
+With `rl.objective = "preference"` the step samples G completions per prompt, scores
+them with the configured rewards (verifiers, a reward model or an LM judge), and instead
+of advantages builds preference data from each group:
+
+    pairs = group_pairs(rewards [B, G], mode="best_worst" | "all_pairs" | "rso")
+    data, metrics = phase.data(ro, sc, sig, iterate_params, rng)    # the pairs phase
+    loss, aux = phase.objective(params, None, minibatch, normalizer, beta)
+
+then learns with any registered preference loss (`rl.preference_loss`: dpo, ipo, simpo,
+cdpo, rdpo, hinge, copg, dno, inpo, osp, power_dl, ... and the listwise pro / trpa on the
+group ranked by reward). The loss is called with the inputs its declaration lists
+(`rlhf_jax.train.loss_inputs`): sequence log-probs of the chosen / rejected samples under
+the policy, the reference (`ref_params`: fixed, or DNO's previous iterate with
+`rl.ref_update_every=k`) and, for INPO, the kept iterate (`rl.iterate_every=k`); their
+lengths and rewards; OSP's preference strength σ((r_w − r_l)/T). A pair whose two rewards
+are equal carries no preference and has weight 0; the loss is the weighted mean over the
+minibatch's pairs (so micro-batches do not change it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses as losses_lib
+from rlhf_jax.losses.preference_online import rso_sample
+from rlhf_jax.train import loss_inputs
+from rlhf_jax.train.phases import Rollout, Scores, Signals, completion_logps
+from rlhf_jax.train.rl_config import PAIRINGS
+
+PAIR_INPUTS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+               "chosen_lengths", "rejected_lengths", "chosen_rewards", "rejected_rewards",
+               "preference_strength")
+ITERATE_INPUTS = ("prev_chosen_logps", "prev_rejected_logps")
+LIST_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "mask", "levels")
+ONLINE_FIX = ("the online preference step provides the inputs above; choose another "
+              "rl.preference_loss")
+
+
+class Pairs(NamedTuple):
+  """Within-group pairs: chosen / rejected sample indices [B, K] in 0..G-1, weight [B, K]
+  (1: the chosen sample's reward is strictly higher; 0: no preference)."""
+  chosen: jax.Array
+  rejected: jax.Array
+  weight: jax.Array
+
+
+def num_pairs(group_size: int, mode: str) -> int:
+  """K, the pairs per group `group_pairs` builds."""
+  return group_size * (group_size - 1) // 2 if mode == "all_pairs" else 1
+
+
+def group_pairs(rewards: jax.Array, *, mode: str, rng: Optional[jax.Array] = None,
+                rso_beta: float = 0.5) -> Pairs:
+  """Preference pairs from the rewards [B, G] of each prompt's G samples.
+
+  best_worst: one pair, the highest against the lowest reward (first of ties).
+  all_pairs: every i < j, ordered by reward: G(G-1)/2 pairs.
+  rso: RSO (Liu et al., 2024): two samples drawn by statistical rejection sampling from
+    π_r ∝ π exp(r / rso_beta) among the group (`rso_sample`, `rng` per group), ordered by
+    reward.
+  """
+  b, g = rewards.shape
+  rewards = jax.lax.stop_gradient(rewards)
+  if mode == "best_worst":
+    hi = jnp.argmax(rewards, axis=1)[:, None]
+    lo = jnp.argmin(rewards, axis=1)[:, None]
+  elif mode == "all_pairs":
+    i, j = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(g, k=1))
+    ri, rj = rewards[:, i], rewards[:, j]
+    hi = jnp.where(ri >= rj, i[None], j[None])
+    lo = jnp.where(ri >= rj, j[None], i[None])
+  elif mode == "rso":
+    if rng is None:
+      raise ValueError("group_pairs(mode='rso') needs rng")
+    keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(b))
+    draw = jax.vmap(lambda k, r: rso_sample(k, r, num_samples=2, beta=rso_beta))(keys, rewards)
+    two = jnp.take_along_axis(rewards, draw.indices, axis=1)
+    first_wins = two[:, 0] >= two[:, 1]
+    hi = jnp.where(first_wins, draw.indices[:, 0], draw.indices[:, 1])[:, None]
+    lo = jnp.where(first_wins, draw.indices[:, 1], draw.indices[:, 0])[:, None]
+    valid = jnp.all(draw.valid, axis=1)[:, None]
+  else:
+    raise ValueError(f"rl.pairs={mode!r} is unknown; choose one of {', '.join(PAIRINGS)}")
+  r_hi = jnp.take_along_axis(rewards, hi, axis=1)
+  r_lo = jnp.take_along_axis(rewards, lo, axis=1)
+  weight = (r_hi > r_lo).astype(jnp.float32)
+  if mode == "rso":
+    weight = weight * valid
+  return Pairs(hi.astype(jnp.int32), lo.astype(jnp.int32), weight)
+
+
+def reward_levels(rewards: jax.Array) -> jax.Array:
+  """Preference levels [B, G]: 1 + the number of distinct higher rewards in the group (1 = best)."""
+  higher = rewards[:, None, :] > rewards[:, :, None]          # [B, i, j]: r_j > r_i
+  first = jnp.tril(rewards[:, None, :] == rewards[:, :, None], k=-1)
+  distinct = ~jnp.any(first, axis=1)                          # j is the first of its value
+  return 1 + jnp.sum(higher & distinct[:, None, :], axis=2).astype(jnp.int32)
+
+
+def _grouped(x, g):
+  return x.reshape((x.shape[0] // g, g) + x.shape[1:])
+
+
+def _sequence(token_logps, mask):
+  return jnp.sum(token_logps * mask, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePhase:
+  """The pairs phase and the preference objective of the online step (built from settings).
+
+  loss: the registered preference loss; kwargs: `rl.preference_loss_kwargs`;
+  listwise: the loss ranks the whole group (PRO, TRPA) instead of pairs;
+  uses_iterate: the loss reads the kept iterate's log-probs (INPO's π_t).
+  """
+  loss: str
+  kwargs: Tuple[Tuple[str, Any], ...]
+  group_size: int
+  pairs: str
+  rso_beta: float
+  temperature: float
+  listwise: bool
+  uses_iterate: bool
+  vocab_limit: Optional[int] = None
+
+  @classmethod
+  def build(cls, settings, *, vocab_limit: Optional[int] = None) -> "PreferencePhase":
+    """Checks the loss's declared inputs against what the step provides (named errors)."""
+    name = settings.preference_loss
+    fn = losses_lib.get(name)
+    kwargs = dict(settings.preference_loss_kwargs)
+    listwise = loss_inputs.is_list_loss(fn)
+    provides = set(LIST_INPUTS if listwise else PAIR_INPUTS)
+    params = loss_inputs.parameter_names(fn)
+    uses_iterate = any(n in params for n in ITERATE_INPUTS)
+    if uses_iterate and not listwise:
+      if not settings.iterate_every:
+        raise ValueError(f"rl.preference_loss={name!r} needs the previous iterate's log-probs "
+                         f"({', '.join(ITERATE_INPUTS)}): set rl.iterate_every=k to keep the "
+                         "policy of every k-th step as the iterate")
+      provides |= set(ITERATE_INPUTS)
+    missing = loss_inputs.missing_inputs(fn, provides, kwargs)
+    if missing:
+      raise ValueError(f"rl.preference_loss={name!r} needs {', '.join(map(repr, missing))}, "
+                       f"which the online preference step does not provide (it provides "
+                       f"{sorted(provides)}); choose another rl.preference_loss, e.g. dpo")
+    for k in kwargs:
+      if k not in params:
+        raise ValueError(f"rl.preference_loss_kwargs has {k!r}, which {name!r} does not take; "
+                         f"it takes {sorted(p for p in params if p not in provides)}")
+    return cls(loss=name, kwargs=tuple(sorted(kwargs.items())), group_size=settings.group_size,
+               pairs=settings.pairs, rso_beta=float(settings.rso_beta),
+               temperature=float(settings.preference_temperature), listwise=listwise,
+               uses_iterate=uses_iterate, vocab_limit=vocab_limit)
+
+  # --------------------------------------------------------------------- the pairs phase
+
+  def data(self, model, ro: Rollout, sc: Scores, sig: Signals, iterate_params,
+           rng: jax.Array) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
+    """Group-major learn data [B, G, ...] with the pairs (or ranking) and their weights."""
+    g = self.group_size
+    rewards = _grouped(sc.rewards, g)
+    mask = ro.loss_mask
+    data = {"ids": _grouped(ro.ids, g), "attn": _grouped(ro.attn, g), "mask": _grouped(mask, g),
+            "rewards": rewards, "ref_seq": _grouped(_sequence(sig.ref_logps, mask), g)}
+    if self.uses_iterate:
+      prev, _ = completion_logps(model, iterate_params, ro.ids, ro.attn, ro.prompt_len, g,
+                                 self.vocab_limit)
+      data["prev_seq"] = _grouped(_sequence(jax.lax.stop_gradient(prev), mask), g)
+    if self.listwise:
+      order = jnp.argsort(-rewards, axis=1, stable=True)       # best first
+      data["order"] = order.astype(jnp.int32)
+      spread = jnp.max(rewards, axis=1) > jnp.min(rewards, axis=1)
+      data["weight"] = spread.astype(jnp.float32)
+      return data, {"preference_groups": jnp.mean(data["weight"])}
+    pairs = group_pairs(rewards, mode=self.pairs, rng=rng, rso_beta=self.rso_beta)
+    data.update(chosen=pairs.chosen, rejected=pairs.rejected, weight=pairs.weight)
+    return data, {"preference_pairs": jnp.mean(pairs.weight)}
+
+  @staticmethod
+  def normalizer(mb) -> jax.Array:
+    """The minibatch's total pair weight (the weighted mean's denominator), at least 1."""
+    return jnp.maximum(jnp.sum(mb["weight"]), 1.0)
+
+  # --------------------------------------------------------------------- the objective
+
+  def make_objective(self, model):
+    """`objective(params, value_params, mb, normalizer, beta) -> (loss, aux)`."""
+    fn = losses_lib.get(self.loss)
+    kwargs = dict(self.kwargs)
+    g = self.group_size
+    what = f"rl.preference_loss={self.loss!r}"
+
+    def objective(params, value_params, mb, normalizer, beta):
+      del value_params, beta
+      b = mb["ids"].shape[0]
+      flat = lambda x: x.reshape((b * g,) + x.shape[2:])  # noqa: E731
+      lp, _ = completion_logps(model, params, flat(mb["ids"]), flat(mb["attn"]),
+                               mb["prompt_len"], g, self.vocab_limit)
+      mask = mb["mask"]
+      seq = _sequence(lp.reshape(mask.shape), mask)            # [b, G]
+      lengths = jnp.sum(mask, axis=-1)
+      if self.listwise:
+        take = lambda x: jnp.take_along_axis(x, mb["order"], axis=1)  # noqa: E731
+        rewards = take(mb["rewards"])
+        available = {"logps": take(seq), "ref_logps": take(mb["ref_seq"]),
+                     "lengths": take(lengths), "rewards": rewards,
+                     "mask": jnp.ones(seq.shape, bool), "levels": reward_levels(rewards)}
+        losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
+                                                    key="rl.preference_loss_kwargs",
+                                                    fix=ONLINE_FIX)
+        w = mb["weight"]
+        loss = jnp.sum(losses * w) / normalizer
+        return loss, {"loss": loss}
+      pick = lambda x, idx: jnp.take_along_axis(x, mb[idx], axis=1).reshape(-1)  # noqa: E731
+      both = lambda x: (pick(x, "chosen"), pick(x, "rejected"))  # noqa: E731
+      (cl, rl), (rc, rr) = both(seq), both(mb["ref_seq"])
+      (nc, nr), (wc, wr) = both(lengths), both(mb["rewards"])
+      available = {"chosen_logps": cl, "rejected_logps": rl, "ref_chosen_logps": rc,
+                   "ref_rejected_logps": rr, "chosen_lengths": nc, "rejected_lengths": nr,
+                   "chosen_rewards": wc, "rejected_rewards": wr,
+                   "preference_strength": jax.nn.sigmoid((wc - wr) / self.temperature)}
+      if self.uses_iterate:
+        available["prev_chosen_logps"], available["prev_rejected_logps"] = both(mb["prev_seq"])
+      losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
+                                                  key="rl.preference_loss_kwargs",
+                                                  fix=ONLINE_FIX)
+      w = mb["weight"].reshape(-1)
+      mean = lambda x: jnp.sum(x * w) / normalizer  # noqa: E731
+      margin = jax.lax.stop_gradient((cl - rc) - (rl - rr))
+      loss = mean(losses)
+      return loss, {"loss": loss, "implicit_accuracy": mean((margin > 0).astype(jnp.float32)),
+                    "logratio_margin": mean(margin), "pair_reward_gap": mean(wc - wr)}
+    return objective

@@ -1,0 +1,242 @@
+"""Online preference optimisation in the fused step (`rl.objective='preference'`): the pairs
+phase against numpy, the objective against a float64 DPO reference, micro-batch
+invariance, one compilation, DNO / INPO iterates, and the named config errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.train import online, preference_step
+from rlhf_jax.train.rl_config import RLSettings
+from test_online import prompts, setup
+
+
+def _even_fraction(prompt_ids, completion_ids, completion_mask, extras):
+  """A graded reward: the fraction of even completion tokens (varies within groups)."""
+  m = completion_mask.astype(jnp.float32)
+  return jnp.sum((completion_ids % 2 == 0) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+
+
+def _settings(**rl):
+  return RLSettings.from_config(dict(dict(group_size=4, objective="preference"), **rl))
+
+
+# ----------------------------------------------------------------------------- pairs phase
+
+
+def _np_pairs(r, mode):
+  out = []
+  for row in r:
+    if mode == "best_worst":
+      hi, lo = int(np.argmax(row)), int(np.argmin(row))
+      out.append([(hi, lo, float(row[hi] > row[lo]))])
+    else:
+      ps = []
+      for i, j in itertools.combinations(range(len(row)), 2):
+        hi, lo = (i, j) if row[i] >= row[j] else (j, i)
+        ps.append((hi, lo, float(row[i] != row[j])))
+      out.append(ps)
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("mode", ["best_worst", "all_pairs"])
+def test_group_pairs_match_numpy(mode):
+  r = np.asarray([[0.1, 0.9, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0], [0.0, -1.0, 2.0, 0.5]],
+                 np.float32)
+  p = preference_step.group_pairs(jnp.asarray(r), mode=mode)
+  ref = _np_pairs(r, mode)
+  assert p.chosen.shape == (3, preference_step.num_pairs(4, mode))
+  np.testing.assert_array_equal(np.asarray(p.chosen), ref[..., 0])
+  np.testing.assert_array_equal(np.asarray(p.rejected), ref[..., 1])
+  np.testing.assert_array_equal(np.asarray(p.weight), ref[..., 2])
+  assert float(np.sum(np.asarray(p.weight)[1])) == 0.0  # all-equal group: no preference
+
+
+def test_rso_pairs_are_ordered_distinct_and_follow_the_tilted_distribution():
+  r = jnp.asarray([[0.0, 1.0, 2.0, 3.0]] * 2000)
+  p = preference_step.group_pairs(r, mode="rso", rng=jax.random.PRNGKey(0), rso_beta=1.0)
+  c, j, w = (np.asarray(x)[:, 0] for x in p)
+  assert np.all(c != j) and np.all(w == 1.0)
+  rn = np.asarray(r)[0]
+  assert np.all(rn[c] > rn[j])
+  # Tilted towards high rewards: each candidate is drawn more often than a lower one.
+  counts = np.bincount(np.concatenate([c, j]), minlength=4)
+  assert np.all(np.diff(counts) > 0), counts
+
+
+def test_reward_levels_match_numpy():
+  r = np.asarray([[0.5, 1.0, 0.5, 0.0], [2.0, 2.0, 2.0, 2.0]], np.float32)
+  want = [[1 + len({x for x in row if x > v}) for v in row] for row in r]
+  np.testing.assert_array_equal(np.asarray(preference_step.reward_levels(jnp.asarray(r))), want)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+@pytest.fixture(scope="module")
+def stepped():
+  """One DPO step's inputs and the learn data of its pairs phase (shared)."""
+  model, _, sc, opt, _, state = setup()
+  settings = _settings(preference_loss_kwargs=dict(beta=0.5), pairs="all_pairs")
+  phase = preference_step.PreferencePhase.build(settings)
+  from rlhf_jax.train import phases
+  batch = {k: jnp.asarray(v) for k, v in prompts(n=4, seed=3).items()}
+  ro = phases.rollout(model, state.params, batch, jax.random.PRNGKey(5), sc)
+  scores = phases.Scores(rewards=_even_fraction(None, ro.completion_ids, ro.completion_mask, {}),
+                         each=None)
+  sig = phases.signals(model, state.ref_params, ro, scores.rewards, jnp.float32(0.0),
+                       group_size=4, kl_in_reward=False)
+  data, _ = phase.data(model, ro, scores, sig, None, jax.random.PRNGKey(0))
+  return model, state, phase, ro, scores, data
+
+
+def test_dpo_objective_matches_a_float64_reference(stepped):
+  model, state, phase, ro, scores, data = stepped
+  objective = phase.make_objective(model)
+  mb = dict(data, prompt_len=ro.prompt_len)
+  # Perturb the policy so that policy and reference differ.
+  params = jax.tree.map(lambda p: p * 1.05, state.params)
+  loss, aux = objective(params, None, mb, phase.normalizer(mb), None)
+  # Independent reference: full-row token log-probs, pairs and DPO in float64 numpy.
+  def seq(p):
+    lp, _ = models.token_logps(model, p, ro.ids, ro.attn)
+    return np.sum(np.asarray(lp[:, ro.prompt_len:], np.float64) * np.asarray(ro.loss_mask), 1)
+  pol, ref = seq(params), seq(state.ref_params)
+  r = np.asarray(scores.rewards, np.float64).reshape(-1, 4)
+  terms, weights = [], []
+  for b in range(r.shape[0]):
+    for hi, lo, w in _np_pairs(r[b:b + 1], "all_pairs")[0]:
+      hi, lo = int(hi) + 4 * b, int(lo) + 4 * b
+      h = (pol[hi] - ref[hi]) - (pol[lo] - ref[lo])
+      terms.append(np.log1p(np.exp(-0.5 * h)))
+      weights.append(w)
+  weights = np.asarray(weights)
+  assert weights.sum() > 0
+  want = np.sum(np.asarray(terms) * weights) / weights.sum()
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+  assert 0.0 <= float(aux["implicit_accuracy"]) <= 1.0
+
+
+def test_listwise_pro_objective_ranks_the_group_by_reward(stepped):
+  model, state, _, ro, scores, _ = stepped
+  from rlhf_jax.train import phases
+  settings = _settings(preference_loss="pro", preference_loss_kwargs=dict(sft_weight=0.0))
+  phase = preference_step.PreferencePhase.build(settings)
+  assert phase.listwise
+  sig = phases.signals(model, state.ref_params, ro, scores.rewards, jnp.float32(0.0),
+                       group_size=4, kl_in_reward=False)
+  data, _ = phase.data(model, ro, scores, sig, None, jax.random.PRNGKey(0))
+  mb = dict(data, prompt_len=ro.prompt_len)
+  loss, _ = phase.make_objective(model)(state.params, None, mb, phase.normalizer(mb), None)
+  lp, _ = models.token_logps(model, state.params, ro.ids, ro.attn)
+  m = np.asarray(ro.loss_mask, np.float64)
+  s = (np.sum(np.asarray(lp[:, ro.prompt_len:], np.float64) * m, 1) / m.sum(1)).reshape(-1, 4)
+  r = np.asarray(scores.rewards, np.float64).reshape(-1, 4)
+  total, groups = 0.0, 0
+  for b in range(r.shape[0]):
+    if r[b].max() == r[b].min():
+      continue
+    z = s[b][np.argsort(-r[b], kind="stable")]
+    total += sum(np.log(np.sum(np.exp(z[k:]))) - z[k] for k in range(3))
+    groups += 1
+  np.testing.assert_allclose(float(loss), total / max(groups, 1), rtol=2e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def dpo_run():
+  model, _, sc, opt, _, state0 = setup()
+  settings = _settings(pairs="all_pairs", ref_update_every=2)
+  state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
+  update = online.make_update(model, [_even_fraction], opt, settings, sc, donate=False)
+  history = [state]
+  for i in range(3):
+    state, m = update(state, prompts(n=4, seed=i), jax.random.PRNGKey(i))
+    history.append(state)
+  return update, history, m
+
+
+def test_online_dpo_step_learns_with_one_compilation(dpo_run):
+  update, history, m = dpo_run
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  for key in ("loss", "implicit_accuracy", "logratio_margin", "preference_pairs", "reward_mean"):
+    assert np.isfinite(float(m[key])), key
+  assert float(m["preference_pairs"]) > 0
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), history[0].params,
+                       history[-1].params)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_dno_reference_is_the_policy_of_the_last_kth_step(dpo_run):
+  _, history, _ = dpo_run  # ref_update_every=2
+  same = lambda a, b: all(bool(jnp.array_equal(x, y)) for x, y in  # noqa: E731
+                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(history[1].ref_params, history[0].params)  # step 1: still the initial policy
+  assert same(history[2].ref_params, history[2].params)  # step 2: synced
+  assert same(history[3].ref_params, history[2].params)  # step 3: the policy of step 2
+  assert not same(history[3].params, history[2].params)
+
+
+def test_inpo_iterate_and_micro_batch_invariance():
+  model, _, sc, opt, _, state0 = setup()
+
+  def run(micro):
+    settings = _settings(preference_loss="inpo", iterate_every=2, micro_batches=micro)
+    state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
+    update = online.make_update(model, [_even_fraction], opt, settings, sc, donate=False)
+    states = [state]
+    for i in range(3):
+      state, _ = update(state, prompts(n=4, seed=i), jax.random.PRNGKey(i))
+      states.append(state)
+    return states
+  one, two = run(1), run(2)
+  for a, b in zip(jax.tree.leaves(one[-1].params), jax.tree.leaves(two[-1].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  for a, b in zip(jax.tree.leaves(one[3].iterate_params), jax.tree.leaves(one[2].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # π_t: the policy of step 2
+  assert one[0].ref_params is not None and one[0].iterate_params is not None
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("rl, match", [
+    (dict(objective="preference", preference_loss="ppo_clip"), r"policy-gradient loss.*rl\.surrogate"),
+    (dict(surrogate="dpo"), r"rl\.objective='preference'"),
+    (dict(preference_loss="dpo"), r"rl\.preference_loss is read only with rl\.objective"),
+    (dict(iterate_every=2), r"rl\.iterate_every is read only"),
+    (dict(objective="preference", group_size=1), r"rl\.group_size must be >= 2"),
+    (dict(objective="preference", pairs="best"), r"rl\.pairs='best' is unknown"),
+    (dict(objective="preference", kl_coef=0.1), r"rl\.kl_coef"),
+    (dict(objective="preference", preference_loss="nope"), r"rl\.preference_loss='nope'"),
+    (dict(objective="dpo"), r"rl\.objective='dpo' is unknown"),
+])
+def test_bad_preference_configs_are_named(rl, match):
+  with pytest.raises(ValueError, match=match):
+    RLSettings.from_config(dict(dict(group_size=4), **rl))
+
+
+@pytest.mark.parametrize("loss, kwargs, match", [
+    ("inpo", {}, r"rl\.iterate_every=k"),
+    ("kto", {"reference_point": 0.0}, r"needs 'logps', 'ref_logps', 'desirable'"),
+    ("dpo", {"bta": 0.1}, r"rl\.preference_loss_kwargs has 'bta'"),
+])
+def test_losses_the_step_cannot_feed_are_named(loss, kwargs, match):
+  settings = _settings(preference_loss=loss, preference_loss_kwargs=kwargs)
+  with pytest.raises(ValueError, match=match):
+    preference_step.PreferencePhase.build(settings)
+
+
+def test_preference_objective_refuses_a_value_model():
+  model, _, sc, opt, _, _ = setup()
+  with pytest.raises(ValueError, match=r"config\.value"):
+    online.make_update(model, [_even_fraction], opt, _settings(), sc,
+                       value_model=model.with_head("value"))
