@@ -22,7 +22,8 @@ def rl_block(**overrides) -> dict:
             aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
             reward_weights=(), constraint_thresholds=(), constraint_equality=(),
             constraint_lr=0.1, ref_update_every=0, dynamic_sampling=0,
-            ref_ema_decay=config_dict.placeholder(float))
+            ref_ema_decay=config_dict.placeholder(float), objective="policy_gradient",
+            preference_loss=config_dict.placeholder(str), pairs="best_worst", iterate_every=0)
   rl.update(overrides)
   return rl
 
@@ -55,6 +56,7 @@ def get_config(arg=None):
   c.sft = dict(steps=220, batch_size=64, optim=dict(learning_rate=3e-3, warmup_steps=10))
   c.sampling = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None)
   c.rewards = ("exact_match",)
+  c.reward_shaping = ()  # transforms of the rewards, e.g. ("spo_win_rate",); docs/rewards.md
   c.rl = rl_block()
   c.optim = dict(learning_rate=1e-3, max_grad_norm=1.0)
   c.train = dict(steps=300, prompts_per_step=32, eval_every=50)

@@ -43,7 +43,7 @@ OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and t
     "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE)}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
-    "online": dict(_COMMON, rewards=None, rl=None, seeds=(int, _NONE), value={"optim": None},
+    "online": dict(_COMMON, rewards=None, reward_shaping=None, rl=None, seeds=(int, _NONE), value={"optim": None},
                    model=dict(MODEL, unroll_layers=bool),
                    data={"max_prompt_length": int, "train_size": int, "eval_size": int},
                    sft={"steps": int, "batch_size": int, "optim": None,

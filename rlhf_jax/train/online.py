@@ -26,6 +26,7 @@ import optax
 
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
+from rlhf_jax.rewards import transforms
 from rlhf_jax.train import learn as learn_lib
 from rlhf_jax.train import multiturn, phases, preference_step
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
@@ -47,6 +48,7 @@ class RLState:
   guard: `guards.NonFiniteState` counting skipped (non-finite) updates.
   iterate_params: the kept iterate π_t of online preference methods (INPO;
     `rl.iterate_every`), None otherwise.
+  shaping_state: the state of stateful reward transforms (`config.reward_shaping`).
   """
   step: jax.Array
   params: Any
@@ -60,13 +62,18 @@ class RLState:
   guard: Any = None
   reward_state: Any = None
   iterate_params: Any = None
+  shaping_state: Any = None
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                settings: RLSettings, *, ref_params=None, value_params=None,
                value_optimizer: Optional[optax.GradientTransformation] = None,
-               adv_state=None, unroll_layers: bool = True) -> RLState:
+               adv_state=None, unroll_layers: bool = True, reward_shaping=None,
+               num_rewards: int = 1) -> RLState:
   """Builds the initial `RLState`; the reference defaults to a copy of `params`.
+
+  `reward_shaping` (a `transforms.Shaping` or `config.reward_shaping` specs) and
+  `num_rewards` (the reward columns K) initialise the state of stateful reward transforms.
 
   With `unroll_layers` (the default) decoder params and the reference are kept per layer
   (`models.unstack_layers`): the sampler, the reference pass and the gradient then read
@@ -96,8 +103,15 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                  value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
                  reward_state=None if dual is None else dual.init(),
                  iterate_params=None if iterate is None else iterate.init(params),
+                 shaping_state=_shaping(reward_shaping).init(num_rewards),
                  guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
+
+
+def _shaping(reward_shaping) -> transforms.Shaping:
+  if isinstance(reward_shaping, transforms.Shaping):
+    return reward_shaping
+  return transforms.Shaping.from_config(reward_shaping)
 
 
 def _with_layout(params, layout):
@@ -169,7 +183,7 @@ def make_bookkeep(settings: RLSettings):
       for i, lam in enumerate(dual.multipliers(reward_state)):
         metrics[f"lagrange_multiplier_{i}"] = lam
     new_state = kept.replace(kl_state=kl_state, adv_state=adv_state, reward_state=reward_state,
-                             **new)
+                             shaping_state=sc.shaping_state, **new)
     # A non-finite reward, loss or gradient keeps the previous state (step still advances).
     # With one update per step that update already kept the old params (see
     # `learn.learn`), so only the small remaining fields are selected here.
@@ -206,7 +220,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                 settings: RLSettings, sampling_config, *, reward_weights=None, value_model=None,
                 value_optimizer: Optional[optax.GradientTransformation] = None,
                 env=None, env_spec=None, jit: bool = True, donate: bool = True,
-                out_shardings=None):
+                out_shardings=None, reward_shaping=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
   prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
@@ -216,6 +230,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   multi-turn one (`rlhf_jax.train.multiturn`): the environment's trajectory reward reaches
   the reward functions as `extras["env_reward"]` (`multiturn.env_reward()` returns it),
   and turn-level estimators ("step" family, e.g. `gigpo`, `turn_returns`) get the turns.
+  `reward_shaping` (`config.reward_shaping`, `rlhf_jax.rewards.transforms`): transforms of
+  the rewards [N, K] before they are weighted; one declaring "ref_rewards" makes the step
+  also sample G completions per prompt from the reference policy and score them.
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -238,12 +255,20 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   if env is not None and "greedy_rewards" in needs:
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a greedy single-turn decode, "
                      "which a multi-turn environment does not have; choose another estimator")
-  weights = reward_weights or settings.reward_weights or (1.0,) * len(reward_fns)
+  weights = reward_weights or settings.reward_weights or None
+  shaping = _shaping(reward_shaping)
   score_rollout = phases.make_score(reward_fns, weights, settings.reward_constraints(),
-                                    len(settings.constraint_thresholds))
+                                    len(settings.constraint_thresholds), shaping, g)
+  if "ref_rewards" in shaping.needs and env is not None:
+    raise ValueError("config.reward_shaping: lsc / par score reference-policy samples, which "
+                     "the multi-turn rollout does not draw; remove them with config.env")
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)
                    if "greedy_rewards" in needs else None)
+  if greedy_config is not None and shaping.steps:
+    raise ValueError(f"rl.advantage={settings.advantage!r} scores one greedy decode per prompt, "
+                     "which config.reward_shaping's transforms do not apply to; remove "
+                     "config.reward_shaping or choose another estimator")
   objective = (learn_lib.make_objective(model, settings, value_model, vocab_limit=vocab_limit)
                if pref is None else pref.make_objective(model))
   bookkeep = make_bookkeep(settings)
@@ -255,12 +280,26 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     return multiturn.rollout_multiturn(model, params, prompt_batch, rng, sampling_config, env,
                                        env_spec)
 
-  def sample_and_score(params, prompt_batch, rng, reward_state):
+  def reference_rewards(state, prompt_batch, rng):
+    """The rewards [N, G, K] of G reference-policy samples of each row's prompt."""
+    if "ref_rewards" not in shaping.needs:
+      return None
+    ref_ro = phases.rollout(model, state.ref_params, prompt_batch, jax.random.fold_in(rng, 1),
+                            sampling_config)
+    each = phases.score_each(reward_fns, ref_ro.prompt_ids, ref_ro.completion_ids,
+                             ref_ro.completion_mask,
+                             dict(phases.repeat_extras(prompt_batch, g),
+                                  prompt_mask=ref_ro.prompt_mask))
+    return jnp.repeat(each.reshape(-1, g, each.shape[1]), g, axis=0)
+
+  def sample_and_score(state, prompt_batch, rng):
     """rollout -> score (ReMax's greedy baseline; dynamic sampling's selection)."""
+    params, reward_state = state.params, state.reward_state
     ro, info = rollout(params, prompt_batch, rng)
     extras = phases.repeat_extras(prompt_batch, g)
     sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
-                       reward_state)
+                       reward_state, state.shaping_state,
+                       reference_rewards(state, prompt_batch, rng))
     extra = {}
     if greedy_config is not None:  # ReMax's baseline: the reward of a greedy decode per prompt
       gro = phases.rollout(model, params, prompt_batch, rng, greedy_config)
@@ -288,8 +327,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
     settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
-    ro, info, sc, extra = sample_and_score(state.params, prompt_batch, rng_sample,
-                                           state.reward_state)
+    ro, info, sc, extra = sample_and_score(state, prompt_batch, rng_sample)
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,

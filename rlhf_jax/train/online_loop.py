@@ -151,7 +151,8 @@ def train(config) -> Dict[str, Any]:
       value_model, value_params, value_opt = value_setup(config, model, p, rng)
       states.append(online.init_state(
           p, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-          value_optimizer=value_opt, unroll_layers=unroll_layers))
+          value_optimizer=value_opt, unroll_layers=unroll_layers,
+          reward_shaping=config.get("reward_shaping"), num_rewards=len(rewards)))
     return value_model, value_opt, (states[0] if n == 1 else seeds_lib.stack(states))
   value_model, value_opt, state = init_states([r.params for r in runs])
   for msg in dict.fromkeys(r.task.message for r in runs):
@@ -187,7 +188,8 @@ def train(config) -> Dict[str, Any]:
                               runs[0].sampling_cfg, reward_weights=weights,
                               value_model=value_model, value_optimizer=value_opt,
                               env=runs[0].env, env_spec=runs[0].env_spec,
-                              out_shardings=out_shardings, jit=n == 1)
+                              out_shardings=out_shardings, jit=n == 1,
+                              reward_shaping=config.get("reward_shaping"))
   rng = rngs[0]
   if n > 1:
     update, rng = seeds_lib.vmapped(update), jnp.stack(rngs)

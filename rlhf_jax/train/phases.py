@@ -92,9 +92,11 @@ def repeat_extras(prompt_batch: Mapping[str, jax.Array], group_size: int) -> Dic
 
 @flax.struct.dataclass
 class Scores:
-  """rewards [N]: what the estimator sees; each [N, K]: every reward function's output."""
+  """rewards [N]: what the estimator sees; each [N, K]: every reward function's output
+  (after `config.reward_shaping`); shaping_state: the reward transforms' new state."""
   rewards: jax.Array
   each: jax.Array
+  shaping_state: Any = None
 
 
 def score_each(reward_fns: Sequence[RewardFn], prompt_ids, completion_ids, completion_mask,
@@ -121,25 +123,39 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, 
   return each @ jnp.asarray(weights, jnp.float32), each
 
 
-def make_score(reward_fns: Sequence[RewardFn], weights: Sequence[float], dual=None,
-               num_constraints: int = 0):
-  """Returns `score_rollout(rollout, extras, reward_state) -> Scores`.
+def make_score(reward_fns: Sequence[RewardFn], weights: Optional[Sequence[float]], dual=None,
+               num_constraints: int = 0, shaping=None, group_size: int = 1):
+  """Returns `score_rollout(rollout, extras, reward_state, shaping_state=None,
+  ref_rewards=None) -> Scores`.
 
-  Without constraints the rewards are the weighted sum of the reward functions; with
-  constrained RLHF's `dual` they are v_0 + Σ λ_i (v_i − θ_i) (task reward first).
+  The reward functions' outputs [N, K] first go through the `shaping` transforms
+  (`rlhf_jax.rewards.transforms.Shaping`, with their state and the reference policy's
+  rewards [N, M, K] where declared). Without constraints the rewards are then the weighted
+  sum of the columns (`weights` None: all 1); with constrained RLHF's `dual` they are
+  v_0 + Σ λ_i (v_i − θ_i) (task reward first).
   """
-  def score_rollout(ro: Rollout, extras: Mapping[str, jax.Array], reward_state) -> Scores:
+  def score_rollout(ro: Rollout, extras: Mapping[str, jax.Array], reward_state,
+                    shaping_state=None, ref_rewards=None) -> Scores:
     args = (ro.prompt_ids, ro.completion_ids, ro.completion_mask,
             dict(extras, prompt_mask=ro.prompt_mask))
-    if dual is None:
-      total, each = score(reward_fns, weights, *args)
-      return Scores(rewards=total, each=each)
     each = score_each(reward_fns, *args)
+    if shaping is not None and shaping.steps:
+      each, shaping_state = shaping(each, group_size=group_size, ref_rewards=ref_rewards,
+                                    state=shaping_state)
+    if dual is None:
+      w = (1.0,) * each.shape[1] if weights is None else weights
+      if len(w) != each.shape[1]:
+        raise ValueError(f"rl.reward_weights has {len(w)} entries but the reward functions "
+                         f"return {each.shape[1]} rewards (after config.reward_shaping); give "
+                         "one weight per reward")
+      return Scores(rewards=each @ jnp.asarray(w, jnp.float32), each=each,
+                    shaping_state=shaping_state)
     if each.shape[1] != 1 + num_constraints:
       raise ValueError(f"rl.constraint_thresholds has {num_constraints} thresholds, so the "
                        f"reward functions must return 1 + {num_constraints} rewards (task "
                        f"first, then the constraints); they return {each.shape[1]}")
-    return Scores(rewards=dual.reward(reward_state, each[:, 0], each[:, 1:]), each=each)
+    return Scores(rewards=dual.reward(reward_state, each[:, 0], each[:, 1:]), each=each,
+                  shaping_state=shaping_state)
   return score_rollout
 
 
@@ -155,8 +171,8 @@ def select_groups(ro: Rollout, sc: Scores, extras, *, group_size: int, keep: int
   chosen = jnp.argsort(~informative, stable=True)[:keep]
   rows = (chosen[:, None] * group_size + jnp.arange(group_size)[None, :]).reshape(-1)
   take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
-  return (jax.tree.map(take, ro), jax.tree.map(take, sc), jax.tree.map(take, extras), chosen,
-          informative[chosen])
+  sc = jax.tree.map(take, sc.replace(shaping_state=None)).replace(shaping_state=sc.shaping_state)
+  return (jax.tree.map(take, ro), sc, jax.tree.map(take, extras), chosen, informative[chosen])
 
 
 # ----------------------------------------------------------------------------- signals
