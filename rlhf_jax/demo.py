@@ -22,8 +22,10 @@ def rl_block(**overrides) -> dict:
             aggregation="token_mean", epochs=1, num_minibatches=1, micro_batches=1,
             reward_weights=(), constraint_thresholds=(), constraint_equality=(),
             constraint_lr=0.1, ref_update_every=0, dynamic_sampling=0,
-            ref_ema_decay=config_dict.placeholder(float), objective="policy_gradient",
-            preference_loss=config_dict.placeholder(str), pairs="best_worst", iterate_every=0)
+            ref_ema_decay=config_dict.placeholder(float), advantage_kwargs={},
+            surrogate_kwargs={}, kl_in_reward=False, objective="policy_gradient",
+            preference_loss=config_dict.placeholder(str), preference_loss_kwargs={},
+            pairs="best_worst", rso_beta=0.5, preference_temperature=1.0, iterate_every=0)
   rl.update(overrides)
   return rl
 

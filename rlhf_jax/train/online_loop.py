@@ -125,6 +125,60 @@ def _named_rewards(metrics, rewards) -> None:
         metrics[f"reward/{r.name}_{stat}"] = metrics[f"reward_{i}_{stat}"]
 
 
+class Setup(NamedTuple):
+  """Everything `train` builds from the config before anything is written."""
+  cfgs: Sequence[Any]
+  runs: Sequence[_Built]
+  rewards: Sequence[Any]
+  weights: Any
+  batches: Any
+  optimizer: Any
+  rngs: Sequence[jax.Array]
+
+  def init_states(self, config, all_params):
+    """(value_model, value_optimizer, state): one state per seed (stacked for several)."""
+    model, settings = self.runs[0].model, self.runs[0].settings
+    unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
+    states = []
+    for p, rng in zip(all_params, self.rngs):
+      value_model, value_params, value_opt = value_setup(config, model, p, rng)
+      states.append(online.init_state(
+          p, self.optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
+          value_optimizer=value_opt, unroll_layers=unroll_layers,
+          reward_shaping=config.get("reward_shaping"), num_rewards=len(self.rewards)))
+    return value_model, value_opt, (states[0] if len(states) == 1 else seeds_lib.stack(states))
+
+  def make_update(self, config, value_model, value_opt, out_shardings=None):
+    """The fused step of this config (vmapped over seeds when there are several)."""
+    first = self.runs[0]
+    update = online.make_update(first.model, [r.fn for r in self.rewards], self.optimizer,
+                                first.settings, first.sampling_cfg, reward_weights=self.weights,
+                                value_model=value_model, value_optimizer=value_opt,
+                                env=first.env, env_spec=first.env_spec,
+                                out_shardings=out_shardings, jit=len(self.runs) == 1,
+                                reward_shaping=config.get("reward_shaping"))
+    return update if len(self.runs) == 1 else seeds_lib.vmapped(update)
+
+
+def setup(config) -> Setup:
+  """Checks and builds the config's runs, rewards, prompt batches and optimiser."""
+  config_schema.check(config, "online")
+  n = seeds_lib.num_seeds(config)
+  cfgs = [seeds_lib.seed_config(config, i) for i in range(n)] if n > 1 else [config]
+  runs = [_build(c) for c in cfgs]
+  rewards, weights, batches = _rewards_and_batches(config, runs)
+  return Setup(cfgs, runs, rewards, weights, batches, optim.make_optimizer(config.optim),
+               [jax.random.PRNGKey(int(c.seed)) for c in cfgs])
+
+
+def build_update(config):
+  """`(update, state, batches)` of one seed's run of `config`, without the SFT warm-up,
+  evaluation or a mesh: the step `train` runs, for tests and notebooks."""
+  built = setup(config)
+  value_model, value_opt, state = built.init_states(config, [r.params for r in built.runs])
+  return built.make_update(config, value_model, value_opt), state, built.batches
+
+
 def train(config) -> Dict[str, Any]:
   """Runs the configured online experiment; returns a summary dict.
 
@@ -136,24 +190,11 @@ def train(config) -> Dict[str, Any]:
   n = seeds_lib.num_seeds(config)
   sharding_lib.init_distributed(config.get("distributed"))
   t_start = time.time()
-  cfgs = [seeds_lib.seed_config(config, i) for i in range(n)] if n > 1 else [config]
-  runs = [_build(c) for c in cfgs]
-  rewards, weights, batches = _rewards_and_batches(config, runs)
-  model, settings = runs[0].model, runs[0].settings
+  built = setup(config)
+  cfgs, runs, rewards, batches, rngs = built.cfgs, built.runs, built.rewards, built.batches, built.rngs
+  model = runs[0].model
   steps = int(config.train.steps)
-  optimizer = optim.make_optimizer(config.optim)
-  rngs = [jax.random.PRNGKey(int(c.seed)) for c in cfgs]
-  unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
-
-  def init_states(all_params):
-    states = []
-    for p, rng in zip(all_params, rngs):
-      value_model, value_params, value_opt = value_setup(config, model, p, rng)
-      states.append(online.init_state(
-          p, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-          value_optimizer=value_opt, unroll_layers=unroll_layers,
-          reward_shaping=config.get("reward_shaping"), num_rewards=len(rewards)))
-    return value_model, value_opt, (states[0] if n == 1 else seeds_lib.stack(states))
+  init_states = lambda all_params: built.init_states(config, all_params)  # noqa: E731
   value_model, value_opt, state = init_states([r.params for r in runs])
   for msg in dict.fromkeys(r.task.message for r in runs):
     online_setup.log_once(msg)
@@ -184,15 +225,8 @@ def train(config) -> Dict[str, Any]:
     summary["resumed_from"] = run.start_step
   put_state, put_batch, out_shardings = placement(config, model, state)
   state = put_state(state)
-  update = online.make_update(model, [r.fn for r in rewards], optimizer, settings,
-                              runs[0].sampling_cfg, reward_weights=weights,
-                              value_model=value_model, value_optimizer=value_opt,
-                              env=runs[0].env, env_spec=runs[0].env_spec,
-                              out_shardings=out_shardings, jit=n == 1,
-                              reward_shaping=config.get("reward_shaping"))
-  rng = rngs[0]
-  if n > 1:
-    update, rng = seeds_lib.vmapped(update), jnp.stack(rngs)
+  update = built.make_update(config, value_model, value_opt, out_shardings)
+  rng = rngs[0] if n == 1 else jnp.stack(rngs)
   eval_every = int(config.train.get("eval_every", 0) or 0)
   step_times = []
 
