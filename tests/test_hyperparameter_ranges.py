@@ -24,6 +24,7 @@ BAD = [  # (function, parameter, an out-of-range value, the range in the message
     (aux.discounted_logp_sum, "gamma", 1.5, "in [0, 1]"),
     (aux.cpl, "alpha", -0.1, "> 0"),
     (aux.cpl, "lam", -0.5, ">= 0"),
+    (aux.cpl, "gamma", 1.5, "in [0, 1]"),
     (aux.vpo, "beta", 0.0, "> 0"),
     (aux.vpo, "alpha", -1.0, ">= 0"),
     (aux.sspo, "beta", -0.1, "> 0"),

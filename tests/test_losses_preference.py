@@ -429,6 +429,45 @@ def test_power_dl_label_update_and_cpl_discounting():
     np.testing.assert_allclose(got, [-1 - 1.8 - 3 * 0.81, -0.5 - 0.45])
 
 
+def test_cpl_discounted_token_inputs_reference():
+  """CPL with γ: A± = α Σ_t γ^t log π(a_t) over each segment's tokens, float64 loops."""
+  rng = np.random.default_rng(7)
+  tc, tr = -rng.uniform(0.1, 3.0, size=(2, 4, 6))
+  mc = np.arange(6)[None, :] < np.array([6, 3, 1, 4])[:, None]
+  mr = np.arange(6)[None, :] < np.array([2, 6, 5, 1])[:, None]
+  alpha, lam, gamma = 0.3, 0.6, 0.8
+
+  def seg(tok, mask):
+    return np.array([sum(gamma ** t * tok[b, t] for t in range(tok.shape[1]) if mask[b, t])
+                     for b in range(tok.shape[0])])
+  ap, am = alpha * seg(tc, mc), alpha * seg(tr, mr)
+  want = np.log1p(np.exp(-(ap - lam * am)))
+  fn = losses.get("cpl")
+  assert "gamma" in losses.declaration("cpl").hyperparameter_names
+  assert "chosen_mask" not in losses.declaration("cpl").hyperparameter_names
+  with jax.enable_x64(True):
+    j = lambda x: jnp.asarray(x)  # noqa: E731
+    f = jax.jit(lambda c, r: fn(c, r, chosen_mask=j(mc), rejected_mask=j(mr), alpha=alpha,
+                                lam=lam, gamma=gamma))
+    loss, ex = f(j(tc), j(tr))
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+    np.testing.assert_allclose(ex.chosen_rewards, ap, rtol=1e-12)
+    # Padding is ignored; γ = 1 on tokens equals the summed-log-prob form (the default).
+    pad = np.where(mc, tc, -1e6)
+    np.testing.assert_allclose(f(j(pad), j(tr))[0], want, rtol=1e-12)
+    one = fn(j(tc), j(tr), chosen_mask=j(mc), rejected_mask=j(mr), alpha=alpha, lam=lam)[0]
+    summed = fn(j((tc * mc).sum(1)), j((tr * mr).sum(1)), alpha=alpha, lam=lam)[0]
+    np.testing.assert_allclose(one, summed, rtol=1e-12)
+    assert np.abs(np.asarray(one) - want).max() > 1e-3  # γ matters here
+    check_grads(lambda c, r: jnp.sum(f(c, r)[0]), (j(tc), j(tr)), order=1, modes=("rev",))
+  with pytest.raises(ValueError, match="gamma=0.9 discounts per token"):
+    fn(jnp.zeros(3), jnp.zeros(3), gamma=0.9)
+  with pytest.raises(ValueError, match="need chosen_mask and rejected_mask"):
+    fn(jnp.zeros((3, 2)), jnp.zeros((3, 2)), gamma=0.9)
+  with pytest.raises(ValueError, match="gamma must be in"):
+    fn(jnp.zeros(3), jnp.zeros(3), gamma=1.5)
+
+
 def test_every_name_registered():
   want = ("dpo cdpo rdpo ipo hinge rso_sample simpo orpo kto rpo vpo cpl pro copg dno inpo "
           "nash_md spo_rewards sspo osp treg grao trpa power_dl ra_dpo_relabel nca bco_pair "

@@ -36,6 +36,20 @@ def test_headed_reward_models(head, loss, kw):
     c, r = out[:B], out[B:]
     np.testing.assert_allclose(float(value), np.mean(-_log_sigmoid(c - r)), rtol=1e-5)
     np.testing.assert_allclose(float(m["accuracy"]), np.mean(c.mean(1) > r.mean(1)))
+  if head["name"] == "armorm":  # stage 2: BT on β·gᵀr with the gate on the prompt's last token
+    from test_reward_heads import _armorm_reference
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    lm = np.asarray(jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
+    h = np.asarray(rm.backbone.hidden(params["backbone"], ids, mask), np.float64)
+    last = np.array([np.flatnonzero(row)[-1] for row in np.asarray(mask)])
+    prompt_last = np.array([np.flatnonzero(row)[0] - 1 for row in lm])
+    rows = np.arange(len(ids))
+    s, _, _ = _armorm_reference(params["head"], h[rows, last], h[rows, prompt_last],
+                                temperature=10.0)
+    c, r = s[:B], s[B:]
+    np.testing.assert_allclose(float(value), np.mean(-_log_sigmoid(c - r)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["accuracy"]), np.mean(c > r))
 
 
 def test_headed_reward_model_config_errors():

@@ -10,6 +10,8 @@ equilibrium π*_β solves π* ∝ μ·exp(P π*/β). We measure KL(π*_β ‖ π
 * Nash-MD (η_t = 2/(τ(t+2)), τ = β):
     π^μ_t ∝ π_t^{1−η_t τ}·μ^{η_t τ};  π_{t+1} ∝ π^μ_t·exp(η_t·Pπ^μ_t)
   bound: KL_T ≤ 8/(τ²(T+1)).
+
+Both updates come from `rlhf_jax.losses.nash_tabular` (`nash_mp_step`, `nash_md_step`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import _toylib as tl
+from rlhf_jax.losses import nash_tabular
 
 
 def make_game(rng, n, kind, scale, ref_temp):
@@ -52,30 +55,18 @@ def equilibrium_np(P, log_mu, beta, iters):
   return pi, resid
 
 
-def kl(p, log_q):
-  return jnp.sum(p * (jnp.log(p) - log_q))
-
-
 def nash_mp(P, log_mu, pi_star, beta, eta, iters):
-  def step(log_pi, _):
-    def prox(anchor, opp):
-      return jax.nn.log_softmax((eta * P @ jnp.exp(opp) + eta * beta * log_mu + anchor)
-                                / (1 + eta * beta))
-    half = prox(log_pi, log_pi)
-    new = prox(log_pi, half)
-    return new, kl(pi_star, new)
-  _, kls = jax.lax.scan(step, log_mu, None, length=iters)
-  return jnp.concatenate([kl(pi_star, log_mu)[None], kls])
+  """KL(π*‖π_k) for k = 0..iters along Nash-MP from π_0 = μ. [iters + 1]."""
+  log_pis = nash_tabular.nash_mp_iterates(log_mu, preference=P, log_ref=log_mu, beta=beta,
+                                          eta=eta, num_steps=iters)
+  return nash_tabular.kl_to(pi_star, log_pis)
 
 
 def nash_md(P, log_mu, pi_star, tau, iters):
-  def step(log_pi, t):
-    eta = 2.0 / (tau * (t + 2.0))
-    mix = jax.nn.log_softmax((1 - eta * tau) * log_pi + eta * tau * log_mu)
-    new = jax.nn.log_softmax(mix + eta * P @ jnp.exp(mix))
-    return new, kl(pi_star, new)
-  _, kls = jax.lax.scan(step, log_mu, jnp.arange(iters, dtype=jnp.float32))
-  return jnp.concatenate([kl(pi_star, log_mu)[None], kls])
+  """KL(π*‖π_t) for t = 0..iters along Nash-MD (η_t = 2/(τ(t+2))) from π_0 = μ. [iters + 1]."""
+  log_pis = nash_tabular.nash_md_iterates(log_mu, preference=P, log_ref=log_mu, tau=tau,
+                                          num_steps=iters)
+  return nash_tabular.kl_to(pi_star, log_pis)
 
 
 def run(cfg):

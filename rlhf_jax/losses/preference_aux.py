@@ -98,20 +98,42 @@ def discounted_logp_sum(token_logps, mask, *, gamma: float = 1.0):
 
 @register("cpl", family="preference")
 def cpl(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
-        chosen_lengths=None, rejected_lengths=None, *, alpha: float = 0.1, lam: float = 0.5):
+        chosen_lengths=None, rejected_lengths=None, chosen_mask=None, rejected_mask=None, *,
+        alpha: float = 0.1, lam: float = 0.5, gamma: float = 1.0):
   """Contrastive Preference Learning: reference-free contrast of discounted log-likelihoods.
 
   A± = α Σ_t γ^t log π(a_t|s_t) over the preferred (+) / other (−) segment;
   ℓ = −log σ(A+ − λ A−) = softplus(λ A− − A+),  λ ∈ (0, 1] the conservative bias.
 
-  Pass `discounted_logp_sum(...)` for γ < 1 (γ = 1: plain summed log-probs).
+  `chosen_logps` / `rejected_logps` are either summed log-probs [B] (then γ must be 1:
+  A± = α log π(segment)) or per-token log-probs [B, T] with `chosen_mask` /
+  `rejected_mask` [B, T], discounted as in `discounted_logp_sum` (t counts from column 0,
+  the segment's first token). γ = 1 (default) on tokens equals the summed form.
   Paper: Contrastive Preference Learning: Learning from Human Feedback without
-  RL (Hejna et al., 2024); α = 0.1, λ = 0.5 are the paper's configs. For ranked
-  lists apply to every sorted pair. Shapes [B] -> [B]; sequence-level;
-  reference arguments are ignored.
+  RL (Hejna et al., 2024); α = 0.1, λ = 0.5 are the paper's configs, γ = 1 its code's.
+  For ranked lists apply to every sorted pair. Shapes [B] or [B, T] -> [B];
+  sequence-level; reference arguments are ignored.
   """
   check_positive("cpl", alpha=alpha)
   check_nonnegative("cpl", lam=lam)
+  check_unit_interval("cpl", gamma=gamma)
+  if jnp.ndim(chosen_logps) == 2:
+    if chosen_mask is None or rejected_mask is None:
+      raise ValueError("cpl: per-token chosen_logps/rejected_logps [B, T] need chosen_mask "
+                       "and rejected_mask [B, T] (1 at the segment's tokens)")
+    check_rank(rejected_logps, 2, "rejected_logps")
+    for name, x, ref in (("chosen_mask", chosen_mask, chosen_logps),
+                         ("rejected_mask", rejected_mask, rejected_logps)):
+      if jnp.shape(x) != jnp.shape(ref):
+        raise ValueError(f"cpl: {name} has shape {jnp.shape(x)} but its log-probs have "
+                         f"{jnp.shape(ref)}; they must match")
+    chosen_logps = discounted_logp_sum(chosen_logps, chosen_mask, gamma=gamma)
+    rejected_logps = discounted_logp_sum(rejected_logps, rejected_mask, gamma=gamma)
+  elif isinstance(gamma, (int, float)) and gamma != 1.0:
+    raise ValueError(f"cpl: gamma={gamma} discounts per token: pass chosen_logps / "
+                     "rejected_logps as per-token log-probs [B, T] with chosen_mask / "
+                     "rejected_mask, or pre-discount them with discounted_logp_sum and "
+                     "keep gamma=1.0")
   check_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths, rejected_lengths, method="cpl")
   ap, am = alpha * chosen_logps, alpha * rejected_logps

@@ -89,6 +89,7 @@ class SampleOutput:
       the trainer computes); 0 where masked.
     sampling_logps: float32 [N, T] log q(token | prefix) under the distribution actually
       sampled from (temperature / top-k / top-p, renormalised; 0 for greedy); 0 where masked.
+      With a Nash-MD mixture q is the (warped) geometric mixture of policy and reference.
     lengths: int32 [N] number of completion tokens (sum of completion_mask).
     finished: bool [N] whether the sequence produced an EOS within T tokens.
   """
@@ -116,6 +117,9 @@ class DecodeState:
     mask: bool [N, T] completion mask so far.
     logps: float32 [N, T]; sampling_logps: float32 [N, T].
     done: bool [N] whether the row already emitted an EOS.
+    ref_logits: float32 [N, V] the reference model's next-token logits when sampling from a
+      Nash-MD geometric mixture (`sample(..., mixture=...)`); None otherwise.
+    ref_cache: the reference model's KV cache (mixture sampling); None otherwise.
   """
 
   step: jax.Array
@@ -127,3 +131,5 @@ class DecodeState:
   logps: jax.Array
   sampling_logps: jax.Array
   done: jax.Array
+  ref_logits: Any = None
+  ref_cache: Any = None

@@ -4,16 +4,21 @@ The sampler only uses the model's `init_cache` and `decode` (see `rlhf_jax.model
 reports for every sampled token both its log-prob under the policy at temperature 1 with
 no truncation (`logps`, what the trainer recomputes) and under the distribution actually
 sampled from (`sampling_logps`).
+
+With `mixture=(ref_params, beta)` it samples Nash-MD's opponent: token by token from the
+geometric mixture π_mix(y_t|·) ∝ π(y_t|·)^(1−β) π_ref(y_t|·)^β, running the policy's and
+the reference's KV caches side by side in the same decode loop.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models as models_lib
+from rlhf_jax.losses.preference_online import nash_md_mixture_logits
 from rlhf_jax.models.logps import limit_vocab
 from rlhf_jax.sampling.config import DecodeState, SampleOutput, SamplingConfig
 
@@ -49,8 +54,21 @@ def _check_inputs(prompt_ids, prompt_mask, prompt_index):
                      f"got {prompt_index.shape}")
 
 
+def _check_mixture(mixture):
+  if not isinstance(mixture, (tuple, list)) or len(mixture) != 2:
+    raise ValueError("`mixture` must be a pair (ref_params, beta) (the reference model's "
+                     f"parameters and the mixture weight β in [0, 1]), got {type(mixture)}")
+  beta = mixture[1]
+  if jnp.ndim(beta) != 0:
+    raise ValueError(f"mixture beta must be a scalar in [0, 1], got shape {jnp.shape(beta)}")
+  if not isinstance(beta, jax.core.Tracer) and not 0.0 <= float(beta) <= 1.0:
+    raise ValueError(f"mixture beta must be in [0, 1] (0: the policy, 1: the reference), "
+                     f"got {float(beta)}")
+
+
 def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-           config: SamplingConfig, *, prompt_index: Optional[jax.Array] = None) -> SampleOutput:
+           config: SamplingConfig, *, prompt_index: Optional[jax.Array] = None,
+           mixture: Optional[Tuple[Any, Any]] = None) -> SampleOutput:
   """Sample `config.num_samples` completions per prompt with a KV cache.
 
   Prefill writes the (left-padded) prompts into cache slots 0..P-1; each decode step writes
@@ -59,8 +77,21 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   unpadded one. Row r = i * G + g (prompt i, sample g) draws its t-th token by inverse CDF
   from `uniform(fold_in(rng, prompt_index[i] * G + g), [T])[t]`, so results do not depend on
   which other prompts share the batch. The loop exits early once every row has emitted an EOS.
-With `config.vocab_limit`, ids >= vocab_limit (a padded vocabulary's extra rows) are never
-chosen and both log-probs are over the real vocabulary only.
+  With `config.vocab_limit`, ids >= vocab_limit (a padded vocabulary's extra rows) are never
+  chosen and both log-probs are over the real vocabulary only.
+
+  Nash-MD mixture (`mixture=(ref_params, beta)`, `ref_params` for the same `model`
+  architecture): each token is drawn from the normalised geometric mixture
+
+    log π_mix(·|prefix) = log_softmax((1−β) log π(·|prefix) + β log π_ref(·|prefix))
+
+  (`rlhf_jax.losses.preference_online.nash_md_mixture_logits`), after which the config's
+  temperature / top-k / top-p apply to the mixture logits. β = 0 is the policy (the plain
+  sampler's draws for the same rng), β = 1 the reference. The prompt is prefilled into a
+  second KV cache for the reference and both caches advance in the same `while_loop`.
+  `logps` stay the POLICY's log π(token) (temperature 1, no truncation); `sampling_logps`
+  are the mixture's (warped) log π_mix(token), the distribution actually sampled from.
+  β may be traced (e.g. a schedule).
 
   Args:
     model: a `rlhf_jax.models` decoder (uses `init_cache` and `decode`); static.
@@ -71,11 +102,15 @@ chosen and both log-probs are over the real vocabulary only.
     config: static `SamplingConfig`.
     prompt_index: optional int [B] global index of each prompt used to derive its rng
       (default `arange(B)`); pass dataset-level indices to make draws independent of batching.
+    mixture: optional `(ref_params, beta)`: sample from the Nash-MD geometric mixture of
+      the policy and the reference (see above); None samples the policy.
 
   Returns:
     `SampleOutput` with N = B * G rows (groups contiguous).
   """
   _check_inputs(prompt_ids, prompt_mask, prompt_index)
+  if mixture is not None:
+    _check_mixture(mixture)
   method = config.method()
   batch, plen = prompt_ids.shape
   group, tnew = config.num_samples, config.max_new_tokens
@@ -95,6 +130,13 @@ chosen and both log-probs are over the real vocabulary only.
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=tnew,
                                        group_size=group)
   logits = model.logits_from_hidden(params, h)
+  ref_logits = ref_cache = ref_params = beta = None
+  if mixture is not None:
+    ref_params, beta = mixture
+    ref_params = jax.lax.optimization_barrier(models_lib.unstack_layers(ref_params))
+    h_ref, ref_cache = models_lib.prefill_groups(model, ref_params, ids, mask,
+                                                 extra_slots=tnew, group_size=group)
+    ref_logits = model.logits_from_hidden(ref_params, h_ref)[:, -1]
   ids, mask = jnp.repeat(ids, group, axis=0), jnp.repeat(mask, group, axis=0)
   kv_mask = jnp.concatenate([mask, jnp.ones((n, tnew), bool)], axis=1)
   eos = jnp.asarray(config.eos_ids, jnp.int32) if config.eos_ids else None
@@ -104,8 +146,15 @@ chosen and both log-probs are over the real vocabulary only.
     t = state.step
     logits32 = limit_vocab(state.logits.astype(jnp.float32), config.vocab_limit)
     u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=1, keepdims=False)
-    tok, slogp = method.select(logits32, u)
-    if getattr(method, "is_plain", False):
+    if mixture is not None:
+      # Mix the full-vocabulary log-softmaxes (finite), then drop padded ids: the
+      # normalisers only shift each model's log-probs by a per-row constant.
+      mix = nash_md_mixture_logits(state.logits.astype(jnp.float32),
+                                   state.ref_logits.astype(jnp.float32), beta=beta)
+      tok, slogp = method.select(limit_vocab(mix, config.vocab_limit), u)
+    else:
+      tok, slogp = method.select(logits32, u)
+    if getattr(method, "is_plain", False) and mixture is None:
       logp = slogp
     else:
       logp = jnp.take_along_axis(jax.nn.log_softmax(logits32, axis=-1), tok[:, None],
@@ -127,12 +176,18 @@ chosen and both log-probs are over the real vocabulary only.
 
   def body(state: DecodeState) -> DecodeState:
     prev = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
-    logits, cache = model.decode(params, prev, state.positions[:, None], state.cache,
-                                 write_index=plen + state.step - 1, kv_mask=kv_mask)
+    pos, slot = state.positions[:, None], plen + state.step - 1
+    logits, cache = model.decode(params, prev, pos, state.cache, write_index=slot,
+                                 kv_mask=kv_mask)
     # The barrier keeps the LM-head matmul a library dot instead of a loop fused into the
     # softmax reductions that follow (several times slower on CPU).
     logits = jax.lax.optimization_barrier(logits[:, -1])
     state = state.replace(logits=logits, cache=cache, positions=state.positions + 1)
+    if mixture is not None:
+      ref_logits, ref_cache = model.decode(ref_params, prev, pos, state.ref_cache,
+                                           write_index=slot, kv_mask=kv_mask)
+      ref_logits = jax.lax.optimization_barrier(ref_logits[:, -1])
+      state = state.replace(ref_logits=ref_logits, ref_cache=ref_cache)
     return choose(state)
 
   state = DecodeState(
@@ -140,9 +195,23 @@ chosen and both log-probs are over the real vocabulary only.
       positions=jnp.sum(mask, axis=1, dtype=jnp.int32),
       tokens=jnp.full((n, tnew), config.pad_id, jnp.int32), mask=jnp.zeros((n, tnew), bool),
       logps=jnp.zeros((n, tnew), jnp.float32), sampling_logps=jnp.zeros((n, tnew), jnp.float32),
-      done=jnp.zeros((n,), bool))
+      done=jnp.zeros((n,), bool), ref_logits=ref_logits, ref_cache=ref_cache)
   state = jax.lax.while_loop(cond, body, choose(state))
   return SampleOutput(
       prompt_ids=ids, prompt_mask=mask, completion_ids=state.tokens, completion_mask=state.mask,
       logps=state.logps, sampling_logps=state.sampling_logps,
       lengths=jnp.sum(state.mask, axis=1, dtype=jnp.int32), finished=state.done)
+
+
+def sample_mixture(model, params, ref_params, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                   rng: jax.Array, config: SamplingConfig, *, beta,
+                   prompt_index: Optional[jax.Array] = None) -> SampleOutput:
+  """Nash-MD opponent sampling: `sample(..., mixture=(ref_params, beta))`.
+
+  Draws y′ token by token from π_mix(y_t|·) ∝ π(y_t|·)^(1−β) π_ref(y_t|·)^β (Munos et
+  al., 2023, "Nash Learning from Human Feedback", §7). Returned `logps` [N, T] are the
+  policy's log π(y_t|·); `sampling_logps` [N, T] the mixture's log π_mix(y_t|·) (after the
+  config's temperature / truncation). β = 0 is `sample` itself, β = 1 samples π_ref.
+  """
+  return sample(model, params, prompt_ids, prompt_mask, rng, config,
+                prompt_index=prompt_index, mixture=(ref_params, beta))
