@@ -24,7 +24,7 @@ CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
 MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int,
          # rlhf_jax.models.Model.with_options (docs/models.md)
          "param_dtype": str, "cache_dtype": str, "remat": (str, bool), "attention": str,
-         "attention_chunk": int}
+         "attention_chunk": int, "vocab_chunk": (int, _NONE)}
 
 MESH = {"data": int, "fsdp": int, "tensor": int}
 DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
