@@ -26,6 +26,7 @@ import optax
 
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
+from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import learn as learn_lib
 from rlhf_jax.train import multiturn, phases
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
@@ -196,7 +197,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                 settings: RLSettings, sampling_config, *, reward_weights=None, value_model=None,
                 value_optimizer: Optional[optax.GradientTransformation] = None,
                 env=None, env_spec=None, jit: bool = True, donate: bool = True,
-                out_shardings=None):
+                out_shardings=None, lora=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
   prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
@@ -206,6 +207,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   multi-turn one (`rlhf_jax.train.multiturn`): the environment's trajectory reward reaches
   the reward functions as `extras["env_reward"]` (`multiturn.env_reward()` returns it),
   and turn-level estimators ("step" family, e.g. `gigpo`, `turn_returns`) get the turns.
+  With `lora` (an `adapters.LoraSpec`; the state from `adapters.init_state`) only the
+  adapters train, the base weights in `state.ref_params` being the reference.
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -258,8 +261,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
     settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
-    ro, info, sc, extra = sample_and_score(state.params, prompt_batch, rng_sample,
-                                           state.reward_state)
+    policy = state.params if lora is None else adapters_lib.merge(lora, state.ref_params,
+                                                                   state.params)
+    ro, info, sc, extra = sample_and_score(policy, prompt_batch, rng_sample, state.reward_state)
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
@@ -269,7 +273,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                       multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info))
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))
-    trained, aux = learn_lib.learn(objective, settings, optimizer, value_optimizer, carry,
+    obj = (objective if lora is None else
+           adapters_lib.wrap_objective(lora, objective, state.ref_params))
+    trained, aux = learn_lib.learn(obj, settings, optimizer, value_optimizer, carry,
                                    learn_data(ro, sig, adv), ro.prompt_len, beta, rng_perm)
     metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra))
     return bookkeep(state, trained, sc, adv_state, metrics)

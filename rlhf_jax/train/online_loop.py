@@ -25,6 +25,7 @@ from rlhf_jax import models as models_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import prompt_data
 from rlhf_jax.sampling.config import SamplingConfig
+from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import build, config_schema, loop, online, online_env, online_setup, optim
 from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
@@ -140,6 +141,7 @@ def train(config) -> Dict[str, Any]:
   runs = [_build(c) for c in cfgs]
   rewards, weights, batches = _rewards_and_batches(config, runs)
   model, settings = runs[0].model, runs[0].settings
+  lora = adapters_lib.from_config(config, model, settings)  # None without config.lora
   steps = int(config.train.steps)
   optimizer = optim.make_optimizer(config.optim)
   rngs = [jax.random.PRNGKey(int(c.seed)) for c in cfgs]
@@ -149,9 +151,11 @@ def train(config) -> Dict[str, Any]:
     states = []
     for p, rng in zip(all_params, rngs):
       value_model, value_params, value_opt = value_setup(config, model, p, rng)
+      # LoRA: the adapters train; the base weights are the (fixed) reference.
+      policy, ref = (p, None) if lora is None else (adapters_lib.init_adapters(lora, model, p), p)
       states.append(online.init_state(
-          p, optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-          value_optimizer=value_opt, unroll_layers=unroll_layers))
+          policy, optimizer, jax.random.fold_in(rng, 1), settings, ref_params=ref,
+          value_params=value_params, value_optimizer=value_opt, unroll_layers=unroll_layers))
     return value_model, value_opt, (states[0] if n == 1 else seeds_lib.stack(states))
   value_model, value_opt, state = init_states([r.params for r in runs])
   for msg in dict.fromkeys(r.task.message for r in runs):
@@ -161,7 +165,11 @@ def train(config) -> Dict[str, Any]:
                          progress=config.get("progress", True))
   summary: Dict[str, Any] = {"dropped_prompts": runs[0].task.message} if runs[0].task.message else {}
   seed_of = lambda i: None if n == 1 else i  # noqa: E731
-  params_of = lambda st, i: st.params if n == 1 else seeds_lib.unstack(st.params, i)  # noqa: E731
+
+  def params_of(st, i):  # the policy's parameters of seed i (adapters merged with LoRA)
+    one = lambda tree: tree if n == 1 else seeds_lib.unstack(tree, i)  # noqa: E731
+    return (one(st.params) if lora is None else
+            adapters_lib.merged(lora, one(st.ref_params), one(st.params)))
 
   def evaluate_all(st, step):
     accs = [r.evaluate(params_of(st, i)) for i, r in enumerate(runs)]
@@ -187,7 +195,7 @@ def train(config) -> Dict[str, Any]:
                               runs[0].sampling_cfg, reward_weights=weights,
                               value_model=value_model, value_optimizer=value_opt,
                               env=runs[0].env, env_spec=runs[0].env_spec,
-                              out_shardings=out_shardings, jit=n == 1)
+                              out_shardings=out_shardings, jit=n == 1, lora=lora)
   rng = rngs[0]
   if n > 1:
     update, rng = seeds_lib.vmapped(update), jnp.stack(rngs)
@@ -217,6 +225,10 @@ def train(config) -> Dict[str, Any]:
   summary["accuracy_after"] = evaluate_all(state, steps)
   if config.get("export_hf"):
     summary["hf_model"] = build.export_hf(config, model, params_of(state, 0))
+  if lora is not None:
+    first = lambda tree: tree if n == 1 else seeds_lib.unstack(tree, 0)  # noqa: E731
+    summary.update(adapters_lib.export(lora, config, model, first(state.params),
+                                       first(state.ref_params)))
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
   curves = ["reward_mean", "eval/accuracy", "kl", "response_length"]
   if len(rewards) > 1:
