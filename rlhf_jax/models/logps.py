@@ -106,7 +106,9 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
   if n_chunks == 1:  # one chunk holds no more than the loop would: no loop, no recompute
     lp, ent = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
   else:
-    lp, ent = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))
+    # The streamed head saves only [b, c] residuals per chunk: no rematerialisation needed.
+    lp, ent = jax.lax.map(one if vocab_chunk is not None else jax.checkpoint(one),
+                          (h_chunks, t_chunks))
   lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
   ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
   return lp, ent
