@@ -207,8 +207,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   multi-turn one (`rlhf_jax.train.multiturn`): the environment's trajectory reward reaches
   the reward functions as `extras["env_reward"]` (`multiturn.env_reward()` returns it),
   and turn-level estimators ("step" family, e.g. `gigpo`, `turn_returns`) get the turns.
-  With `lora` (an `adapters.LoraSpec`; the state from `adapters.init_state`) only the
-  adapters train, the base weights in `state.ref_params` being the reference.
+  With `lora` (an `adapters.LoraSpec`; state.params = `adapters.init_adapters(...)`,
+  state.ref_params = the base weights) only the adapters train; the sampler decodes from
+  the merged policy and the base is the reference (`rlhf_jax.train.adapters`).
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
