@@ -155,3 +155,16 @@ def test_loop_exports_and_resumes(tmp_path):
   assert again["resumed_from"] == 2
   for a, b in zip(jax.tree.leaves(again["state"].params), jax.tree.leaves(summary["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_step_keeps_the_adapters(run):
+  from test_reliability_steps import poisonable_reward, prompt_batch  # pylint: disable=g-import-not-at-top
+  model, settings, sc, spec, opt = run["model"], run["settings"], run["sc"], run["spec"], run["opt"]
+  update = online.make_update(model, [poisonable_reward], opt, settings, sc, donate=False,
+                              lora=spec)
+  s1, m1 = update(run["state"], prompt_batch(False), jax.random.PRNGKey(7))
+  s2, m2 = update(s1, prompt_batch(True), jax.random.PRNGKey(7))
+  assert float(m1["skipped"]) == 0 and float(m2["skipped"]) == 1
+  for field in ("params", "opt_state", "ref_params"):
+    for a, b in zip(jax.tree.leaves(getattr(s2, field)), jax.tree.leaves(getattr(s1, field))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field)
