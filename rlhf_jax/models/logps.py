@@ -4,6 +4,12 @@
 vocabulary is padded beyond the tokenizer's (checkpoints round it up, e.g. to a multiple
 of 64). Ids >= vocab_limit get probability 0: the log-softmax and the entropy are taken
 over the real vocabulary only, as the sampler does with `SamplingConfig.vocab_limit`.
+
+`vocab_chunk` (default None: the model's `Model.vocab_chunk`, itself None unless set with
+`Model.with_options(vocab_chunk=...)` or `config.model.vocab_chunk`): also split the LM
+head over chunks of that many vocabulary ids, with an online logsumexp and a custom VJP
+(`rlhf_jax.models.vocab_chunked`), so no [b, chunk_size, V] float32 block exists, forward
+or backward; only [b, chunk_size, vocab_chunk] ones.
 """
 
 from __future__ import annotations
@@ -14,14 +20,24 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.model import prefill_groups
+from rlhf_jax.models.vocab_chunked import check_vocab_chunk, lm_kernel, stream_logps
 
 
-def _check_lm(model, chunk_size, vocab_limit=None):
+def _vocab_chunk(model, vocab_chunk):
+  """The effective vocabulary chunk: the argument, else the model's setting."""
+  if vocab_chunk is None:
+    vocab_chunk = getattr(model, "vocab_chunk", None)
+  check_vocab_chunk(vocab_chunk)
+  return vocab_chunk
+
+
+def _check_lm(model, chunk_size, vocab_limit=None, vocab_chunk=None):
   if chunk_size <= 0:
     raise ValueError(f"token_logps: chunk_size must be positive, got {chunk_size}.")
   if model.head != "lm":
     raise ValueError(f"token_logps needs an LM-head model, got head={model.head!r}.")
   check_vocab_limit(vocab_limit)
+  _vocab_chunk(model, vocab_chunk)
 
 
 def check_vocab_limit(vocab_limit: Optional[int]) -> None:
@@ -45,15 +61,20 @@ def limit_vocab(logits: jax.Array, vocab_limit: Optional[int]) -> jax.Array:
 
 
 def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
-                      vocab_limit: Optional[int] = None):
+                      vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
   """Log-prob and entropy of `targets` [B, n] under the LM head applied to `h` [B, n, D].
 
   The LM head and log-softmax run over chunks of `chunk_size` positions (each chunk
   rematerialised under autodiff when there are several), so the full [B, n, V] float32
   log-softmax is never materialised. With `vocab_limit`, over ids < vocab_limit only (a
-  target >= vocab_limit has log-prob -inf). Returns (logps [B, n], entropy [B, n]) float32.
+  target >= vocab_limit has log-prob -inf). With `vocab_chunk` (module doc), each chunk of
+  positions also streams over the vocabulary. Returns (logps [B, n], entropy [B, n]) float32.
   """
   check_vocab_limit(vocab_limit)
+  vocab_chunk = _vocab_chunk(model, vocab_chunk)
+  kernel = tied = None
+  if vocab_chunk is not None:
+    kernel, tied = lm_kernel(model, params)
   b, n, d = h.shape
   c = min(chunk_size, n)
   n_chunks = -(-n // c)
@@ -65,6 +86,9 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
 
   def one(args):
     hc, tc = args
+    if vocab_chunk is not None:
+      return stream_logps(hc, kernel, tc, tied=tied, vocab_chunk=vocab_chunk,
+                          vocab_limit=vocab_limit)
     logits = model.logits_from_hidden(params, hc).astype(jnp.float32)
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
       masked = limit_vocab(logits, vocab_limit)  # -inf beyond the real vocabulary
@@ -82,28 +106,30 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
   if n_chunks == 1:  # one chunk holds no more than the loop would: no loop, no recompute
     lp, ent = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
   else:
-    lp, ent = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))
+    # The streamed head saves only [b, c] residuals per chunk: no rematerialisation needed.
+    lp, ent = jax.lax.map(one if vocab_chunk is not None else jax.checkpoint(one),
+                          (h_chunks, t_chunks))
   lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
   ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
   return lp, ent
 
 
 def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128,
-                vocab_limit: Optional[int] = None):
+                vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
   """Per-token log-probs and entropies of `input_ids` under an LM-head model.
 
   logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, logps[:, 0] = 0;
   entropy[:, t] = -sum_v p_v log p_v of the same next-token distribution
   (entropy[:, 0] = 0). The LM head and log-softmax run over chunks of
   `chunk_size` positions (see `logps_from_hidden`); with `vocab_limit`, over the real
-  vocabulary only (module doc).
+  vocabulary only; with `vocab_chunk`, also over vocabulary chunks (module doc).
 
   Args:
     input_ids: int [B, T]. attention_mask: [B, T] (1 = real token).
   Returns:
     (logps [B, T] float32, entropy [B, T] float32). Callers apply their own mask.
   """
-  _check_lm(model, chunk_size, vocab_limit)
+  _check_lm(model, chunk_size, vocab_limit, vocab_chunk)
   input_ids = jnp.asarray(input_ids)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
@@ -113,14 +139,14 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
     z = jnp.zeros((b, t), jnp.float32)
     return z, z
   lp, ent = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size,
-                              vocab_limit=vocab_limit)
+                              vocab_limit=vocab_limit, vocab_chunk=vocab_chunk)
   zero = jnp.zeros((b, 1), jnp.float32)
   return jnp.concatenate([zero, lp], 1), jnp.concatenate([zero, ent], 1)
 
 
 def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
                      *, group_size: int, chunk_size: int = 128,
-                     vocab_limit: Optional[int] = None):
+                     vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
   """Log-probs and entropies of completions that share their prompt within groups of G.
 
   Row r = i * G + g of `completion_ids` continues prompt i. Each prompt runs through the
@@ -135,10 +161,11 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
       sampler returns them), every row with >= 1 real token.
     completion_ids, completion_mask: [B * G, T].
     vocab_limit: log-softmax over ids < vocab_limit only (module doc).
+    vocab_chunk: stream the LM head over chunks of this many ids (module doc).
   Returns:
     (logps [B * G, T], entropy [B * G, T]) float32; callers apply `completion_mask`.
   """
-  _check_lm(model, chunk_size, vocab_limit)
+  _check_lm(model, chunk_size, vocab_limit, vocab_chunk)
   b, p = prompt_ids.shape
   n, t = completion_ids.shape
   if n != b * group_size:
@@ -157,4 +184,4 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
                                     write_index=p, kv_mask=kv)
     h_last = jnp.concatenate([h_last, h_comp], axis=1)
   return logps_from_hidden(model, params, h_last, completion_ids, chunk_size=chunk_size,
-                           vocab_limit=vocab_limit)
+                           vocab_limit=vocab_limit, vocab_chunk=vocab_chunk)

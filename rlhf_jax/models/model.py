@@ -20,6 +20,7 @@ import numpy as np
 
 from rlhf_jax.models.config import DecoderConfig, config_from_hf, default_init_std
 from rlhf_jax.models.decoder import Decoder, KVCache, normalize_remat
+from rlhf_jax.models.vocab_chunked import check_vocab_chunk
 
 HEADS = ("lm", "value", "reward")
 
@@ -78,7 +79,9 @@ class Model:
   cast to the compute `dtype` (e.g. bfloat16) where each is used inside the forward;
   norms, RoPE, softmax and log-softmax run in float32. The KV cache is stored in
   `cache_dtype` (None: the compute dtype). `remat` is a `REMAT_POLICIES` name (True and
-  False mean "full" and "none"), applied to every layer.
+  False mean "full" and "none"), applied to every layer. `vocab_chunk` (None: off): the
+  log-prob functions (`token_logps`, ...) stream the LM head over chunks of that many
+  vocabulary ids (`rlhf_jax.models.vocab_chunked`).
   """
 
   config: DecoderConfig
@@ -87,6 +90,7 @@ class Model:
   param_dtype_name: str = "float32"
   remat: Any = "none"
   cache_dtype_name: str | None = None
+  vocab_chunk: int | None = None
 
   def __post_init__(self):
     if self.head not in HEADS:
@@ -96,6 +100,7 @@ class Model:
     _float_dtype_name(self.param_dtype_name, "param_dtype")
     if self.cache_dtype_name is not None:
       _float_dtype_name(self.cache_dtype_name, "cache_dtype")
+    check_vocab_chunk(self.vocab_chunk)
 
   @property
   def dtype(self):
@@ -110,13 +115,14 @@ class Model:
     return self.dtype if self.cache_dtype_name is None else jnp.dtype(self.cache_dtype_name)
 
   def with_options(self, *, dtype=None, param_dtype=None, cache_dtype=None, remat=None,
-                   attention: str | None = None, attention_chunk: int | None = None
-                   ) -> "Model":
+                   attention: str | None = None, attention_chunk: int | None = None,
+                   vocab_chunk: int | None = None) -> "Model":
     """A copy with the given settings changed (None keeps the current one).
 
     dtype / param_dtype / cache_dtype: "float32", "bfloat16" or "float16" (or dtypes);
     remat: one of `REMAT_POLICIES` or a bool; attention: one of
-    `rlhf_jax.models.attention.BACKENDS`; attention_chunk: a positive int. Parameters are
+    `rlhf_jax.models.attention.BACKENDS`; attention_chunk, vocab_chunk: positive ints
+    (vocab_chunk: ids per LM-head chunk of the log-prob functions). Parameters are
     not converted: cast them with `jax.tree.map(lambda x: x.astype(model.param_dtype), p)`
     when `param_dtype` changes.
     """
@@ -129,6 +135,8 @@ class Model:
       kw["cache_dtype_name"] = _float_dtype_name(cache_dtype, "cache_dtype")
     if remat is not None:
       kw["remat"] = normalize_remat(remat)
+    if vocab_chunk is not None:
+      kw["vocab_chunk"] = vocab_chunk
     cfg = {}
     if attention is not None:
       cfg["attention"] = attention

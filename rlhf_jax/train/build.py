@@ -116,12 +116,13 @@ def build_model(model_cfg, tokenizer=None, *, head: str = "lm"):
   return with_model_options(model, params, cfg)
 
 
-MODEL_OPTIONS = ("param_dtype", "cache_dtype", "remat", "attention", "attention_chunk")
+MODEL_OPTIONS = ("param_dtype", "cache_dtype", "remat", "attention", "attention_chunk",
+                 "vocab_chunk")
 
 
 def with_model_options(model, params, cfg: Mapping[str, Any]):
-  """`config.model.{param_dtype, cache_dtype, remat, attention, attention_chunk}` applied
-  (`Model.with_options`); params are cast to `param_dtype`. Each bad value is named."""
+  """`config.model.{param_dtype, cache_dtype, remat, attention, attention_chunk, vocab_chunk}`
+  applied (`Model.with_options`); params are cast to `param_dtype`. Each bad value is named."""
   opts = {k: cfg[k] for k in MODEL_OPTIONS if cfg.get(k) is not None}
   if not opts:
     return model, params

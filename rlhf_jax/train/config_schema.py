@@ -24,11 +24,11 @@ CHECKPOINT = {"every_steps": (int, _NONE), "every_minutes": (int, float, _NONE),
 MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed": int,
          # rlhf_jax.models.Model.with_options (docs/models.md)
          "param_dtype": str, "cache_dtype": str, "remat": (str, bool), "attention": str,
-         "attention_chunk": int}
+         "attention_chunk": int, "vocab_chunk": (int, _NONE)}
 
 MESH = {"data": int, "fsdp": int, "tensor": int}
 DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
-OPTIONAL_SECTIONS = ("mesh", "distributed", "value", "env")  # None (or absent): not used
+OPTIONAL_SECTIONS = ("mesh", "distributed", "value", "env", "lora")  # None (or absent): not used
 
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,
            "tokenizer": str, "max_bad_steps": int, "checkpoint": CHECKPOINT,
@@ -49,6 +49,9 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
                    sft={"steps": int, "batch_size": int, "optim": None,
                         "tool_demonstrations": bool},
                    env=None,
+                   # rlhf_jax.train.adapters (docs/scale.md)
+                   lora={"rank": int, "alpha": (int, float), "targets": None,
+                         "export": (str, _NONE), "init_seed": int},
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),

@@ -27,6 +27,7 @@ import optax
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
 from rlhf_jax.rewards import transforms
+from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import learn as learn_lib
 from rlhf_jax.train import multiturn, phases, preference_step
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
@@ -220,7 +221,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                 settings: RLSettings, sampling_config, *, reward_weights=None, value_model=None,
                 value_optimizer: Optional[optax.GradientTransformation] = None,
                 env=None, env_spec=None, jit: bool = True, donate: bool = True,
-                out_shardings=None, reward_shaping=None):
+                out_shardings=None, reward_shaping=None, lora=None):
   """Returns `update(state, prompt_batch, rng) -> (state, metrics)`, one jitted program.
 
   prompt_batch: {"prompt_ids" [B, P], "prompt_mask" [B, P], ...extras [B, ...]};
@@ -233,6 +234,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   `reward_shaping` (`config.reward_shaping`, `rlhf_jax.rewards.transforms`): transforms of
   the rewards [N, K] before they are weighted; one declaring "ref_rewards" makes the step
   also sample G completions per prompt from the reference policy and score them.
+  With `lora` (an `adapters.LoraSpec`; state.params = `adapters.init_adapters(...)`,
+  state.ref_params = the base weights) only the adapters train; the sampler decodes from
+  the merged policy and the base is the reference (`rlhf_jax.train.adapters`).
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -292,9 +296,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                                   prompt_mask=ref_ro.prompt_mask))
     return jnp.repeat(each.reshape(-1, g, each.shape[1]), g, axis=0)
 
-  def sample_and_score(state, prompt_batch, rng):
+  def sample_and_score(params, state, prompt_batch, rng):
     """rollout -> score (ReMax's greedy baseline; dynamic sampling's selection)."""
-    params, reward_state = state.params, state.reward_state
+    reward_state = state.reward_state
     ro, info = rollout(params, prompt_batch, rng)
     extras = phases.repeat_extras(prompt_batch, g)
     sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
@@ -327,7 +331,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
     settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
-    ro, info, sc, extra = sample_and_score(state, prompt_batch, rng_sample)
+    policy = state.params if lora is None else adapters_lib.merge(lora, state.ref_params,
+                                                                   state.params)
+    ro, info, sc, extra = sample_and_score(policy, state, prompt_batch, rng_sample)
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
@@ -335,7 +341,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))
-    trained, aux = learn_lib.learn(objective, settings, optimizer, value_optimizer, carry, data,
+    obj = (objective if lora is None else
+           adapters_lib.wrap_objective(lora, objective, state.ref_params))
+    trained, aux = learn_lib.learn(obj, settings, optimizer, value_optimizer, carry, data,
                                    ro.prompt_len, beta, rng_perm,
                                    normalizer=None if pref is None else pref.normalizer)
     metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra), **more)

@@ -25,6 +25,7 @@ from rlhf_jax import models as models_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import prompt_data
 from rlhf_jax.sampling.config import SamplingConfig
+from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import build, config_schema, loop, online, online_env, online_setup, optim
 from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
@@ -134,6 +135,8 @@ class Setup(NamedTuple):
   batches: Any
   optimizer: Any
   rngs: Sequence[jax.Array]
+  lora: Any = None   # adapters.LoraSpec with config.lora
+
 
   def init_states(self, config, all_params):
     """(value_model, value_optimizer, state): one state per seed (stacked for several)."""
@@ -142,9 +145,12 @@ class Setup(NamedTuple):
     states = []
     for p, rng in zip(all_params, self.rngs):
       value_model, value_params, value_opt = value_setup(config, model, p, rng)
+      # LoRA: the adapters train; the base weights are the (fixed) reference.
+      policy, ref = ((p, None) if self.lora is None else
+                     (adapters_lib.init_adapters(self.lora, model, p), p))
       states.append(online.init_state(
-          p, self.optimizer, jax.random.fold_in(rng, 1), settings, value_params=value_params,
-          value_optimizer=value_opt, unroll_layers=unroll_layers,
+          policy, self.optimizer, jax.random.fold_in(rng, 1), settings, ref_params=ref,
+          value_params=value_params, value_optimizer=value_opt, unroll_layers=unroll_layers,
           reward_shaping=config.get("reward_shaping"), num_rewards=len(self.rewards)))
     return value_model, value_opt, (states[0] if len(states) == 1 else seeds_lib.stack(states))
 
@@ -156,7 +162,7 @@ class Setup(NamedTuple):
                                 value_model=value_model, value_optimizer=value_opt,
                                 env=first.env, env_spec=first.env_spec,
                                 out_shardings=out_shardings, jit=len(self.runs) == 1,
-                                reward_shaping=config.get("reward_shaping"))
+                                reward_shaping=config.get("reward_shaping"), lora=self.lora)
     return update if len(self.runs) == 1 else seeds_lib.vmapped(update)
 
 
@@ -166,9 +172,10 @@ def setup(config) -> Setup:
   n = seeds_lib.num_seeds(config)
   cfgs = [seeds_lib.seed_config(config, i) for i in range(n)] if n > 1 else [config]
   runs = [_build(c) for c in cfgs]
+  lora = adapters_lib.from_config(config, runs[0].model, runs[0].settings)  # None without
   rewards, weights, batches = _rewards_and_batches(config, runs)
   return Setup(cfgs, runs, rewards, weights, batches, optim.make_optimizer(config.optim),
-               [jax.random.PRNGKey(int(c.seed)) for c in cfgs])
+               [jax.random.PRNGKey(int(c.seed)) for c in cfgs], lora)
 
 
 def build_update(config):
@@ -192,7 +199,7 @@ def train(config) -> Dict[str, Any]:
   t_start = time.time()
   built = setup(config)
   cfgs, runs, rewards, batches, rngs = built.cfgs, built.runs, built.rewards, built.batches, built.rngs
-  model = runs[0].model
+  model, lora = runs[0].model, built.lora
   steps = int(config.train.steps)
   init_states = lambda all_params: built.init_states(config, all_params)  # noqa: E731
   value_model, value_opt, state = init_states([r.params for r in runs])
@@ -203,7 +210,11 @@ def train(config) -> Dict[str, Any]:
                          progress=config.get("progress", True))
   summary: Dict[str, Any] = {"dropped_prompts": runs[0].task.message} if runs[0].task.message else {}
   seed_of = lambda i: None if n == 1 else i  # noqa: E731
-  params_of = lambda st, i: st.params if n == 1 else seeds_lib.unstack(st.params, i)  # noqa: E731
+
+  def params_of(st, i):  # the policy's parameters of seed i (adapters merged with LoRA)
+    one = lambda tree: tree if n == 1 else seeds_lib.unstack(tree, i)  # noqa: E731
+    return (one(st.params) if lora is None else
+            adapters_lib.merged(lora, one(st.ref_params), one(st.params)))
 
   def evaluate_all(st, step):
     accs = [r.evaluate(params_of(st, i)) for i, r in enumerate(runs)]
@@ -253,6 +264,10 @@ def train(config) -> Dict[str, Any]:
   summary["accuracy_after"] = evaluate_all(state, steps)
   if config.get("export_hf"):
     summary["hf_model"] = build.export_hf(config, model, params_of(state, 0))
+  if lora is not None:
+    first = lambda tree: tree if n == 1 else seeds_lib.unstack(tree, 0)  # noqa: E731
+    summary.update(adapters_lib.export(lora, config, model, first(state.params),
+                                       first(state.ref_params)))
   summary["steady_step_seconds"] = float(np.median(step_times)) if step_times else None
   curves = ["reward_mean", "eval/accuracy", "kl", "response_length"]
   if len(rewards) > 1:
