@@ -205,6 +205,37 @@ def test_inpo_iterate_and_micro_batch_invariance():
   assert one[0].ref_params is not None and one[0].iterate_params is not None
 
 
+def test_nash_md_step_samples_mixture_opponents():
+  model, _, sc, opt, _, state0 = setup()
+  settings = _settings(preference_loss="nash_md", mixture_beta=0.5)
+  state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
+  update = online.make_update(model, [_even_fraction], opt, settings, sc, donate=False)
+  for i in range(2):
+    state, m = update(state, prompts(n=4, seed=i), jax.random.PRNGKey(i))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  assert 0.0 < float(m["win_rate_vs_mixture"]) < 1.0 and np.isfinite(float(m["loss"]))
+
+
+def test_opponent_preference_probs_are_the_reward_sigmoid(stepped):
+  model, state, _, ro, scores, _ = stepped
+  from rlhf_jax.train import phases
+  phase = preference_step.PreferencePhase.build(
+      _settings(preference_loss="nash_md", preference_temperature=0.5))
+  assert phase.opponent
+  sig = phases.signals(model, state.ref_params, ro, scores.rewards, jnp.float32(0.0),
+                       group_size=4, kl_in_reward=False)
+  opp = scores.rewards[::-1]
+  data, _ = phase.data(model, ro, scores, sig, None, jax.random.PRNGKey(0), opp)
+  want = 1.0 / (1.0 + np.exp(-(np.asarray(scores.rewards, np.float64) - np.asarray(opp)) / 0.5))
+  np.testing.assert_allclose(np.asarray(data["preference_probs"]).reshape(-1), want, rtol=1e-6)
+  mb = dict(data, prompt_len=ro.prompt_len)
+  loss, _ = phase.make_objective(model)(state.params, None, mb, phase.normalizer(mb), None)
+  lp, _ = models.token_logps(model, state.params, ro.ids, ro.attn)
+  seq = np.sum(np.asarray(lp[:, ro.prompt_len:], np.float64) * np.asarray(ro.loss_mask), 1)
+  # Policy = reference here: the coefficient is P - 1/2 (tau * log-ratio = 0).
+  np.testing.assert_allclose(float(loss), np.mean(-(want - 0.5) * seq), rtol=2e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad configs
 
 
@@ -218,6 +249,7 @@ def test_inpo_iterate_and_micro_batch_invariance():
     (dict(objective="preference", kl_coef=0.1), r"rl\.kl_coef"),
     (dict(objective="preference", preference_loss="nope"), r"rl\.preference_loss='nope'"),
     (dict(objective="dpo"), r"rl\.objective='dpo' is unknown"),
+    (dict(objective="preference", mixture_beta=1.5), r"rl\.mixture_beta"),
 ])
 def test_bad_preference_configs_are_named(rl, match):
   with pytest.raises(ValueError, match=match):

@@ -26,6 +26,7 @@ import optax
 
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
+from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.rewards import transforms
 from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import learn as learn_lib
@@ -309,6 +310,17 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       gro = phases.rollout(model, params, prompt_batch, rng, greedy_config)
       extra["greedy"] = jax.lax.stop_gradient(
           score_rollout(gro, phases.repeat_extras(prompt_batch, 1), reward_state).rewards)
+    if pref is not None and pref.opponent:  # Nash-MD: one mixture-policy opponent per sample
+      opp = sampling_lib.sample_mixture(model, params, state.ref_params, prompt_batch["prompt_ids"],
+                                        prompt_batch["prompt_mask"], jax.random.fold_in(rng, 2),
+                                        sampling_config, beta=pref.mixture_beta)
+      opp_ro = phases.Rollout(prompt_ids=opp.prompt_ids, prompt_mask=opp.prompt_mask,
+                              completion_ids=opp.completion_ids,
+                              completion_mask=opp.completion_mask,
+                              loss_mask=opp.completion_mask.astype(jnp.float32), logps=opp.logps,
+                              lengths=opp.lengths, finished=opp.finished)
+      extra["opponent"] = jax.lax.stop_gradient(
+          score_rollout(opp_ro, extras, reward_state, state.shaping_state).rewards)
     if settings.oversample > 1:  # dynamic sampling: learn on informative groups only
       ro, sc, info, chosen, extra["selected"] = phases.select_groups(
           ro, sc, info, group_size=g, keep=ro.prompt_ids.shape[0] // g // settings.oversample)
@@ -321,7 +333,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     returns (learn data, adv_state, metrics)."""
     if pref is not None:
       data, more = pref.data(model, ro, sc, sig, state.iterate_params,
-                             jax.random.fold_in(rng, 2**31 - 1))
+                             jax.random.fold_in(rng, 2**31 - 1), extra.get("opponent"))
       return data, state.adv_state, more
     adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
                       if info is None else

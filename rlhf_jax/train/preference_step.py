@@ -39,6 +39,7 @@ PAIR_INPUTS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_reject
                "preference_strength")
 ITERATE_INPUTS = ("prev_chosen_logps", "prev_rejected_logps")
 LIST_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "mask", "levels")
+OPPONENT_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "preference_probs")
 ONLINE_FIX = ("the online preference step provides the inputs above; choose another "
               "rl.preference_loss")
 
@@ -118,7 +119,10 @@ class PreferencePhase:
 
   loss: the registered preference loss; kwargs: `rl.preference_loss_kwargs`;
   listwise: the loss ranks the whole group (PRO, TRPA) instead of pairs;
-  uses_iterate: the loss reads the kept iterate's log-probs (INPO's π_t).
+  uses_iterate: the loss reads the kept iterate's log-probs (INPO's π_t);
+  opponent: the loss scores each sample against an opponent (Nash-MD's
+    `preference_probs`): the step samples one opponent per sample from the geometric
+    mixture π^(1−β) π_ref^β (`rl.mixture_beta`) and P(y ≻ y′) = σ((r(y) − r(y′))/T).
   """
   loss: str
   kwargs: Tuple[Tuple[str, Any], ...]
@@ -128,6 +132,8 @@ class PreferencePhase:
   temperature: float
   listwise: bool
   uses_iterate: bool
+  opponent: bool = False
+  mixture_beta: float = 0.125
   vocab_limit: Optional[int] = None
 
   @classmethod
@@ -136,9 +142,13 @@ class PreferencePhase:
     name = settings.preference_loss
     fn = losses_lib.get(name)
     kwargs = dict(settings.preference_loss_kwargs)
-    listwise = loss_inputs.is_list_loss(fn)
-    provides = set(LIST_INPUTS if listwise else PAIR_INPUTS)
     params = loss_inputs.parameter_names(fn)
+    opponent = "preference_probs" in params
+    listwise = loss_inputs.is_list_loss(fn) and not opponent
+    provides = set(OPPONENT_INPUTS if opponent else LIST_INPUTS if listwise else PAIR_INPUTS)
+    if opponent and settings.dynamic_sampling > 1:
+      raise ValueError(f"rl.preference_loss={name!r} samples an opponent per sample, which "
+                       "rl.dynamic_sampling does not select; set rl.dynamic_sampling=0")
     uses_iterate = any(n in params for n in ITERATE_INPUTS)
     if uses_iterate and not listwise:
       if not settings.iterate_every:
@@ -158,13 +168,16 @@ class PreferencePhase:
     return cls(loss=name, kwargs=tuple(sorted(kwargs.items())), group_size=settings.group_size,
                pairs=settings.pairs, rso_beta=float(settings.rso_beta),
                temperature=float(settings.preference_temperature), listwise=listwise,
-               uses_iterate=uses_iterate, vocab_limit=vocab_limit)
+               uses_iterate=uses_iterate, opponent=opponent,
+               mixture_beta=float(settings.mixture_beta), vocab_limit=vocab_limit)
 
   # --------------------------------------------------------------------- the pairs phase
 
   def data(self, model, ro: Rollout, sc: Scores, sig: Signals, iterate_params,
-           rng: jax.Array) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
-    """Group-major learn data [B, G, ...] with the pairs (or ranking) and their weights."""
+           rng: jax.Array, opponent_rewards: Optional[jax.Array] = None
+           ) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
+    """Group-major learn data [B, G, ...] with the pairs (or ranking, or each sample's
+    preference over its opponent) and their weights."""
     g = self.group_size
     rewards = _grouped(sc.rewards, g)
     mask = ro.loss_mask
@@ -174,6 +187,11 @@ class PreferencePhase:
       prev, _ = completion_logps(model, iterate_params, ro.ids, ro.attn, ro.prompt_len, g,
                                  self.vocab_limit)
       data["prev_seq"] = _grouped(_sequence(jax.lax.stop_gradient(prev), mask), g)
+    if self.opponent:
+      probs = jax.nn.sigmoid((sc.rewards - opponent_rewards) / self.temperature)
+      data["preference_probs"] = _grouped(jax.lax.stop_gradient(probs), g)
+      data["weight"] = jnp.ones(rewards.shape, jnp.float32)
+      return data, {"win_rate_vs_mixture": jnp.mean(probs)}
     if self.listwise:
       order = jnp.argsort(-rewards, axis=1, stable=True)       # best first
       data["order"] = order.astype(jnp.int32)
@@ -207,6 +225,15 @@ class PreferencePhase:
       mask = mb["mask"]
       seq = _sequence(lp.reshape(mask.shape), mask)            # [b, G]
       lengths = jnp.sum(mask, axis=-1)
+      if self.opponent:
+        available = {"logps": seq.reshape(-1), "ref_logps": mb["ref_seq"].reshape(-1),
+                     "lengths": lengths.reshape(-1), "rewards": mb["rewards"].reshape(-1),
+                     "preference_probs": mb["preference_probs"].reshape(-1)}
+        losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
+                                                    key="rl.preference_loss_kwargs",
+                                                    fix=ONLINE_FIX)
+        loss = jnp.sum(losses * mb["weight"].reshape(-1)) / normalizer
+        return loss, {"loss": loss}
       if self.listwise:
         take = lambda x: jnp.take_along_axis(x, mb["order"], axis=1)  # noqa: E731
         rewards = take(mb["rewards"])

@@ -64,7 +64,8 @@ class RLSettings:
     (statistical rejection sampling at temperature `rso_beta`). `preference_temperature`
     T: OSP's preference strength σ((r_w − r_l)/T). `iterate_every=k` keeps the policy of
     every k-th update as the iterate π_t that INPO's loss reads (DNO's previous-iterate
-    reference is `ref_update_every=k`).
+    reference is `ref_update_every=k`). `mixture_beta` β: Nash-MD's opponent is sampled
+    from the geometric mixture π^(1−β) π_ref^β.
   """
   group_size: int = 4
   advantage: str = "grpo"
@@ -97,6 +98,7 @@ class RLSettings:
   rso_beta: float = 0.5
   preference_temperature: float = 1.0
   iterate_every: int = 0
+  mixture_beta: float = 0.125
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -191,6 +193,8 @@ class RLSettings:
                        f"rl.group_size must be >= 2, got {self.group_size}")
     if self.pairs not in PAIRINGS:
       raise ValueError(f"rl.pairs={self.pairs!r} is unknown; choose one of {', '.join(PAIRINGS)}")
+    if not 0.0 <= self.mixture_beta <= 1.0:
+      raise ValueError(f"rl.mixture_beta must be in [0, 1], got {self.mixture_beta}")
     if self.rso_beta <= 0 or self.preference_temperature <= 0:
       raise ValueError(f"rl.rso_beta and rl.preference_temperature must be > 0, got "
                        f"{self.rso_beta} and {self.preference_temperature}")
