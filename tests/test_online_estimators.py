@@ -67,10 +67,10 @@ def test_estimators_the_step_cannot_feed_are_named():
   with pytest.raises(ValueError, match="'gigpo' needs 'step_rewards'"):
     _, _, _, state, update = _step("gigpo", _token_reward)
     update(state, prompts(), jax.random.PRNGKey(7))
-  # COPO's per-sample answer ids are not computed by the step (the batch's verifier
-  # `answer_ids` are another input): refused when the step is built, not fed the wrong array.
-  with pytest.raises(ValueError, match="'copo' needs 'answer_ids'"):
-    _step("copo", _token_reward)
+  # ROVER's vocabulary-mean log-ratio is not computed by the step: refused when the step is
+  # built, not fed a wrong array.
+  with pytest.raises(ValueError, match="'rover' needs 'vocab_mean_log_ratio'"):
+    _step("rover", _token_reward)
 
 
 def test_hyper_parameters_without_defaults_come_from_advantage_kwargs():
@@ -136,3 +136,26 @@ def test_value_model_starts_from_the_policy():
   assert values.shape == (2, 3)
   assert online_loop.value_setup(ml_collections.ConfigDict(), model, params, None) == (
       None, None, None)
+
+
+def test_answer_ids_equal_exactly_for_equal_completions():
+
+  ids = jnp.asarray([[3, 4, 2, 0], [3, 4, 2, 0], [3, 4, 5, 2], [4, 3, 2, 0], [3, 4, 2, 9]])
+  mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]])
+  a = np.asarray(phases.answer_ids(ids, mask))
+  assert a[0] == a[1] == a[4]  # padding after the mask does not count
+  assert len({a[0], a[2], a[3]}) == 3
+
+
+def test_copo_step_blends_its_two_advantages():
+  """The step's COPO advantage is (1 − w)·A_g + w·A_local of the library function."""
+  from rlhf_jax import advantages
+
+  r = jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+  ids = jnp.asarray([1, 2, 1, 1, 3, 4, 5, 6], jnp.int32)
+  out = advantages.get("copo")(r, answer_ids=ids, group_size=4)
+  w = np.asarray(out.weight)
+  want = (1 - w) * np.asarray(out.global_) + w * np.asarray(out.local)
+  np.testing.assert_allclose(np.asarray(out.combine()), want, rtol=1e-6)
+  est = phases.Estimator.build("copo", {}, group_size=4, provides=phases.STEP_INPUTS)
+  assert "answer_ids" in est.needs

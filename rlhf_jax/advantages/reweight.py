@@ -74,6 +74,12 @@ class CopoAdvantages(NamedTuple):
   local: jax.Array
   weight: jax.Array
 
+  def combine(self) -> jax.Array:
+    """The blended advantage (1 − w)·A_g + w·A_local [N]: the loss blend for any surrogate
+    linear in the advantage (REINFORCE; PPO's ratio terms while unclipped), which is how the
+    RL step uses COPO."""
+    return (1.0 - self.weight) * self.global_ + self.weight * self.local
+
 
 def answer_entropy(answer_ids: jax.Array, *, group_size: int) -> jax.Array:
   """Base-2 entropy of the final-answer distribution in each group: [N] ints -> [N // G]."""

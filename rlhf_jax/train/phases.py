@@ -233,7 +233,17 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
 
 # Inputs an estimator may declare that the single-turn step computes (`values` only with
 # a value model; `greedy_rewards` costs one greedy decode per prompt).
-STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards")
+STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids")
+
+
+def answer_ids(completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
+  """[N] int32 ids equal exactly for equal completions (a polynomial hash of the masked
+  tokens): the final-answer identity COPO's answer entropy reads, for tasks whose
+  completion is the answer."""
+  m = completion_mask.astype(bool)
+  tok = jnp.where(m, completion_ids.astype(jnp.uint32) + 1, 0)
+  powers = jnp.cumprod(jnp.full((tok.shape[1],), 1000003, jnp.uint32))
+  return jax.lax.bitcast_convert_type(jnp.sum(tok * powers[None, :], axis=1), jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +299,8 @@ class Estimator:
     inputs = {"group_size": self.group_size, "mask": ro.loss_mask,
               "lengths": jnp.sum(ro.loss_mask, axis=1), "values": sig.values,
               "greedy_rewards": greedy_rewards, **(turn_inputs or {})}
+    if "answer_ids" in self.needs:
+      inputs["answer_ids"] = answer_ids(ro.completion_ids, ro.completion_mask)
     kwargs = dict(self.kwargs)
     for n in self.needs:
       if n not in kwargs:
@@ -303,6 +315,8 @@ class Estimator:
     except ValueError as e:
       raise ValueError(f"rl.advantage={self.name!r} (rl.group_size={self.group_size}, "
                        f"rl.advantage_kwargs={dict(self.kwargs)}): {e}") from e
+    if isinstance(out, tuple) and hasattr(out, "combine"):  # e.g. COPO's blend
+      out = out.combine()
     if isinstance(out, tuple):
       raise ValueError(f"advantage estimator {self.name!r} returns several arrays "
                        f"({type(out).__name__}: {', '.join(getattr(out, '_fields', ()))}), not "
