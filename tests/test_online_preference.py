@@ -236,6 +236,22 @@ def test_opponent_preference_probs_are_the_reward_sigmoid(stepped):
   np.testing.assert_allclose(float(loss), np.mean(-(want - 0.5) * seq), rtol=2e-5, atol=1e-6)
 
 
+def test_grao_scores_the_reference_answer_with_eos():
+  batch = {"answer_ids": jnp.asarray([[5, 6, 0], [7, 0, 0]]),
+           "answer_mask": jnp.asarray([[1, 1, 0], [1, 0, 0]], bool)}
+  ids, mask = preference_step.reference_answers(batch, eos_id=2)
+  np.testing.assert_array_equal(np.asarray(ids), [[5, 6, 2, 0], [7, 2, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(mask), [[1, 1, 1, 0], [1, 1, 0, 0]])
+  model, _, sc, opt, rewards, state0 = setup()
+  settings = _settings(preference_loss="grao")
+  state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
+  update = online.make_update(model, rewards, opt, settings, sc, donate=False)
+  state, m = update(state, prompts(n=4, seed=0), jax.random.PRNGKey(0))
+  assert np.isfinite(float(m["loss"]))
+  with pytest.raises(ValueError, match="no answer_ids"):
+    preference_step.reference_answers({}, eos_id=2)
+
+
 # ----------------------------------------------------------------------------- bad configs
 
 

@@ -251,6 +251,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     if value_model is not None:
       raise ValueError("rl.objective='preference' trains no value model: remove config.value")
     pref = preference_step.PreferencePhase.build(settings, vocab_limit=vocab_limit)
+    if pref.reference_answer and not getattr(sampling_config, "eos_ids", ()):
+      raise ValueError(f"rl.preference_loss={settings.preference_loss!r} scores the reference "
+                       "answers as completions ending with EOS: set sampling eos_ids")
   else:
     estimator = phases.Estimator.build(
         settings.advantage, dict(settings.advantage_kwargs), group_size=g,
@@ -321,11 +324,22 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                               lengths=opp.lengths, finished=opp.finished)
       extra["opponent"] = jax.lax.stop_gradient(
           score_rollout(opp_ro, extras, reward_state, state.shaping_state).rewards)
+    if pref is not None and pref.reference_answer:  # GRAO: the prompts' reference answers
+      ids, mask = preference_step.reference_answers(prompt_batch, sampling_config.eos_ids[0])
+      ans_ro = phases.Rollout(prompt_ids=prompt_batch["prompt_ids"],
+                              prompt_mask=prompt_batch["prompt_mask"], completion_ids=ids,
+                              completion_mask=mask.astype(bool), loss_mask=mask,
+                              logps=jnp.zeros(mask.shape), lengths=jnp.sum(mask, 1),
+                              finished=jnp.ones(mask.shape[:1], bool))
+      extra["answers"] = {"ids": ids, "mask": mask, "rewards": jax.lax.stop_gradient(
+          score_rollout(ans_ro, phases.repeat_extras(prompt_batch, 1), reward_state,
+                        state.shaping_state).rewards)}
     if settings.oversample > 1:  # dynamic sampling: learn on informative groups only
       ro, sc, info, chosen, extra["selected"] = phases.select_groups(
           ro, sc, info, group_size=g, keep=ro.prompt_ids.shape[0] // g // settings.oversample)
-      if "greedy" in extra:
-        extra["greedy"] = extra["greedy"][chosen]
+      for key in ("greedy", "answers"):
+        if key in extra:
+          extra[key] = jax.tree.map(lambda x: x[chosen], extra[key])  # noqa: B023
     return ro, info, sc, extra
 
   def estimate_or_pair(state: RLState, ro, info, sc, sig, extra, rng):
@@ -333,7 +347,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     returns (learn data, adv_state, metrics)."""
     if pref is not None:
       data, more = pref.data(model, ro, sc, sig, state.iterate_params,
-                             jax.random.fold_in(rng, 2**31 - 1), extra.get("opponent"))
+                             jax.random.fold_in(rng, 2**31 - 1), extra.get("opponent"),
+                             extra.get("answers"))
       return data, state.adv_state, more
     adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
                       if info is None else

@@ -40,6 +40,7 @@ PAIR_INPUTS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_reject
 ITERATE_INPUTS = ("prev_chosen_logps", "prev_rejected_logps")
 LIST_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "mask", "levels")
 OPPONENT_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "preference_probs")
+ANSWER_INPUTS = ("ref_answer_logps", "ref_answer_lengths", "ref_answer_rewards")
 ONLINE_FIX = ("the online preference step provides the inputs above; choose another "
               "rl.preference_loss")
 
@@ -122,7 +123,9 @@ class PreferencePhase:
   uses_iterate: the loss reads the kept iterate's log-probs (INPO's π_t);
   opponent: the loss scores each sample against an opponent (Nash-MD's
     `preference_probs`): the step samples one opponent per sample from the geometric
-    mixture π^(1−β) π_ref^β (`rl.mixture_beta`) and P(y ≻ y′) = σ((r(y) − r(y′))/T).
+    mixture π^(1−β) π_ref^β (`rl.mixture_beta`) and P(y ≻ y′) = σ((r(y) − r(y′))/T);
+  reference_answer: the loss reads the policy's log-probs and the reward of the prompt's
+    reference answer (GRAO): the prompt batch's `answer_ids` / `answer_mask` plus EOS.
   """
   loss: str
   kwargs: Tuple[Tuple[str, Any], ...]
@@ -133,6 +136,7 @@ class PreferencePhase:
   listwise: bool
   uses_iterate: bool
   opponent: bool = False
+  reference_answer: bool = False
   mixture_beta: float = 0.125
   vocab_limit: Optional[int] = None
 
@@ -146,6 +150,9 @@ class PreferencePhase:
     opponent = "preference_probs" in params
     listwise = loss_inputs.is_list_loss(fn) and not opponent
     provides = set(OPPONENT_INPUTS if opponent else LIST_INPUTS if listwise else PAIR_INPUTS)
+    reference_answer = listwise and any(n in params for n in ANSWER_INPUTS)
+    if reference_answer:
+      provides |= set(ANSWER_INPUTS)
     if opponent and settings.dynamic_sampling > 1:
       raise ValueError(f"rl.preference_loss={name!r} samples an opponent per sample, which "
                        "rl.dynamic_sampling does not select; set rl.dynamic_sampling=0")
@@ -168,16 +175,18 @@ class PreferencePhase:
     return cls(loss=name, kwargs=tuple(sorted(kwargs.items())), group_size=settings.group_size,
                pairs=settings.pairs, rso_beta=float(settings.rso_beta),
                temperature=float(settings.preference_temperature), listwise=listwise,
-               uses_iterate=uses_iterate, opponent=opponent,
+               uses_iterate=uses_iterate, opponent=opponent, reference_answer=reference_answer,
                mixture_beta=float(settings.mixture_beta), vocab_limit=vocab_limit)
 
   # --------------------------------------------------------------------- the pairs phase
 
   def data(self, model, ro: Rollout, sc: Scores, sig: Signals, iterate_params,
-           rng: jax.Array, opponent_rewards: Optional[jax.Array] = None
+           rng: jax.Array, opponent_rewards: Optional[jax.Array] = None,
+           answers: Optional[Dict[str, jax.Array]] = None
            ) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
     """Group-major learn data [B, G, ...] with the pairs (or ranking, or each sample's
-    preference over its opponent) and their weights."""
+    preference over its opponent) and their weights; `answers` (GRAO): the reference
+    answers' "ids", "mask" [B, A] and "rewards" [B] (`reference_answers`)."""
     g = self.group_size
     rewards = _grouped(sc.rewards, g)
     mask = ro.loss_mask
@@ -195,6 +204,9 @@ class PreferencePhase:
     if self.listwise:
       order = jnp.argsort(-rewards, axis=1, stable=True)       # best first
       data["order"] = order.astype(jnp.int32)
+      if self.reference_answer:
+        data.update(answer_ids=answers["ids"], answer_mask=answers["mask"],
+                    answer_rewards=answers["rewards"])
       spread = jnp.max(rewards, axis=1) > jnp.min(rewards, axis=1)
       data["weight"] = spread.astype(jnp.float32)
       return data, {"preference_groups": jnp.mean(data["weight"])}
@@ -240,6 +252,16 @@ class PreferencePhase:
         available = {"logps": take(seq), "ref_logps": take(mb["ref_seq"]),
                      "lengths": take(lengths), "rewards": rewards,
                      "mask": jnp.ones(seq.shape, bool), "levels": reward_levels(rewards)}
+        if self.reference_answer:
+          p = mb["prompt_len"]
+          amask = mb["answer_mask"]
+          alp, _ = completion_logps(
+              model, params, jnp.concatenate([mb["ids"][:, 0, :p], mb["answer_ids"]], 1),
+              jnp.concatenate([mb["attn"][:, 0, :p], amask.astype(bool)], 1), p, 1,
+              self.vocab_limit)
+          available.update(ref_answer_logps=_sequence(alp, amask),
+                           ref_answer_lengths=jnp.sum(amask, axis=-1),
+                           ref_answer_rewards=mb["answer_rewards"])
         losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
                                                     key="rl.preference_loss_kwargs",
                                                     fix=ONLINE_FIX)
@@ -266,3 +288,21 @@ class PreferencePhase:
       return loss, {"loss": loss, "implicit_accuracy": mean((margin > 0).astype(jnp.float32)),
                     "logratio_margin": mean(margin), "pair_reward_gap": mean(wc - wr)}
     return objective
+
+
+def reference_answers(prompt_batch, eos_id: int):
+  """The prompt batch's reference answers as completions: `answer_ids` with EOS appended
+  after the last real token: (ids [B, A + 1], mask [B, A + 1] float32). A named error when
+  the batch has no answers."""
+  if "answer_ids" not in prompt_batch:
+    raise ValueError("rl.preference_loss reads the prompts' reference answers (GRAO), but the "
+                     "prompt batches have no answer_ids: use a task whose records have an "
+                     "'answer' field")
+  ids = prompt_batch["answer_ids"].astype(jnp.int32)
+  mask = prompt_batch.get("answer_mask", ids != 0).astype(bool)
+  b = ids.shape[0]
+  ids = jnp.concatenate([ids, jnp.zeros((b, 1), jnp.int32)], 1)
+  mask = jnp.concatenate([mask, jnp.zeros((b, 1), bool)], 1)
+  end = jnp.sum(mask, axis=1)
+  at_end = jnp.arange(ids.shape[1])[None, :] == end[:, None]
+  return jnp.where(at_end, eos_id, ids), (mask | at_end).astype(jnp.float32)
