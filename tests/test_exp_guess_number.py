@@ -38,6 +38,8 @@ def test_config_variants():
       k: v for k, v in cfg.methods["gigpo"].items() if k != "advantage"}  # same budget
   with pytest.raises(ValueError, match="variant must be 'fast' or 'full'"):
     _toylib.load_experiment("guess_number", "ful")
+  with pytest.raises(ValueError, match="'gipo' is unknown"):
+    _toylib.load_experiment("guess_number", "full,run_methods=grpo+gipo")
 
 
 def test_two_steps_of_each_method(trained):

@@ -18,7 +18,8 @@ def get_config(arg=None):
   """`fast` (smoke / CI sizes) or `full` (the README numbers); `key=value` overrides."""
   c = _toylib.parse_arg(arg, variant="fast", seeds=0, first_seed=0, steps=0, sft_steps=-1,
                         max_value=8, max_turns=4, turn_penalty=0.2, group_size=8, turn_tokens=0,
-                        prompts_per_step=0, learning_rate=1e-3, eval_samples=8)
+                        prompts_per_step=0, learning_rate=1e-3, eval_samples=8,
+                        run_methods="grpo+gigpo")
   full = c.variant == "full"
   c.seeds = c.seeds or 3
   c.steps = c.steps or (80 if full else 2)
@@ -43,6 +44,14 @@ def get_config(arg=None):
   # Both methods: one on-policy epoch of the clipped surrogate, token-mean, no KL; they
   # differ in the advantage only.
   rl = demo.rl_block(group_size=c.group_size)
-  c.methods = {"grpo": dict(rl, advantage="grpo"),
-               "gigpo": dict(rl, advantage="gigpo")}
+  # gigpo_gamma1: the set-up check of the README (no discount inside the step returns; the
+  # reward already pays for fewer turns).
+  known = {"grpo": dict(rl, advantage="grpo"), "gigpo": dict(rl, advantage="gigpo"),
+           "gigpo_gamma1": dict(rl, advantage="gigpo", advantage_kwargs=dict(gamma=1.0))}
+  names = c.run_methods.split("+")
+  for m in names:
+    if m not in known:
+      raise ValueError(f"run_methods={c.run_methods!r}: {m!r} is unknown; use '+'-joined names of "
+                       f"{sorted(known)}")
+  c.methods = {m: known[m] for m in names}
   return c
