@@ -7,14 +7,19 @@
 The rollout phase becomes `multiturn.rollout_multiturn` (the environment steps inside the
 compiled program); `"env"` in `config.rewards` is the environment's reward; held-out
 accuracy is the mean environment reward of greedy episodes (for the calculator: the
-exact final answer, with the tool). See docs/agentic.md.
+exact final answer, with the tool). A host tool is `config.env.tool`, a callable or
+"module:function". Before anything is written, `check_env` traces one episode on the
+first prompts (observation widths, the context the first observation leaves) and, for a
+host tool, calls it once. See docs/agentic.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import envs
@@ -38,6 +43,8 @@ def build_env(config, tokenizer) -> Tuple[Any, Any]:
     return None, None
   if "name" not in cfg:
     raise ValueError(f"config.env needs a 'name' (one of {', '.join(envs.names())})")
+  if "tool" in cfg:
+    cfg["tool"] = load_tool(cfg["tool"])
   try:
     env, spec = envs.make(tokenizer=tokenizer, **cfg)
   except (KeyError, TypeError) as e:
@@ -50,6 +57,67 @@ def build_env(config, tokenizer) -> Tuple[Any, Any]:
                      f"{spec.completion_tokens} (it bounds the SFT sequences and the model's "
                      "positions)")
   return env, spec
+
+
+def load_tool(tool: Any) -> Callable:
+  """`config.env.tool`: a callable, or "pkg.module:function" imported here."""
+  if callable(tool):
+    return tool
+  if not isinstance(tool, str) or not tool.strip():
+    raise ValueError(f"config.env.tool must be a function or 'module:function', got {tool!r}")
+  module, sep, attr = tool.partition(":")
+  if not sep:
+    module, _, attr = tool.rpartition(".")
+  try:
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+      obj = getattr(obj, part)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"config.env.tool={tool!r} does not import: {type(e).__name__}: {e}; "
+                     "give it as 'module:function'") from None
+  if not callable(obj):
+    raise ValueError(f"config.env.tool={tool!r} is a {type(obj).__name__}, not a function")
+  return obj
+
+
+def check_env(config, tokenizer, model, params, env, env_spec, records: Sequence[dict],
+              sampling_config) -> None:
+  """Raises before anything is written what the first step would raise later.
+
+  Traces one episode of the first prompts (`jax.eval_shape`, nothing runs): an
+  observation of the wrong width (`EnvSpecError`) or a first observation that leaves too
+  little context for the episode (`ContextLengthError`). A host tool (`envs.HostEnv`) is
+  then called once on those prompts with an empty finished turn (EOS alone): under
+  `on_error="raise"` a tool that raises is a `HostToolError` naming `config.env`; under
+  `on_error="observe"` its error text becomes the observation and the run goes on.
+  """
+  name = _dict(config.env).get("name")
+  n = min(2, len(records))
+  arrays = prompt_data.prompt_arrays(list(records[:n]), tokenizer,
+                                     prompt_length=int(config.data.max_prompt_length))
+  batch = {k: v for k, v in arrays.items() if k in ("prompt_ids", "prompt_mask")}
+  try:
+    jax.eval_shape(lambda p, b: multiturn.rollout_multiturn(
+        model, p, b, jax.random.PRNGKey(0), sampling_config, env, env_spec),
+        params, batch)
+  except envs.EnvSpecError as e:
+    raise type(e)(f"config.env (name={name!r}): {e}") from None
+  if isinstance(env, envs.HostEnv):
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+      return
+    state, _, _ = env.reset(jax.random.PRNGKey(0), {k: jnp.asarray(v) for k, v in batch.items()})
+    action = np.full((n, 1), int(eos), np.int32)
+    extras = [np.asarray(state.extras[k]) for k in sorted(state.extras)]
+    try:
+      env.host_step(tuple(sorted(state.extras)), np.asarray(state.prompt_ids),
+                    np.asarray(state.prompt_mask), action, np.ones((n, 1), bool),
+                    np.zeros((n,), np.int32), *extras)
+    except envs.HostToolError as e:
+      raise envs.HostToolError(
+          f"config.env (name={name!r}): the tool fails when called on the first {n} prompts "
+          f"with an empty turn: {str(e).removeprefix('HostToolError: ')}; fix the tool, or set "
+          "config.env.on_error='observe' to make its error text the observation") from None
 
 
 def env_reward_entry(weight: float = 1.0) -> rewards_lib.Reward:

@@ -99,6 +99,8 @@ def _build(config) -> _Built:
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
       vocab_limit=vocab_limit)
+  if env is not None:
+    online_env.check_env(config, tok, model, params, env, env_spec, task.train, sampling_cfg)
   return _Built(tok, model, params, settings, task, evaluate, sampling_cfg, env, env_spec)
 
 
