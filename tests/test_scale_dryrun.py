@@ -17,7 +17,7 @@ import textwrap
 from multihost_testlib import launch
 
 # 2 layers instead of SmolLM2's 30: the sampler unrolls the layers, so the compile time of
-# the step grows with depth (the 30-layer run is `experiments/deep_dryrun.py` itself).
+# the step grows with depth (30 layers: ~105 s CPU per process, 2 layers ~59 s; docs/scale.md).
 LAYERS = 2
 
 _WORKER = textwrap.dedent("""
