@@ -3,6 +3,7 @@
     python -m rlhf_jax.train --config=experiments/deep_dryrun.py \\
         --config.mesh="{'data': 2, 'fsdp': 2, 'tensor': 2}"
     python -m rlhf_jax.train --config=experiments/deep_dryrun.py:layers=4   # faster compile
+    python -m rlhf_jax.train --config=experiments/deep_dryrun.py:runlocal   # 2 layers
 
 The model has SmolLM2-135M's architecture shape (Llama: 30 layers, 9 query heads, 3 KV heads,
 SwiGLU, tied embeddings, RoPE θ 100000, RMS eps 1e-5) with head dim 8 instead of 64: hidden
@@ -13,8 +14,9 @@ on `config.mesh`, runs `train.steps` = 2 steps (the held-out evaluation before a
 slice, a launch script or a checkpoint bucket can be checked in minutes before a real run
 (see "TPU pods and multi-host" in docs/scale.md). A random model earns no exact-match
 reward; the termination reward varies within groups, so the update has non-zero gradients.
-The layer count is the `:layers=N` argument (default 30): `tests/test_scale_dryrun.py` uses
-`layers=2`, since the sampler unrolls the layers and compile time on CPU grows with depth.
+The layer count is the `:layers=N` argument (default 30); `:runlocal` is 2 layers, which
+`tests/test_scale_dryrun.py` uses, since the sampler unrolls the layers and compile time on
+CPU grows with depth.
 Use a new workdir for each dry run (with `resume="auto"` a finished one resumes at step 2
 and has nothing to do).
 """
@@ -28,14 +30,20 @@ HEADS, KV_HEADS, HEAD_DIM = 9, 3, 8   # SmolLM2-135M: 9, 3, 64
 FFN = 192     # SmolLM2-135M: 1536
 
 
+RUNLOCAL_LAYERS = 2
+ARGS = ("runlocal", "layers=N")
+
+
 def parse_arg(arg) -> int:
-  """The layer count of `arg` ("" / None: 30; "layers=N": N)."""
+  """The layer count of `arg` ("" / None: 30; "runlocal": 2; "layers=N": N >= 1)."""
   if not arg:
     return LAYERS
+  if arg == "runlocal":
+    return RUNLOCAL_LAYERS
   key, _, value = str(arg).partition("=")
   if key != "layers" or not value.isdigit() or int(value) < 1:
-    raise ValueError(f"config arg {arg!r} is unknown; use deep_dryrun.py (30 layers) or "
-                     "deep_dryrun.py:layers=N with N >= 1")
+    raise ValueError(f"config arg {arg!r} is unknown; use one of {list(ARGS)} (N >= 1) or "
+                     "none (30 layers)")
   return int(value)
 
 

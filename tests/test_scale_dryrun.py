@@ -16,9 +16,10 @@ import textwrap
 
 from multihost_testlib import launch
 
-# 2 layers instead of SmolLM2's 30: the sampler unrolls the layers, so the compile time of
-# the step grows with depth (30 layers: ~105 s CPU per process, 2 layers ~59 s; docs/scale.md).
-LAYERS = 2
+# `:runlocal` is 2 layers instead of SmolLM2's 30: the sampler unrolls the layers, so the
+# compile time of the step grows with depth (30 layers: ~105 s CPU per process, 2 layers
+# ~59 s; docs/scale.md).
+ARG = "runlocal"
 
 _WORKER = textwrap.dedent("""
     import json, os, runpy, sys
@@ -45,7 +46,7 @@ def test_two_processes_four_devices_each(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = os.path.join(root, "experiments", "deep_dryrun.py") + f":layers={LAYERS}"
+  config = os.path.join(root, "experiments", "deep_dryrun.py") + f":{ARG}"
   workdir = tmp_path / "run"
   launch(script, 2, 4, args=(workdir, config))
   rows = {}
