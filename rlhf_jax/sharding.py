@@ -315,11 +315,28 @@ def init_distributed(config: Mapping[str, Any] | None = None) -> bool:
   Reads `coordinator_address`, `num_processes`, `process_id` from `config`
   (a mapping, or a ConfigDict with a `distributed` sub-dict) or from the env
   vars RLHF_COORDINATOR_ADDRESS / RLHF_NUM_PROCESSES / RLHF_PROCESS_ID.
+  `auto=True` (or RLHF_DISTRIBUTED=auto) calls `jax.distributed.initialize()` with no
+  arguments instead, which discovers the processes itself on Cloud TPU VMs, Slurm and
+  Open MPI; it excludes the three explicit keys. When the JAX distributed system is
+  already initialised (by the caller), nothing is done.
   Returns True when it initialised, False for single-process runs.
   """
   cfg = dict(config or {})
   if "distributed" in cfg and cfg["distributed"] is not None:
     cfg = dict(cfg["distributed"])
+  auto = cfg.get("auto")
+  if auto is None:
+    auto = os.environ.get("RLHF_DISTRIBUTED", "").strip().lower() == "auto"
+  if auto:
+    given = [k for k in ("coordinator_address", "num_processes", "process_id")
+             if cfg.get(k) is not None]
+    if given:
+      raise ValueError(f"init_distributed: auto=True discovers the processes itself; drop "
+                       f"{given} (or set auto=False and give all three).")
+    if jax.distributed.is_initialized():
+      return False
+    jax.distributed.initialize()
+    return True
   addr = cfg.get("coordinator_address") or os.environ.get("RLHF_COORDINATOR_ADDRESS")
   nproc = cfg.get("num_processes") or os.environ.get("RLHF_NUM_PROCESSES")
   pid = cfg.get("process_id")
@@ -338,6 +355,8 @@ def init_distributed(config: Mapping[str, Any] | None = None) -> bool:
   if not 0 <= pid < nproc:
     raise ValueError(f"init_distributed: process_id={pid} must be in "
                      f"[0, num_processes={nproc}).")
+  if jax.distributed.is_initialized():
+    return False
   jax.distributed.initialize(coordinator_address=addr, num_processes=nproc,
                              process_id=pid)
   return True

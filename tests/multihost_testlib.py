@@ -16,11 +16,14 @@ def free_port() -> int:
 
 def launch(script, nproc: int, devices: int, args=(), timeout: float = 400) -> None:
   """Runs `python script PORT PID NPROC *args` as `nproc` processes of `devices` CPU devices
-  each (cwd and PYTHONPATH: the tests directory); asserts every one exits with 0."""
+  each (cwd: the tests directory; PYTHONPATH: the tests directory, then the repository root,
+  so the checkout's `rlhf_jax` and `experiments` are imported); asserts every one exits
+  with 0."""
   here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(here)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+             PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]))
   port = str(free_port())
   procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc),
                              *map(str, args)], env=env, cwd=here, stdout=subprocess.PIPE,

@@ -184,6 +184,10 @@ CONFIG_CASES = [
      r"config\.workdir='.*file/run' is under '.*file', an existing file"),
     ("online_workdir_empty", "online", {"workdir": ""}, ValueError,
      r"config\.workdir is empty"),
+    ("online_workdir_gs_url", "online", {"workdir": "gs://bucket/run"}, ValueError,
+     r"config\.workdir='gs://bucket/run' is a URL; .*gcsfuse .*e\.g\. '/gcs/bucket/run'"),
+    ("offline_workdir_s3_url", "dpo", {"workdir": "s3://bucket/run"}, ValueError,
+     r"config\.workdir='s3://bucket/run' is a URL; .*mount the bucket on every host"),
     # Data files of the offline loop.
     ("offline_jsonl_path_is_a_directory", "dpo",
      {"data.source": "jsonl", "data.path": "{tmp}/folder"}, IsADirectoryError,

@@ -138,6 +138,30 @@ def test_process_slices_and_distributed_config(monkeypatch):
   np.testing.assert_array_equal(g["x"], np.arange(8.0))
 
 
+def test_init_distributed_auto_calls_initialize_without_arguments(monkeypatch):
+  """`auto=True` (TPU VMs, Slurm, Open MPI) lets JAX discover the processes; an already
+  initialised distributed system is left alone."""
+  for v in ("RLHF_COORDINATOR_ADDRESS", "RLHF_NUM_PROCESSES", "RLHF_PROCESS_ID",
+            "RLHF_DISTRIBUTED"):
+    monkeypatch.delenv(v, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  assert S.init_distributed({"distributed": {"auto": True}}) is True
+  assert calls == [{}]
+  assert S.init_distributed({"auto": False}) is False and calls == [{}]
+  monkeypatch.setenv("RLHF_DISTRIBUTED", "auto")
+  assert S.init_distributed(None) is True and calls == [{}, {}]
+  with pytest.raises(ValueError, match=r"auto=True discovers the processes.*'process_id'"):
+    S.init_distributed({"auto": True, "process_id": 0})
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  assert S.init_distributed({"auto": True}) is False
+  monkeypatch.delenv("RLHF_DISTRIBUTED")
+  assert S.init_distributed({"coordinator_address": "h:1", "num_processes": 2,
+                             "process_id": 0}) is False
+  assert len(calls) == 2
+
+
 def test_tiny_decoder_sharded_forward_matches_unsharded():
   M = pytest.importorskip("rlhf_jax.models")
   cfg = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32,

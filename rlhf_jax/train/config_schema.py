@@ -27,7 +27,9 @@ MODEL = {"hf_config": None, "path": str, "gguf": str, "dtype": str, "init_seed":
          "attention_chunk": int, "vocab_chunk": (int, _NONE)}
 
 MESH = {"data": int, "fsdp": int, "tensor": int}
-DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int}
+# rlhf_jax.sharding.init_distributed; `auto`: jax.distributed.initialize() with no arguments
+DISTRIBUTED = {"coordinator_address": str, "num_processes": int, "process_id": int,
+               "auto": bool}
 OPTIONAL_SECTIONS = ("mesh", "distributed", "value", "env", "lora")  # None (or absent): not used
 
 _COMMON = {"paradigm": str, "seed": int, "workdir": str, "resume": str, "progress": bool,

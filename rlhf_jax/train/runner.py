@@ -33,14 +33,26 @@ RESUME_MODES = ("auto", "never")
 
 
 def check_workdir(config) -> None:
-  """Raises ValueError when `config.workdir` is empty, or it (or a folder above it) is an
-  existing file, so it cannot be the run's directory. Writes nothing."""
+  """Raises ValueError when `config.workdir` is empty, a URL (`gs://...`), or it (or a folder
+  above it) is an existing file, so it cannot be the run's directory. Writes nothing.
+
+  The run writes through the local file system (checkpoints with their integrity manifests,
+  metrics.jsonl, TensorBoard events, plots), so a bucket is used through a mount: Cloud
+  Storage FUSE on every host (docs/scale.md, "TPU pods and multi-host")."""
   workdir = config.get("workdir")
   if workdir is None:
     return
   if not str(workdir).strip():
     raise ValueError("config.workdir is empty; set it to the run's directory (created if "
                      "absent)")
+  scheme, sep, rest = str(workdir).partition("://")
+  if sep and scheme.isalnum():
+    example = f"/gcs/{rest}" if scheme == "gs" else f"/mnt/{rest}"
+    raise ValueError(f"config.workdir={workdir!r} is a URL; the run writes its checkpoints, "
+                     "metrics and TensorBoard events through the file system: mount the "
+                     "bucket on every host (for gs://, Cloud Storage FUSE: gcsfuse "
+                     "--implicit-dirs --rename-dir-limit=200000 BUCKET /gcs/BUCKET) and set "
+                     f"config.workdir to the mounted path, e.g. {example!r}")
   path = os.path.abspath(os.fspath(workdir))
   while not os.path.exists(path):
     parent = os.path.dirname(path)
