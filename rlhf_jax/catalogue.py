@@ -175,8 +175,8 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("PURE", "B", R, None, {}, None, "tests/test_shaping.py",
           "min-form credit needs process (step) rewards"),
     # 4. Reward shaping and combination
-    Entry("KL in reward", "A", S, "online", _pg(kl_in_reward=True, kl_coef=0.05),
-          ("loss", "k1")),
+    Entry("KL in reward", "A", S, "online", _pg(kl_in_reward=True, kl_coef=0.05), None,
+          note="r − β·k1 per token (`losses.kl.kl_in_reward`), adaptive β with rl.kl_target"),
     Entry("LSC", "B", S, "online", {"reward_shaping": ("lsc",)}, ("transform", "lsc")),
     Entry("PAR", "B", S, "online", {"reward_shaping": ("par",)}, ("transform", "par")),
     Entry("Constrained RLHF", "B", S, "online",

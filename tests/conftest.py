@@ -10,7 +10,11 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 # Must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The backend's LLVM optimisations are off: tests compile many small programs, and at -O0 a
+# step compiles about 3x faster (its matmuls are library calls either way). Benchmarks run
+# with the default flags.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # With JAX_PLATFORMS=cuda, float32 matmuls would run as TF32 (about 1e-3 relative), which the

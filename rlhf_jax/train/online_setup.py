@@ -99,9 +99,12 @@ def build_rewards(config, tokenizer, records: Sequence[dict]) -> List[rewards_li
 
 
 def reward_weights(rewards: Sequence[rewards_lib.Reward], rl_weights: Sequence[float]):
-  """The weights of the rewards: `rl.reward_weights` when set, else each entry's `weight`."""
+  """The weights of the rewards: `rl.reward_weights` when set, else each entry's `weight`;
+  None when every weight is 1 (the step then weights every column, after
+  `config.reward_shaping`, by 1)."""
   if not rl_weights:
-    return tuple(float(r.weight) for r in rewards)
+    weights = tuple(float(r.weight) for r in rewards)
+    return None if all(w == 1.0 for w in weights) else weights
   if any(r.weight != 1.0 for r in rewards):
     raise ValueError("set reward weights either in rl.reward_weights or as 'weight' in "
                      "config.rewards entries, not both")
