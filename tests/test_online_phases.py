@@ -108,7 +108,8 @@ def test_learn_objective_and_gradient_equal_a_float64_reference():
   want = _np_objective(table, w, {k: np.asarray(v, np.float64) if k != "ids" else v
                                   for k, v in mb.items()})
   np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
-  assert set(aux) == {"pg_loss", "kl", "entropy", "clip_fraction", "value_loss"}
+  assert set(aux) == {"loss", "pg_loss", "kl", "entropy", "clip_fraction", "value_loss"}
+  np.testing.assert_allclose(float(aux["loss"]), float(loss), rtol=1e-6)
   gp, gv = jax.grad(lambda p, v: obj(p, v, jmb, norm, BETA)[0], argnums=(0, 1))(params, vparams)
   mb64 = {k: np.asarray(v, np.float64) if k != "ids" else v for k, v in mb.items()}
   np.testing.assert_allclose(np.asarray(gp["table"]),
