@@ -3,6 +3,11 @@
 Run from the repository root:
 
     python -m experiments.nsr_psr.run --config=experiments/nsr_psr/config.py:full
+
+The paper's regime (a small step on a good prior; no KL as in the paper's scripts):
+
+    python -m experiments.nsr_psr.run \\
+        --config=experiments/nsr_psr/config.py:full,tag=lowlr,lr=1e-4,sft_steps=400,methods=psr+nsr
 """
 
 from __future__ import annotations
@@ -10,11 +15,20 @@ from __future__ import annotations
 from experiments import _toylib
 from rlhf_jax import demo
 
+KNOWN_METHODS = {"grpo": dict(advantage="grpo"), "psr": dict(advantage="psr"),
+                 "nsr": dict(advantage="nsr"), "w_reinforce": dict(advantage="w_reinforce")}
+
 
 def get_config(arg=None):
-  """`fast` for CI, `full` for the README numbers; `key=value` overrides."""
+  """`fast` for CI, `full` for the README numbers; `key=value` overrides.
+
+  lr: Adam learning rate of RL (default the demo's 1e-3); kl_coef: KL-to-SFT penalty;
+  sft_steps: SFT warm-up steps (0: the demo's 220); group_size: samples per prompt;
+  methods: `+`-separated names among grpo, psr, nsr, w_reinforce; tag: names the outputs.
+  """
   c = _toylib.parse_arg(arg, variant="fast", seeds=0, first_seed=0, steps=0, num_samples=16,
-                        eval_size=0)
+                        eval_size=0, lr=1e-3, kl_coef=0.0, sft_steps=0, group_size=8,
+                        methods="grpo+psr+nsr", tag="")
   full = c.variant == "full"
   c.seeds = c.seeds or (3 if full else 1)
   c.steps = c.steps or (200 if full else 80)
@@ -26,8 +40,16 @@ def get_config(arg=None):
   online.train.prompts_per_step = 16
   online.train.eval_every = 0
   online.data.eval_size = c.eval_size
-  online.rl.update(group_size=8, surrogate="ppo_clip", kl_coef=0.0, aggregation="token_mean")
+  online.optim.learning_rate = c.lr
+  if c.sft_steps:
+    online.sft.steps = c.sft_steps
+  online.rl.update(group_size=c.group_size, surrogate="ppo_clip", kl_coef=c.kl_coef,
+                   aggregation="token_mean")
   c.online = online
-  c.methods = {"grpo": dict(advantage="grpo"), "psr": dict(advantage="psr"),
-               "nsr": dict(advantage="nsr")}
+  names = [m for m in c.methods.split("+") if m]
+  unknown = [m for m in names if m not in KNOWN_METHODS]
+  if unknown or not names:
+    raise ValueError(f"config arg methods={c.methods!r}: unknown {unknown}; use '+'-separated "
+                     f"names among {sorted(KNOWN_METHODS)}")
+  c.method_overrides = {m: KNOWN_METHODS[m] for m in names}
   return c
