@@ -1,4 +1,4 @@
-"""CI check of experiments/nsr_psr (fast variant)."""
+"""CI check of experiments/nsr_psr (fast variant: the paper's small-step regime, 1 seed)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ def test_nsr_psr_fast():
   cfg, exp = _toylib.load_experiment("nsr_psr")
   m = {k: {kk: v["mean"] for kk, v in d.items() if kk != "per_seed"}
        for k, d in exp.run(cfg)["methods"].items()}
-  base, psr, nsr, grpo = m["base"], m["psr"], m["nsr"], m["grpo"]
+  print({k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in m.items()})
+  base, psr, nsr = m["base"], m["psr"], m["nsr"]
+  assert set(m) == {"base", "psr", "nsr"}
   for v in m.values():  # pass@k is non-decreasing in k (a property of the estimator)
     p = [v[f"pass@{k}"] for k in cfg.ks]
     assert all(a <= b + 1e-9 for a, b in zip(p, p[1:]))
-  # PSR (as in the paper): pass@16 and diversity fall below the SFT model's.
-  assert psr["pass@16"] < base["pass@16"] - 0.05
-  assert psr["distinct"] < base["distinct"] - 1.0
-  assert psr["distinct"] < grpo["distinct"]
-  assert abs(psr["pass@16"] - 0.61) < 0.12     # measured 0.610 here (base 0.770)
-  # NSR (unlike the paper): this tiny model collapses rather than keeping pass@16.
-  assert nsr["pass@16"] < 0.5 * base["pass@16"]
+  # NSR (as in the paper, at lr 1e-4 on the 400-step SFT model): pass@1 rises and pass@k
+  # is kept over the whole k range (measured pass@1 0.736 → 0.824, pass@16 0.990 → 1.000).
+  assert nsr["pass@1"] > base["pass@1"] + 0.05
+  for k in cfg.ks:
+    assert nsr[f"pass@{k}"] > base[f"pass@{k}"] - 0.05
+  # PSR raises pass@1 too and narrows the policy (fewer distinct completions;
+  # measured pass@1 0.831, distinct 2.46 → 2.13).
+  assert psr["pass@1"] > base["pass@1"] + 0.05
+  assert psr["distinct"] < base["distinct"]

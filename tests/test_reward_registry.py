@@ -88,6 +88,18 @@ def test_in_jit_builtins_against_hand_computed_values():
       [0.0, 0.0, -1.0, 0.0])
 
 
+def test_exact_match_ignore_key_removes_filler_characters():
+  comps = ["..42<eos>", "4.2..<eos>", "41..<eos>", "42<eos>", "..4x2<eos>"]
+  spec = {"name": "exact_match", "ignore": "."}
+  np.testing.assert_array_equal(_score(spec, comps, answers=["42"] * 5), [1, 1, 0, 1, 0])
+  scorer = text_scorer(spec, RewardContext(TOK, 8))
+  assert [scorer({"answer": "42"}, t) for t in ["..42", "4.2.", "41", "x42"]] == [1, 1, 0, 0]
+  with pytest.raises(ValueError, match="ignore="):
+    build_rewards([{"name": "exact_match", "ignore": "é"}], RewardContext(TOK, 8))
+  with pytest.raises(ValueError, match="ignore must be a string"):
+    build_rewards([{"name": "exact_match", "ignore": 46}], RewardContext(TOK, 8))
+
+
 def test_weights_and_metric_names_are_unique():
   specs = ["exact_match", {"name": "exact_match", "weight": 0.5},
            {"name": "terminated", "label": "done"},

@@ -54,6 +54,31 @@ def test_exact_match_and_format_checks_in_jit():
     verifiers.exact_match()(PROMPTS, comp, cmask[:, :2], extras)
 
 
+def test_exact_match_ignoring_filler_tokens_against_python():
+  texts = ["..42", "4.2!..", "42...", "..41", "....", "42", ".4.2.x", "42!4", ".", "24."]
+  answers = ["42"] * len(texts)
+  comp, cmask = _pad(texts, 7)
+  ans, amask = _pad(answers, 3)
+  extras = {"answer_ids": ans, "answer_mask": amask}
+  em = jax.jit(verifiers.exact_match(eos_id=ord("!"), ignore_ids=[ord(".")]))
+  # Reference: cut at the first "!", delete every ".", compare the strings.
+  ref = [float(t.split("!")[0].replace(".", "") == a) for t, a in zip(texts, answers)]
+  np.testing.assert_array_equal(em(PROMPTS[:1].repeat(len(texts), 0), comp, cmask, extras), ref)
+  assert ref == [1, 1, 1, 0, 0, 1, 0, 1, 0, 0]
+  # Garbage (even filler ids) under the mask changes nothing.
+  noisy = jnp.where(cmask, comp, ord("."))
+  np.testing.assert_array_equal(em(PROMPTS[:1].repeat(len(texts), 0), noisy, cmask, extras), ref)
+  # Without ignore_ids the same inputs are plain exact match.
+  plain = jax.jit(verifiers.exact_match(eos_id=ord("!")))
+  np.testing.assert_array_equal(plain(PROMPTS[:1].repeat(len(texts), 0), comp, cmask, extras),
+                                [float(t.split("!")[0] == a) for t, a in zip(texts, answers)])
+  ids, keep = verifiers.drop_tokens(comp, cmask, [ord(".")])
+  for row, k, t in zip(np.asarray(ids), np.asarray(keep), texts):
+    assert "".join(chr(c) for c in row[k]) == t.replace(".", "")
+  with pytest.raises(ValueError, match="eos_id"):
+    verifiers.exact_match(eos_id=ord("!"), ignore_ids=[ord("!")])
+
+
 def test_math_answer_checker_batch_in_jit():
   comp, cmask = _pad(["so the answer is \\boxed{\\frac{1}{2}}", "x = 3, answer: 0.5",
                       "I think 7", "\\boxed{12}", "no idea"], 40)

@@ -113,12 +113,16 @@ def save_fig(fig, path: str) -> None:
 
 
 def main(run_module_file: str, run: Callable, report: Callable) -> None:
-  """Shared `__main__`: config flag -> run -> table + JSON + plot next to run.py."""
+  """Shared `__main__`: config flag -> run -> table + JSON + plot next to run.py.
+
+  A config with a non-empty `tag` writes `plot_<tag>.png` and `results_<variant>_<tag>.json`.
+  """
   cfg, out = config_from_flag()
   here = os.path.dirname(os.path.abspath(run_module_file))
+  tag = f"_{cfg.tag}" if cfg.get("tag") else ""  # a named set-up keeps its own outputs
   results = run(cfg)
-  report(results, cfg, os.path.join(here, "plot.png"))
-  write_json(results, out or os.path.join(here, f"results_{cfg.get('variant', 'run')}.json"))
+  report(results, cfg, os.path.join(here, f"plot{tag}.png"))
+  write_json(results, out or os.path.join(here, f"results_{cfg.get('variant', 'run')}{tag}.json"))
 
 
 def load_experiment(slug: str, arg: str = "fast"):

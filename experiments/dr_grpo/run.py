@@ -8,12 +8,13 @@ tokens are pushed down less the longer it is, so long wrong responses are the
 cheapest to keep.
 
 Set-up: the demo's tiny Llama on 2-digit addition with room for long responses
-(`max_new_tokens` 12). The SFT warm-up targets repeat the answer 2–3 times
-("95 95 95") for a `long_fraction` of examples, so the warm-started policy has a
-long mode that exact match scores as wrong. One SFT per seed is shared by both
-methods; then RL with each. Logged per RL step (from the sampled batch):
-`wrong_response_length` (mean length of samples with reward ≤ 0.5),
-`correct_response_length`, `reward_mean`.
+(`max_new_tokens` 16). The SFT targets carry a uniform 0..`filler_max` neutral
+filler tokens (".") after the answer ("42...", or before it with
+`filler_position=before`); the reward (`exact_match` with `ignore="."`) grades the
+number alone, so the filler count is free and only the aggregation's 1/|o_i| can
+make it depend on correctness. One SFT per seed is shared by both methods; then RL
+with each. Logged per RL step (from the sampled batch): `wrong_response_length`
+(mean length of samples with reward ≤ 0.5), `correct_response_length`, `reward_mean`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ METHODS = {"grpo": "GRPO (grpo + seq_mean_token_mean)",
            "dr_grpo": "Dr. GRPO (dr_grpo + seq_mean_token_sum_norm)"}
 
 
-def looping_sft_targets(cfg):
-  """SFT targets where a `long_fraction` of answers are repeated 2–3 times (long, wrong)."""
+def filler_sft_targets(cfg):
+  """SFT targets with a uniform 0..`filler_max` filler tokens after (or before) the answer."""
   def rewrite(examples, rng):
     out = []
     for e in examples:
-      if rng.random() < cfg.long_fraction:
-        reps = int(rng.integers(cfg.repeat_min, cfg.repeat_max + 1))
-        e = dict(e, completion=" ".join([e["answer"]] * reps))
-      out.append(e)
+      pad = cfg.filler * int(rng.integers(0, cfg.filler_max + 1))
+      text = e["answer"] + pad if cfg.filler_position == "after" else pad + e["answer"]
+      out.append(dict(e, completion=text))
     return out
   return rewrite
 
@@ -48,8 +48,8 @@ def run(cfg):
   env = orl.make_env(cfg.online)
   methods = {m: orl.make_method(env, cfg.methods[m]) for m in cfg.methods}
   curves = {m: {k: [] for k in KEYS} for m in methods}
-  for seed in range(cfg.seeds):
-    params, train_ex, _ = orl.warm_start(env, seed, looping_sft_targets(cfg))
+  for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
+    params, train_ex, _ = orl.warm_start(env, seed, filler_sft_targets(cfg))
     for m, method in methods.items():
       _, hist = orl.run_rl(env, method, params, train_ex, seed)
       for k in KEYS:
@@ -60,10 +60,16 @@ def run(cfg):
     arr = {k: np.asarray(v) for k, v in c.items()}  # [seeds, steps]
     wrong = arr["wrong_response_length"]
     start, end = wrong[:, :w].mean(1), wrong[:, -w:].mean(1)
+    right = arr["correct_response_length"]
+    gap = wrong - right  # (a step without right or wrong samples logs 0 for that length)
     res["methods"][m] = {
         "wrong_len_start": tl.mean_std(start), "wrong_len_end": tl.mean_std(end),
         "wrong_len_change": tl.mean_std(end - start),
-        "correct_len_end": tl.mean_std(arr["correct_response_length"][:, -w:].mean(1)),
+        "correct_len_start": tl.mean_std(right[:, :w].mean(1)),
+        "correct_len_end": tl.mean_std(right[:, -w:].mean(1)),
+        "correct_len_change": tl.mean_std(right[:, -w:].mean(1) - right[:, :w].mean(1)),
+        "gap_start": tl.mean_std(gap[:, :w].mean(1)), "gap_end": tl.mean_std(gap[:, -w:].mean(1)),
+        "wrong_len_end_per_seed": end.tolist(),
         "reward_start": tl.mean_std(arr["reward_mean"][:, :w].mean(1)),
         "reward_end": tl.mean_std(arr["reward_mean"][:, -w:].mean(1)),
         "curves": {k: {"mean": v.mean(0), "std": v.std(0)} for k, v in arr.items()},
@@ -77,10 +83,11 @@ def run(cfg):
 def report(res, cfg, png):
   w = cfg.window
   tl.print_table(
-      ["method", f"wrong len (first {w})", f"wrong len (last {w})", "change",
-       f"correct len (last {w})", "reward first→last"],
+      ["method", f"wrong len (first {w})", f"wrong len (last {w})", "wrong change",
+       "correct change", f"wrong − correct (first → last {w})", "reward first→last"],
       [[METHODS[m], tl.fmt(v["wrong_len_start"], 2), tl.fmt(v["wrong_len_end"], 2),
-        tl.fmt(v["wrong_len_change"], 2), tl.fmt(v["correct_len_end"], 2),
+        tl.fmt(v["wrong_len_change"], 2), tl.fmt(v["correct_len_change"], 2),
+        f"{tl.fmt(v['gap_start'], 2)} → {tl.fmt(v['gap_end'], 2)}",
         f"{v['reward_start']['mean']:.2f} → {v['reward_end']['mean']:.2f}"]
        for m, v in res["methods"].items()])
   print("wrong length at the end, GRPO − Dr. GRPO (paired by seed): "

@@ -42,7 +42,7 @@ def scores(correct: np.ndarray, ids: np.ndarray, ks) -> dict:
 def run(cfg):
   t0 = time.time()
   env = orl.make_env(cfg.online)
-  methods = {m: orl.make_method(env, cfg.methods[m]) for m in cfg.methods}
+  methods = {m: orl.make_method(env, ov) for m, ov in cfg.method_overrides.items()}
   evaluate = orl.make_sampler_eval(env, num_samples=cfg.num_samples, temperature=1.0)
   per_seed = {m: [] for m in ["base", *methods]}
   for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
@@ -73,7 +73,8 @@ def report(res, cfg, png):
   tl.print_table(["method"] + [f"pass@{k}" for k in ks] + ["distinct / 16"],
                  [[NAMES.get(m, m)] + [tl.fmt(v[f"pass@{k}"], 3) for k in ks]
                   + [tl.fmt(v["distinct"], 2)] for m, v in res["methods"].items()])
-  print(f"{res['seeds']} seeds, {cfg.steps} RL steps, n={cfg.num_samples}; "
+  print(f"{res['seeds']} seeds, {cfg.steps} RL steps, lr {cfg.lr:g}, KL {cfg.kl_coef:g}, "
+        f"G={cfg.group_size}, n={cfg.num_samples}; "
         f"{res['seconds']:.0f}s")
   plt = tl.pyplot()
   fig, ax = plt.subplots(figsize=(4.5, 3.2))

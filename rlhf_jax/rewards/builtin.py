@@ -44,17 +44,41 @@ def _answer(record: Mapping[str, Any], who: str) -> str:
 
 # ----------------------------------------------------------------------------- in jit
 
+def _ignored_ids(tok, ignore: str):
+  if not isinstance(ignore, str):
+    raise ValueError(f"reward 'exact_match': ignore must be a string of characters, got "
+                     f"{ignore!r}")
+  ids = []
+  for ch in ignore:
+    try:
+      enc = list(tok.encode(ch))
+    except ValueError as e:
+      raise ValueError(f"reward 'exact_match': ignore={ignore!r} has {ch!r}, which the "
+                       f"tokenizer cannot encode ({e})") from e
+    if len(enc) != 1:
+      raise ValueError(f"reward 'exact_match': ignore={ignore!r} has {ch!r}, which is "
+                       f"{len(enc)} tokens; list characters that are one token each")
+    ids.append(int(enc[0]))
+  return ids
+
+
 @register("exact_match", needs=("answer_ids",), verifier=True)
-def exact_match(ctx: RewardContext) -> base.RewardFn:
-  """1 iff the completion's tokens before EOS equal `answer_ids` (in jit)."""
+def exact_match(ctx: RewardContext, ignore: str = "") -> base.RewardFn:
+  """1 iff the completion's tokens before EOS equal `answer_ids` (in jit).
+
+  `ignore`: characters (one token each) removed from the completion before comparing,
+  e.g. "." for filler tokens whose count is free (graded by the answer alone)."""
   tok = ctx.tokenizer
-  return verifiers.exact_match(pad_id=tok.pad_id, eos_id=tok.eos_id)
+  return verifiers.exact_match(pad_id=tok.pad_id, eos_id=tok.eos_id,
+                               ignore_ids=_ignored_ids(tok, ignore))
 
 
 @register_text_scorer("exact_match")
-def _exact_match_text(ctx: RewardContext):
-  del ctx
-  return lambda record, text: float(text.strip() == _answer(record, "exact_match").strip())
+def _exact_match_text(ctx: RewardContext, ignore: str = ""):
+  _ignored_ids(ctx.tokenizer, ignore)  # the same check as the in-jit reward
+  drop = str.maketrans("", "", ignore)
+  return lambda record, text: float(
+      text.translate(drop).strip() == _answer(record, "exact_match").strip())
 
 
 @register("terminated")

@@ -25,14 +25,33 @@ def truncate_at_eos(completion_ids: jax.Array, completion_mask: jax.Array,
   return mask & ~seen
 
 
+def drop_tokens(ids: jax.Array, mask: jax.Array, drop_ids: Sequence[int]):
+  """Removes the tokens in `drop_ids` from each row, keeping the order of the rest.
+
+  Returns `(ids, mask)` [N, T], left-aligned: the kept valid tokens first, then
+  masked-out positions (their ids are unspecified).
+  """
+  drop = jnp.asarray(list(drop_ids), ids.dtype)
+  keep = mask.astype(bool) & ~jnp.any(ids[:, :, None] == drop[None, None, :], axis=-1)
+  order = jnp.argsort(~keep, axis=1, stable=True)  # kept positions first, in order
+  return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(keep, order, axis=1)
+
+
 def exact_match(*, answer_key: str = "answer_ids", answer_mask_key: str = "answer_mask",
                 pad_id: int = 0, eos_id: Optional[int] = None,
-                correct: float = 1.0, wrong: float = 0.0) -> RewardFn:
+                correct: float = 1.0, wrong: float = 0.0,
+                ignore_ids: Sequence[int] = ()) -> RewardFn:
   """r = `correct` iff the completion's tokens (before the first eos) equal the answer.
 
   The answer comes from `batch_extras[answer_key]` [N, A] with its mask from
-  `batch_extras[answer_mask_key]` (or `ids != pad_id` when absent).
+  `batch_extras[answer_mask_key]` (or `ids != pad_id` when absent). Tokens in
+  `ignore_ids` (neutral filler, e.g. "." padding a reasoning trace) are removed
+  from the completion before comparing, wherever they occur.
   """
+  ignore = tuple(int(i) for i in ignore_ids)
+  if eos_id is not None and eos_id in ignore:
+    raise ValueError(f"ignore_ids {ignore} must not contain eos_id={eos_id}")
+
   def fn(prompt_ids, completion_ids, completion_mask, batch_extras):
     check_reward_inputs(prompt_ids, completion_ids, completion_mask)
     ans = get_extra(batch_extras, answer_key, "exact_match")
@@ -42,6 +61,8 @@ def exact_match(*, answer_key: str = "answer_ids", answer_mask_key: str = "answe
     ans_mask = batch_extras.get(answer_mask_key) if batch_extras else None
     ans_mask = (ans != pad_id) if ans_mask is None else ans_mask.astype(bool)
     mask = truncate_at_eos(completion_ids, completion_mask, eos_id)
+    if ignore:
+      completion_ids, mask = drop_tokens(completion_ids, mask, ignore)
     t, a = completion_ids.shape[1], ans.shape[1]
     width = max(t, a)
     pad = lambda x, fill: jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
