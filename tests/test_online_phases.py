@@ -268,7 +268,7 @@ def test_bookkeep_kl_controller_reference_and_guard():
   bookkeep = online.make_bookkeep(settings)
   new = learn.Trainable({"w": jnp.full(3, 2.0)}, None, opt.init(params), None, jnp.asarray(True))
   sc = phases.Scores(rewards=jnp.zeros(4), each=jnp.zeros((4, 1)))
-  metrics = {"seq_kl": jnp.float32(3.0), "pg_loss": jnp.float32(0.5)}
+  metrics = {"seq_kl": jnp.float32(3.0), "loss": jnp.float32(0.5)}
   out, m = bookkeep(state, new, sc, None, dict(metrics))
   # adaptive β (Ziegler et al.): β ← β (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)
   np.testing.assert_allclose(float(m["kl_beta"]), 0.1 * (1 + 0.2 * 4 / 10.0), rtol=1e-6)

@@ -14,6 +14,8 @@ import math
 import os
 import textwrap
 
+import pytest
+
 from multihost_testlib import launch
 
 # `:runlocal` is 2 layers instead of SmolLM2's 30: the sampler unrolls the layers, so the
@@ -42,6 +44,9 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+# Out of CI (`-m slow` runs it): tests/test_multihost_loops.py runs the online and offline
+# loops in 2 processes against 1, and tests/test_online.py the data x fsdp x tensor mesh.
+@pytest.mark.slow
 def test_two_processes_four_devices_each(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
