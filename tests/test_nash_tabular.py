@@ -187,3 +187,14 @@ def test_bad_inputs_are_named():
     nt.nash_mp_step(x, preference=jnp.zeros((3, 3)), log_ref=x, beta=-1.0)
   with pytest.raises(ValueError, match="eta must be > 0"):
     nt.nash_mp_step(x, preference=jnp.zeros((3, 3)), log_ref=x, beta=0.1, eta=0.0)
+
+
+def test_win_rates_match_numpy_and_self_play_is_one_half():
+  rng = np.random.default_rng(3)
+  a = rng.random((2, 5, 5))
+  p = a / (a + np.swapaxes(a, 1, 2))  # P(y > y') + P(y' > y) = 1
+  logits = rng.normal(size=(2, 5))
+  log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  got = np.asarray(nt.win_rates(jnp.asarray(p, jnp.float32), jnp.asarray(log_pi, jnp.float32)))
+  np.testing.assert_allclose(got, np.einsum("bij,bj->bi", p, np.exp(log_pi)), rtol=1e-5)
+  np.testing.assert_allclose((got * np.exp(log_pi)).sum(-1), 0.5, rtol=1e-5)
