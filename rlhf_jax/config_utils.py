@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 _MISSING = object()
 
@@ -298,3 +298,29 @@ def run_app(make_main, argv: Sequence[str] | None = None) -> None:
              + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
              + "; an override can only change a key the config file defines: check the "
              "spelling, or add the key to the config file")
+
+
+def import_function(path: Any, key: str, hint: str = "") -> Callable:
+  """"pkg.module:function" (or "pkg.module.function") -> the function.
+
+  ValueError naming `key` (e.g. "config.env.tool") and the path: not a 'module:function'
+  string, an import or attribute error (its type and message), or not callable; `hint` is
+  appended to the import error.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  if not isinstance(path, str) or not path.strip():
+    raise ValueError(f"{key} must be 'module:function', got {path!r}")
+  module, sep, attr = path.partition(":")
+  if not sep:
+    module, _, attr = path.rpartition(".")
+  if not module or not attr:
+    raise ValueError(f"{key}={path!r} must be 'module:function'")
+  try:
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+      obj = getattr(obj, part)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{key}={path!r} does not import: {type(e).__name__}: {e}{hint}") from e
+  if not callable(obj):
+    raise ValueError(f"{key}={path!r} is a {type(obj).__name__}, not a function")
+  return obj

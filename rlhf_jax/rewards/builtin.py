@@ -9,7 +9,6 @@ import path).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import math
 import numbers
 import os
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import config_utils
 from rlhf_jax.rewards import base, callback, shaping, verifiers
 from rlhf_jax.rewards.registry import (HostBatch, RewardContext, RewardError, host_reward,
                                        prompt_text, register, register_text_scorer,
@@ -256,23 +256,7 @@ def _code_tests_text(ctx: RewardContext, *, tests_key: str = "tests", timeout_s:
 def _load_function(path: Any, who: str = "python") -> Callable:
   """"pkg.module:function" (or "pkg.module.function") -> the function; ValueError naming
   the path and the import error when it does not import."""
-  if not isinstance(path, str) or not path.strip():
-    raise ValueError(f"reward {who!r} needs fn='module:function', got {path!r}")
-  module, sep, attr = path.partition(":")
-  if not sep:
-    module, _, attr = path.rpartition(".")
-  if not module or not attr:
-    raise ValueError(f"reward {who!r}: fn={path!r} must be 'module:function'")
-  try:
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-      obj = getattr(obj, part)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"reward {who!r}: fn={path!r} does not import: "
-                     f"{type(e).__name__}: {e}") from e
-  if not callable(obj):
-    raise ValueError(f"reward {who!r}: fn={path!r} is a {type(obj).__name__}, not a function")
-  return obj
+  return config_utils.import_function(path, f"reward {who!r}: fn")
 
 
 def _is_number(v) -> bool:

@@ -15,14 +15,13 @@ host tool, calls it once. See docs/agentic.md.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import envs
+from rlhf_jax import config_utils, envs
 from rlhf_jax.data import prompt_data
 from rlhf_jax.rewards import registry as rewards_lib
 from rlhf_jax.sampling.config import SamplingConfig
@@ -63,21 +62,7 @@ def load_tool(tool: Any) -> Callable:
   """`config.env.tool`: a callable, or "pkg.module:function" imported here."""
   if callable(tool):
     return tool
-  if not isinstance(tool, str) or not tool.strip():
-    raise ValueError(f"config.env.tool must be a function or 'module:function', got {tool!r}")
-  module, sep, attr = tool.partition(":")
-  if not sep:
-    module, _, attr = tool.rpartition(".")
-  try:
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-      obj = getattr(obj, part)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"config.env.tool={tool!r} does not import: {type(e).__name__}: {e}; "
-                     "give it as 'module:function'") from None
-  if not callable(obj):
-    raise ValueError(f"config.env.tool={tool!r} is a {type(obj).__name__}, not a function")
-  return obj
+  return config_utils.import_function(tool, "config.env.tool", "; give it as 'module:function'")
 
 
 def check_env(config, tokenizer, model, params, env, env_spec, records: Sequence[dict],
