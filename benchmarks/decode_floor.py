@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import grpo_vs_peers as peers
-from benchmarks.sampler import _cpu_name, _timed, matmul_peak
+from benchmarks.sampler import _cpu_name, _timed, matmul_peak, write_results
 from rlhf_jax import models
 from rlhf_jax.sampling import sample
 
@@ -147,10 +146,7 @@ def main(argv=None):
           f"{r['mfu_ceiling']:11.1%}")
   meta = dict(date=datetime.date.today().isoformat(), cpu=_cpu_name(), cores=os.cpu_count(),
               jax=jax.__version__, matmul_peak_flop_s=peak, repeats=args.repeats)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f"wrote {args.out}")
+  write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.sampler import write_results
 from rlhf_jax import models
 
 
@@ -93,10 +93,7 @@ def main(argv=None):
           f"{mb(r['temp_bytes']):11.1f} {mb(r['full_logits_bytes']):17.1f}")
   meta = dict(date=datetime.date.today().isoformat(), backend=jax.default_backend(),
               device=str(jax.devices()[0].device_kind), jax=jax.__version__)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f"wrote {args.out}")
+  write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

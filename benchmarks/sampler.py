@@ -47,6 +47,14 @@ def _cpu_name() -> str:
   return platform.processor()
 
 
+def write_results(path: str, meta: dict, rows: list) -> None:
+  """Writes `{"meta": meta, "rows": rows}` as JSON to `path` (folders made) and says so."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  print(f"wrote {path}")
+
+
 def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   """Best float32 FLOP/s of an n x n x n matmul in JAX on this machine."""
   a = jnp.ones((n, n), jnp.float32)
