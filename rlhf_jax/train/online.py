@@ -317,13 +317,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       opp = sampling_lib.sample_mixture(model, params, state.ref_params, prompt_batch["prompt_ids"],
                                         prompt_batch["prompt_mask"], jax.random.fold_in(rng, 2),
                                         sampling_config, beta=pref.mixture_beta)
-      opp_ro = phases.Rollout(prompt_ids=opp.prompt_ids, prompt_mask=opp.prompt_mask,
-                              completion_ids=opp.completion_ids,
-                              completion_mask=opp.completion_mask,
-                              loss_mask=opp.completion_mask.astype(jnp.float32), logps=opp.logps,
-                              lengths=opp.lengths, finished=opp.finished)
-      extra["opponent"] = jax.lax.stop_gradient(
-          score_rollout(opp_ro, extras, reward_state, state.shaping_state).rewards)
+      extra["opponent"] = score_rollout(phases.from_samples(opp), extras, reward_state,
+                                        state.shaping_state).rewards
     if pref is not None and pref.reference_answer:  # GRAO: the prompts' reference answers
       ids, mask = preference_step.reference_answers(prompt_batch, sampling_config.eos_ids[0])
       ans_ro = phases.Rollout(prompt_ids=prompt_batch["prompt_ids"],

@@ -72,8 +72,12 @@ class Rollout:
 def rollout(model, params, prompt_batch: Mapping[str, jax.Array], rng: jax.Array,
             sampling_config) -> Rollout:
   """Samples `sampling_config.num_samples` completions per prompt (KV-cache decoder)."""
-  out = sampling_lib.sample(model, params, prompt_batch["prompt_ids"],
-                            prompt_batch["prompt_mask"], rng, sampling_config)
+  return from_samples(sampling_lib.sample(model, params, prompt_batch["prompt_ids"],
+                                          prompt_batch["prompt_mask"], rng, sampling_config))
+
+
+def from_samples(out) -> Rollout:
+  """The `Rollout` of a sampler's `SampleOutput` (no gradient; every sampled token trained)."""
   out = jax.tree.map(jax.lax.stop_gradient, out)
   return Rollout(prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask,
                  completion_ids=out.completion_ids, completion_mask=out.completion_mask,
