@@ -227,6 +227,8 @@ class PreferencePhase:
     kwargs = dict(self.kwargs)
     g = self.group_size
     what = f"rl.preference_loss={self.loss!r}"
+    call = lambda available: loss_inputs.call_with_available(  # noqa: E731
+        fn, available, kwargs, what, key="rl.preference_loss_kwargs", fix=ONLINE_FIX)
 
     def objective(params, value_params, mb, normalizer, beta):
       del value_params, beta
@@ -241,9 +243,7 @@ class PreferencePhase:
         available = {"logps": seq.reshape(-1), "ref_logps": mb["ref_seq"].reshape(-1),
                      "lengths": lengths.reshape(-1), "rewards": mb["rewards"].reshape(-1),
                      "preference_probs": mb["preference_probs"].reshape(-1)}
-        losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
-                                                    key="rl.preference_loss_kwargs",
-                                                    fix=ONLINE_FIX)
+        losses, _ = call(available)
         loss = jnp.sum(losses * mb["weight"].reshape(-1)) / normalizer
         return loss, {"loss": loss}
       if self.listwise:
@@ -262,9 +262,7 @@ class PreferencePhase:
           available.update(ref_answer_logps=_sequence(alp, amask),
                            ref_answer_lengths=jnp.sum(amask, axis=-1),
                            ref_answer_rewards=mb["answer_rewards"])
-        losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
-                                                    key="rl.preference_loss_kwargs",
-                                                    fix=ONLINE_FIX)
+        losses, _ = call(available)
         w = mb["weight"]
         loss = jnp.sum(losses * w) / normalizer
         return loss, {"loss": loss}
@@ -278,9 +276,7 @@ class PreferencePhase:
                    "preference_strength": jax.nn.sigmoid((wc - wr) / self.temperature)}
       if self.uses_iterate:
         available["prev_chosen_logps"], available["prev_rejected_logps"] = both(mb["prev_seq"])
-      losses, _ = loss_inputs.call_with_available(fn, available, kwargs, what,
-                                                  key="rl.preference_loss_kwargs",
-                                                  fix=ONLINE_FIX)
+      losses, _ = call(available)
       w = mb["weight"].reshape(-1)
       mean = lambda x: jnp.sum(x * w) / normalizer  # noqa: E731
       margin = jax.lax.stop_gradient((cl - rc) - (rl - rr))
