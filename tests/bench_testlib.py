@@ -3,16 +3,16 @@ root."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
+
+from env_testlib import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_script(argv, *, timeout: float = 600, **env) -> subprocess.CompletedProcess:
-  """`argv` run from the repository root on one CPU device (no fake-device XLA_FLAGS)."""
-  full_env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
-  full_env.pop("XLA_FLAGS", None)
+  """`argv` run from the repository root on one CPU device."""
+  full_env = subprocess_env(**env)
   return subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout)

@@ -1,7 +1,10 @@
 """Test configuration: 8 fake CPU devices, float64 available, strict ranks."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # Tests import `experiments` and `benchmarks` as packages of the repository root. `python -m
 # pytest` (from the root) puts the root on sys.path; a bare `pytest` does not.
@@ -9,12 +12,19 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-# Must be set before jax is imported anywhere.
-# The backend's LLVM optimisations are off: tests compile many small programs, and at -O0 a
-# step compiles about 3x faster (its matmuls are library calls either way). Benchmarks run
-# with the default flags.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+import env_testlib  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest import)
+
+# Must be set before jax is imported anywhere: 8 fake devices and fast compiles
+# (tests/env_testlib.py).
+os.environ.setdefault("XLA_FLAGS", env_testlib.xla_flags(8))
+# One persistent compilation cache for the whole run: created by the first process that imports
+# this file (pytest, or xdist's controller before it starts its workers), inherited by the
+# workers and every subprocess a test launches, removed when that process ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf_jax_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+for _k, _v in env_testlib.CACHE_ENV.items():
+  os.environ.setdefault(_k, _v)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # With JAX_PLATFORMS=cuda, float32 matmuls would run as TF32 (about 1e-3 relative), which the
@@ -24,3 +34,4 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+env_testlib.atomic_cache_writes()

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+from env_testlib import subprocess_env
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -21,9 +23,8 @@ def launch(script, nproc: int, devices: int, args=(), timeout: float = 400) -> N
   with 0."""
   here = os.path.dirname(os.path.abspath(__file__))
   root = os.path.dirname(here)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]))
+  env = subprocess_env(devices, PYTHONPATH=os.pathsep.join(
+      [here, root, os.environ.get("PYTHONPATH", "")]))
   port = str(free_port())
   procs = [subprocess.Popen([sys.executable, str(script), port, str(i), str(nproc),
                              *map(str, args)], env=env, cwd=here, stdout=subprocess.PIPE,

@@ -9,12 +9,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from rlhf_jax import envs
-from rlhf_jax.train import online_env, online_loop
+from rlhf_jax.train import online_loop
 import reliability_configs  # tests/reliability_configs.py
 
 CALC = {"name": "calculator", "max_turns": 2, "turn_tokens": 18, "obs_tokens": 6}

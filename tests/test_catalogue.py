@@ -3,9 +3,11 @@
 The overrides are applied as the command line applies them (`config_utils.apply_overrides`)
 on the experiment config the catalogue names; the registered function of the method is
 wrapped while the step is built and run, so the test fails if the config does not reach it.
-The steps run eagerly (`jax.disable_jit`): the op-by-op programs are shared by every entry,
-so the ~60 entries cost about as much as a few compiled steps; the compiled step's own
-guarantees (one compilation, sharding, resume) are tested in tests/test_online*.py.
+The steps run eagerly (`jax.disable_jit`) except the model's passes, which stay compiled
+(`compiled_model_passes`): the op-by-op programs and the model's programs (one per shape)
+are shared by every entry, so the ~60 entries cost about as much as a few compiled steps;
+the compiled step's own guarantees (one compilation, sharding, resume) are tested in
+tests/test_online*.py.
 docs/methods.md's table is the catalogue's (`python -m rlhf_jax.catalogue`).
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import advantages, catalogue, config_utils, losses
+from rlhf_jax.models import model as model_lib
 from rlhf_jax.rewards import transforms
 from rlhf_jax.train import offline_loop, online_loop
 
@@ -29,6 +32,19 @@ REGISTRIES = {"loss": losses.REGISTRY, "advantage": advantages.REGISTRY,
               "transform": transforms.REGISTRY}
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             intermediate_size=32)
+
+
+@pytest.fixture(autouse=True)
+def compiled_model_passes(monkeypatch):
+  """Inside `jax.disable_jit`, the model's forward / decode passes still run as compiled
+  programs (cached by shape across entries); everything else, the method's code included,
+  runs op by op."""
+  jitted = model_lib._jit_call  # pylint: disable=protected-access
+
+  def call(*args):
+    with jax.disable_jit(False):
+      return jitted(*args)
+  monkeypatch.setattr(model_lib, "_jit_call", call)
 
 
 @contextlib.contextmanager

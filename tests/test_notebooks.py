@@ -8,10 +8,10 @@ tiny random-init model otherwise; its install cell only runs inside Colab.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pytest
+from env_testlib import subprocess_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -40,8 +40,7 @@ def test_committed_without_outputs(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path):
   nb = nbformat.read(COLABS / name, as_version=4)
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the notebooks run on the plain single-device backend
+  env = subprocess_env()  # one CPU device, as in a notebook
   client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute(env=env)  # raises CellExecutionError naming the failing cell

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+from env_testlib import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cli_runs_sft_fast_config(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   cmd = [sys.executable, "-m", "rlhf_jax.train",
          "--config=experiments/sft_synthetic.py:fast", "--config.train.steps=3",
          f"--config.workdir={tmp_path}", "--config.data.train_size=128",
@@ -25,7 +27,7 @@ def test_cli_runs_sft_fast_config(tmp_path):
 
 
 def test_cli_rejects_unknown_paradigm(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   cmd = [sys.executable, "-m", "rlhf_jax.train", "--config=experiments/sft_synthetic.py:fast",
          "--config.paradigm=dpo", f"--config.workdir={tmp_path}"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -38,7 +40,7 @@ def test_cli_sets_the_optional_blocks_whole(tmp_path):
   """`mesh` / `distributed` / `value` / `rm_head` are unset in the shipped configs and can be
   set from the command line (here a mesh larger than the one CPU device, so the run stops
   at once with make_mesh's error: the override reached the loop)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   for config in ("experiments/grpo_arithmetic.py:runlocal", "experiments/dpo_synthetic.py:fast"):
     cmd = [sys.executable, "-m", "rlhf_jax.train", f"--config={config}",
            "--config.mesh={'data': 2, 'fsdp': 1}", f"--config.workdir={tmp_path}"]
@@ -50,7 +52,7 @@ def test_cli_sets_the_optional_blocks_whole(tmp_path):
 
 
 def test_cli_override_of_an_undefined_key_is_one_line():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   for module, extra in (("rlhf_jax.train", ["--config=experiments/dpo_synthetic.py:fast"]),
                         ("rlhf_jax.demo", [])):
     for override, want in (

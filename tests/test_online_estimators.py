@@ -81,8 +81,6 @@ def test_hyper_parameters_without_defaults_come_from_advantage_kwargs():
 
 
 def test_an_estimator_error_names_the_rl_settings():
-  settings = RLSettings.from_config(dict(group_size=1, advantage="grpo",
-                                         advantage_kwargs=dict(unbiased=True)))
   with pytest.raises(ValueError, match=r"rl\.advantage='grpo' \(rl\.group_size=1, "
                      r"rl\.advantage_kwargs=\{'unbiased': True\}\): group_size must be >= 2"):
     est = phases.Estimator.build("grpo", dict(unbiased=True), group_size=1,

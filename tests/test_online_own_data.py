@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from env_testlib import subprocess_env
 
 from rlhf_jax import demo
 from rlhf_jax.data import synthetic
@@ -64,8 +65,7 @@ def test_cli_trains_on_a_jsonl_file_with_a_python_reward_from_outside_the_packag
   cmd = [sys.executable, "-m", "rlhf_jax.train", "--config=experiments/grpo_arithmetic.py:runlocal",
          f"--config.task={task!r}", f"--config.rewards={rewards!r}",
          f"--config.workdir={files / 'run'}", "--config.sampling.top_p=0.95"]
-  env = dict(os.environ, PYTHONPATH=str(files), REWARD_LOG=str(log), XLA_FLAGS="",
-             JAX_PLATFORMS="cpu")
+  env = subprocess_env(PYTHONPATH=str(files), REWARD_LOG=str(log))
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from env_testlib import subprocess_env
 
 from rlhf_jax import checkpoint as ckpt_lib
 
@@ -45,11 +46,8 @@ PAUSE_ENV = "RLHF_PAUSE_AFTER_CHECKPOINT"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+  return subprocess_env()  # the runs share the test run's compilation cache
 
 
 class Proc:

@@ -31,7 +31,7 @@ def get_config(arg=None):
                      f" = {c.max_new_tokens - 4}] (3 answer digits and EOS must fit)")
   full = c.variant == "full"
   c.seeds = c.seeds or (3 if full else 1)
-  c.steps = c.steps or (150 if full else 80)
+  c.steps = c.steps or (150 if full else 30)
   c.window = c.window or (20 if full else 10)  # steps averaged for "start" / "end" numbers
   c.filler = FILLER
   online = demo.get_config()
