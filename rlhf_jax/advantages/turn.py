@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
 from rlhf_jax.advantages.token import discounted_returns
-from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
+from rlhf_jax.losses.common import (check_float, check_nonnegative, check_rank,
+                                    check_unit_interval, grouped)
 
 
 def per_token(turn_advantages: jax.Array, token_turn: jax.Array, mask: jax.Array) -> jax.Array:
@@ -104,3 +105,57 @@ def turn_returns(rewards: jax.Array, *, step_rewards: jax.Array, step_mask: jax.
     std = base.group_std(base.group_view(r0, group_size, "episode returns"))
     adv = adv / (jnp.repeat(std.reshape(-1), group_size)[:, None] + eps)
   return jnp.where(step_mask.astype(bool), adv, 0.0)
+
+
+def igpo_turn_rewards(rewards: jax.Array, answer_probs: jax.Array,
+                      step_mask: jax.Array) -> jax.Array:
+  """IGPO's turn rewards: the information gain of each turn, the outcome on the last one.
+
+  r_k = P_{k+1} − P_k on every valid turn but the last, r_last = R (the outcome reward),
+  0 on turns not taken; P_k is the policy's probability of the ground-truth answer given
+  the history before turn k (P_0: the prompt alone). Shapes: rewards [N], answer_probs
+  [N, K + 1], step_mask [N, K] -> [N, K].
+  """
+  k = step_mask.shape[1]
+  if answer_probs.shape != (step_mask.shape[0], k + 1):
+    raise ValueError(f"igpo: answer_probs has shape {answer_probs.shape}; expected [N, K + 1] = "
+                     f"{(step_mask.shape[0], k + 1)} (P_0 after the prompt, P_k after turn k)")
+  m = step_mask.astype(bool)
+  last = k - 1 - jnp.argmax(m[:, ::-1], axis=1)
+  is_last = (jnp.arange(k)[None, :] == last[:, None]) & m
+  gain = answer_probs[:, 1:] - answer_probs[:, :-1]
+  return jnp.where(is_last, rewards[:, None], jnp.where(m, gain, 0.0))
+
+
+@register("igpo", family="step", needs=("answer_probs", "step_mask", "group_size"))
+def igpo(rewards: jax.Array, *, answer_probs: jax.Array, step_mask: jax.Array, group_size: int,
+         gamma: float = 1.0, eps: float = 1e-6) -> jax.Array:
+  """IGPO: information-gain turn rewards, normalised over the group, summed to go.
+
+  P_k = exp(mean_j log π_θ(a_j | prompt, turns < k with their observations)) for the
+  ground-truth answer a; r_k = P_{k+1} − P_k, except r_last = R, the outcome reward
+  (`igpo_turn_rewards`); r̂ = (r − mean) / (std + ε) over every valid turn of the G
+  episodes of a prompt (population std); Â_k = Σ_{j≥k} γ^{j−k} r̂_j over the valid turns.
+
+  Information Gain-based Policy Optimization: A Simple and Effective Approach for
+  Multi-Turn LLM Agents (Wang et al., 2025). Shapes: rewards [N] sequence rewards,
+  answer_probs [N, K + 1] (the multi-turn step computes them: `multiturn.answer_probs`),
+  step_mask [N, K] -> advantages [N, K] (0 on invalid turns); spread them over tokens
+  with `per_token`.
+  """
+  check_unit_interval("igpo", gamma=gamma)
+  check_nonnegative("igpo", eps=eps)
+  check_rank(rewards, 1, "rewards")
+  check_float(rewards, "rewards")
+  check_rank(answer_probs, 2, "answer_probs")
+  check_float(answer_probs, "answer_probs")
+  r = igpo_turn_rewards(rewards, answer_probs, step_mask)
+  m = step_mask.astype(r.dtype)
+  rg = grouped(r, group_size, "turn rewards")  # [B, G, K]
+  mg = grouped(m, group_size, "turn masks")
+  count = jnp.maximum(jnp.sum(mg, axis=(1, 2), keepdims=True), 1.0)
+  mean = jnp.sum(rg * mg, axis=(1, 2), keepdims=True) / count
+  std = jnp.sqrt(jnp.sum(((rg - mean) * mg) ** 2, axis=(1, 2), keepdims=True) / count)
+  normed = (((rg - mean) / (std + eps)) * mg).reshape(r.shape)
+  return jnp.where(step_mask.astype(bool), discounted_returns(normed, step_mask, gamma=gamma),
+                   0.0)

@@ -46,7 +46,7 @@ PAD, MODEL, OBS = 0, 1, 2  # token kinds in the decode buffers
 _FNV_OFFSET, _FNV_PRIME = 2166136261, 16777619
 
 # What a multi-turn step gives turn-level estimators besides the single-turn inputs.
-TURN_INPUTS = ("step_rewards", "anchor_ids", "step_mask")
+TURN_INPUTS = ("step_rewards", "anchor_ids", "step_mask", "answer_probs")
 STEP_INPUTS = phases.STEP_INPUTS + TURN_INPUTS
 
 
@@ -347,17 +347,57 @@ def step_inputs(info: TurnInfo) -> Dict[str, jax.Array]:
 
 def estimate(estimator: phases.Estimator, scores: phases.Scores, ro: Rollout,
              sig: phases.Signals, adv_state, info: TurnInfo,
-             greedy_rewards: Optional[jax.Array] = None):
+             greedy_rewards: Optional[jax.Array] = None,
+             answer_probs: Optional[jax.Array] = None):
   """The estimate phase of a multi-turn step: `(advantages [N] or [N, T], new adv_state)`.
 
   A turn-level ("step" family) estimator gets the sequence rewards first, its declared
   inputs from the rollout and `info` (build it with `Estimator.build(...,
   provides=STEP_INPUTS)`), and its per-turn advantages [N, K] are spread over each turn's
   model tokens (`advantages.turn.per_token`); other estimators run as in the single-turn
-  step.
+  step. IGPO's `answer_probs` (`answer_probs`) are passed when given.
   """
-  return phases.estimate(estimator, scores, ro, sig, adv_state, greedy_rewards,
-                         dict(step_inputs(info), token_turn=info.token_turn))
+  inputs = dict(step_inputs(info), token_turn=info.token_turn)
+  if answer_probs is not None:
+    inputs["answer_probs"] = answer_probs
+  return phases.estimate(estimator, scores, ro, sig, adv_state, greedy_rewards, inputs)
+
+
+def answer_probs(model, params, ro: Rollout, info: TurnInfo, answer_ids: jax.Array,
+                 answer_mask: jax.Array, *, group_size: int,
+                 vocab_limit: Optional[int] = None) -> jax.Array:
+  """IGPO's P_k [N, K + 1]: the policy's probability of the ground-truth answer after k turns.
+
+  P_k = exp(mean_j log π(a_j | prompt, the first k turns with their observations)), the
+  answer teacher-forced right after the history (k = 0: after the prompt and the first
+  observation; k = K: after every turn). One pass over N (K + 1) rows that share their
+  prompt (`models.completion_logps`); no gradient. A row without answer tokens gets P = 1.
+
+  Shapes: ro / info of `rollout_multiturn` (N = B G rows, T completion tokens, K turns),
+  answer_ids / answer_mask [B, A] right-padded (the prompt batch's) -> [N, K + 1] float32.
+  """
+  n, t = ro.completion_ids.shape
+  k1 = info.turn_mask.shape[1] + 1
+  a = answer_ids.shape[1]
+  aids = jnp.repeat(answer_ids.astype(jnp.int32), group_size, axis=0)  # [N, A]
+  alen = jnp.repeat(jnp.sum(answer_mask.astype(bool), axis=1, dtype=jnp.int32), group_size)
+  real = info.token_turn >= 0
+  before = info.token_turn[:, None, :] < jnp.arange(k1)[None, :, None]  # [N, K + 1, T]
+  hist_len = jnp.sum(real[:, None, :] & before, axis=2, dtype=jnp.int32)  # [N, K + 1]
+  pos = jnp.arange(t + a)[None, None, :]
+  rel = pos - hist_len[:, :, None]  # position within the answer
+  comp = jnp.concatenate([ro.completion_ids.astype(jnp.int32), jnp.zeros((n, a), jnp.int32)], 1)
+  ans = jnp.take_along_axis(jnp.broadcast_to(aids[:, None, :], (n, k1, a)),
+                            jnp.clip(rel, 0, a - 1), axis=2)
+  is_hist = pos < hist_len[:, :, None]
+  is_ans = (rel >= 0) & (rel < alen[:, None, None])
+  ids = jnp.where(is_hist, comp[:, None, :], jnp.where(is_ans, ans, 0))
+  logps, _ = models_lib.completion_logps(
+      model, params, ro.prompt_ids[::group_size], ro.prompt_mask[::group_size],
+      ids.reshape(n * k1, t + a), (is_hist | is_ans).reshape(n * k1, t + a),
+      group_size=group_size * k1, vocab_limit=vocab_limit)
+  lp = jnp.sum(jnp.where(is_ans, logps.reshape(n, k1, t + a), 0.0), axis=2)
+  return jax.lax.stop_gradient(jnp.exp(lp / jnp.maximum(alen, 1)[:, None]))
 
 
 ENV_REWARD_KEY = "env_reward"
@@ -385,5 +425,5 @@ def env_reward(key: str = ENV_REWARD_KEY):
   return fn
 
 
-__all__ = ["TurnInfo", "rollout_multiturn", "estimate", "step_inputs", "TURN_INPUTS",
+__all__ = ["TurnInfo", "rollout_multiturn", "estimate", "answer_probs", "step_inputs", "TURN_INPUTS",
            "STEP_INPUTS", "env_reward", "with_env_reward", "ENV_REWARD_KEY"]

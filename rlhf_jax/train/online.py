@@ -150,7 +150,7 @@ def step_metrics(ro: Rollout, sc: Scores, sig: Signals, aux, group_size: int):
 
 
 def variant_metrics(info, extra) -> Dict[str, jax.Array]:
-  """Metrics of the phase variants: multi-turn turns, dynamic sampling, ReMax."""
+  """Metrics of the phase variants: multi-turn turns, dynamic sampling, ReMax, PF-PPO."""
   out = {}
   if info is not None:
     out.update(num_turns=jnp.mean(info.num_turns.astype(jnp.float32)),
@@ -160,6 +160,8 @@ def variant_metrics(info, extra) -> Dict[str, jax.Array]:
     out["selected_informative_groups"] = jnp.mean(extra["selected"].astype(jnp.float32))
   if "greedy" in extra:
     out["greedy_reward_mean"] = jnp.mean(extra["greedy"])
+  if "kept" in extra:
+    out["kept_fraction"] = jnp.mean(extra["kept"].astype(jnp.float32))
   return out
 
 
@@ -329,10 +331,14 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       extra["answers"] = {"ids": ids, "mask": mask, "rewards": jax.lax.stop_gradient(
           score_rollout(ans_ro, phases.repeat_extras(prompt_batch, 1), reward_state,
                         state.shaping_state).rewards)}
+    if "answer_probs" in needs:  # IGPO: P(ground-truth answer) after each turn
+      ids, mask = multiturn_answers(prompt_batch)
+      extra["answer_probs"] = multiturn.answer_probs(model, params, ro, info, ids, mask,
+                                                     group_size=g, vocab_limit=vocab_limit)
     if settings.oversample > 1:  # dynamic sampling: learn on informative groups only
       ro, sc, info, chosen, extra["selected"] = phases.select_groups(
           ro, sc, info, group_size=g, keep=ro.prompt_ids.shape[0] // g // settings.oversample)
-      for key in ("greedy", "answers"):
+      for key in ("greedy", "answers", "answer_probs"):
         if key in extra:
           extra[key] = jax.tree.map(lambda x: x[chosen], extra[key])  # noqa: B023
     return ro, info, sc, extra
@@ -347,7 +353,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       return data, state.adv_state, more
     adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
                       if info is None else
-                      multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info))
+                      multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info,
+                                         answer_probs=extra.get("answer_probs")))
     return learn_data(ro, sig, adv), adv_state, {}
 
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
@@ -356,6 +363,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     policy = state.params if lora is None else adapters_lib.merge(lora, state.ref_params,
                                                                    state.params)
     ro, info, sc, extra = sample_and_score(policy, state, prompt_batch, rng_sample)
+    if settings.sample_filter:  # PF-PPO: train on the kept samples of each group only
+      ro, extra["kept"] = phases.filter_samples(ro, sc, jax.random.fold_in(rng_sample, 3),
+                                                group_size=g, **dict(settings.sample_filter))
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
@@ -374,6 +384,16 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   if not jit:
     return update
   return jax.jit(update, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+
+
+def multiturn_answers(prompt_batch):
+  """The prompt batch's ground-truth answers (ids, mask) [B, A], or a named error."""
+  if "answer_ids" not in prompt_batch:
+    raise ValueError("rl.advantage='igpo' scores the ground-truth answer after each turn, but "
+                     "the prompt batches have no answer_ids: use a task whose records have an "
+                     "'answer' field")
+  ids = prompt_batch["answer_ids"]
+  return ids, prompt_batch.get("answer_mask", ids != 0)
 
 
 def step_inputs(has_value_model: bool) -> tuple:

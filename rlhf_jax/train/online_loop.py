@@ -113,7 +113,8 @@ def _rewards_and_batches(config, runs: Sequence[_Built]):
   rewards = online_setup.build_rewards(config, tok, table)
   weights = online_setup.reward_weights(rewards, runs[0].settings.reward_weights)
   its = [online_setup.prompt_batches(seeds_lib.seed_config(config, i) if len(runs) > 1 else config,
-                                     tok, r.task.train, rewards, batch_size=nprompts)
+                                     tok, r.task.train, rewards, batch_size=nprompts,
+                                     answers="answer_probs" in r.settings.estimator_inputs())
          for i, r in enumerate(runs)]
   online_setup.probe_host_rewards(config, tok, table, rewards)
   batches = its[0] if len(runs) == 1 else seeds_lib.StackedBatches(its, offsets)

@@ -111,9 +111,11 @@ def reward_weights(rewards: Sequence[rewards_lib.Reward], rl_weights: Sequence[f
   return tuple(rl_weights)
 
 
-def prompt_batches(config, tokenizer, records, rewards, *, batch_size: int):
-  """Resumable shuffled batches; answer ids only when a reward needs them."""
-  needs_answers = any("answer_ids" in r.decl.needs for r in rewards)
+def prompt_batches(config, tokenizer, records, rewards, *, batch_size: int,
+                   answers: bool = False):
+  """Resumable shuffled batches; answer ids only when a reward needs them (or `answers`:
+  the estimator does)."""
+  needs_answers = answers or any("answer_ids" in r.decl.needs for r in rewards)
   return prompt_data.prompt_batches(
       records, tokenizer, batch_size=batch_size,
       prompt_length=int(config.data.max_prompt_length), seed=int(config.seed),
