@@ -27,10 +27,13 @@ class Entry(NamedTuple):
   spy: Optional[Tuple[str, str]] = None   # (registry, name): "loss", "advantage", "transform", "reward"
   test: str = "tests/test_catalogue.py"
   note: str = ""
+  config_file: str = ""          # the experiment config, when not the family's default
 
   @property
   def base(self) -> str:
     """The experiment config the overrides apply to."""
+    if self.config_file:
+      return self.config_file
     if self.run == "online":
       return "experiments/grpo_arithmetic.py"
     if self.run == "offline":
@@ -140,7 +143,9 @@ CATALOGUE: Tuple[Entry, ...] = (
           note="blended advantage (1 − w)·A_g + w·A_local; answers = completions"),
     Entry("GiGPO", "B", G, "experiment", {}, ("advantage", "gigpo"), "tests/test_exp_guess_number.py",
           "multi-turn: config.env + rl.advantage=gigpo; experiments/guess_number (docs/agentic.md)"),
-    Entry("IGPO", "B", G, None, {}, None, "", "information-gain turn rewards: not implemented"),
+    Entry("IGPO", "B", G, "online", _pg(advantage="igpo"), ("advantage", "igpo"),
+          note="multi-turn: information gain of each turn (`multiturn.answer_probs`)",
+          config_file="experiments/agentic_calculator.py"),
     Entry("B-Coder", "B", G, None, {}, ("loss", "bcoder"), "tests/test_losses_value.py",
           "value-based loss in the library; no value-based training step"),
     Entry("CISPO", "B", G, "online", _pg(surrogate="cispo"), ("loss", "cispo")),
@@ -195,8 +200,12 @@ CATALOGUE: Tuple[Entry, ...] = (
           "tests/test_shaping.py", "need model passes over reference answers in the reward"),
     # 5. Data and compute allocation
     Entry("DAPO dynamic sampling", "5", "allocation", "online", _pg(dynamic_sampling=2), None),
-    Entry("PF-PPO / Knapsack RL / Reinforce-Ada", "5", "allocation", None, {}, None,
-          "tests/test_advantages_allocation.py", "selection rules in the library only"),
+    Entry("PF-PPO", "5", "allocation", "online", _pg(sample_filter={"num_best": 1, "num_worst": 1}),
+          None, note="policy filtration as a phase: only the kept samples train "
+          "(tests/test_pf_ppo.py)"),
+    Entry("Knapsack RL / Reinforce-Ada", "5", "allocation", None, {}, None,
+          "tests/test_advantages_allocation.py",
+          "per-prompt sample budgets (variable G per prompt): rules in the library only"),
 )
 
 

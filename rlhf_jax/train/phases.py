@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import advantages as advantages_lib
+from rlhf_jax.advantages import allocation as allocation_lib
 from rlhf_jax.advantages import turn as turn_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
@@ -177,6 +178,21 @@ def select_groups(ro: Rollout, sc: Scores, extras, *, group_size: int, keep: int
   take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
   sc = jax.tree.map(take, sc.replace(shaping_state=None)).replace(shaping_state=sc.shaping_state)
   return (jax.tree.map(take, ro), sc, jax.tree.map(take, extras), chosen, informative[chosen])
+
+
+def filter_samples(ro: Rollout, sc: Scores, rng: jax.Array, *, group_size: int,
+                   num_best: int = 0, num_worst: int = 0, num_random: int = 0):
+  """PF-PPO's policy filtration as a phase: the `num_best` / `num_worst` highest / lowest
+  rewarded samples of each group, and `num_random` others drawn uniformly, keep their loss
+  mask; the others are not trained on (fixed shape: their `loss_mask` is zeroed).
+
+  Returns (rollout, kept [N] bool). `advantages.allocation.pf_ppo_filter` (Shen et al.,
+  2024) picks the samples from `sc.rewards`.
+  """
+  keep = allocation_lib.pf_ppo_filter(sc.rewards, group_size=group_size, num_best=num_best,
+                                      num_worst=num_worst, num_random=num_random,
+                                      rng=rng if num_random else None)
+  return ro.replace(loss_mask=ro.loss_mask * keep[:, None].astype(ro.loss_mask.dtype)), keep
 
 
 # ----------------------------------------------------------------------------- signals

@@ -20,6 +20,7 @@ from rlhf_jax.train import reference as reference_lib
 
 OBJECTIVES = ("policy_gradient", "preference")
 PAIRINGS = ("best_worst", "all_pairs", "rso")
+SAMPLE_FILTER_KEYS = ("num_best", "num_worst", "num_random")
 
 
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
@@ -66,6 +67,10 @@ class RLSettings:
     every k-th update as the iterate π_t that INPO's loss reads (DNO's previous-iterate
     reference is `ref_update_every=k`). `mixture_beta` β: Nash-MD's opponent is sampled
     from the geometric mixture π^(1−β) π_ref^β.
+  sample_filter: PF-PPO's policy filtration (Shen et al. 2024), e.g. {"num_best": 1,
+    "num_worst": 1} (best-worst), {"num_best": 1, "num_random": 1} (best-random) or
+    {"num_best": 1} (best-of-N): per group, only the kept samples are trained on
+    (`advantages.allocation.pf_ppo_filter`); the estimator still sees all G. Empty: off.
   """
   group_size: int = 4
   advantage: str = "grpo"
@@ -99,6 +104,7 @@ class RLSettings:
   preference_temperature: float = 1.0
   iterate_every: int = 0
   mixture_beta: float = 0.125
+  sample_filter: Tuple[Tuple[str, Any], ...] = ()
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -107,7 +113,8 @@ class RLSettings:
     unknown = sorted(set(cfg) - fields)
     if unknown:
       raise ValueError(f"unknown rl config keys {unknown}; known keys: {sorted(fields)}")
-    for key in ("advantage_kwargs", "surrogate_kwargs", "preference_loss_kwargs"):
+    for key in ("advantage_kwargs", "surrogate_kwargs", "preference_loss_kwargs",
+                "sample_filter"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
     for key, kind in (("reward_weights", float), ("constraint_thresholds", float),
@@ -162,10 +169,30 @@ class RLSettings:
         raise ValueError("rl.ref_update_every and rl.ref_ema_decay are exclusive; set one")
       if not 0.0 <= self.ref_ema_decay <= 1.0:
         raise ValueError(f"rl.ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
+    self._validate_sample_filter()
     advantages_lib.declaration(self.advantage).check_kwargs(dict(self.advantage_kwargs),
                                                             key="rl.advantage_kwargs")
     losses_lib.declaration(self.surrogate).check_kwargs(dict(self.surrogate_kwargs),
                                                         key="rl.surrogate_kwargs")
+
+  def _validate_sample_filter(self) -> None:
+    if not self.sample_filter:
+      return
+    kw = dict(self.sample_filter)
+    unknown = sorted(set(kw) - set(SAMPLE_FILTER_KEYS))
+    if unknown:
+      raise ValueError(f"rl.sample_filter has unknown keys {unknown}; PF-PPO's filter reads "
+                       f"{', '.join(SAMPLE_FILTER_KEYS)}")
+    counts = [kw.get(k, 0) for k in SAMPLE_FILTER_KEYS]
+    if any(not isinstance(c, int) or c < 0 for c in counts) or not sum(counts):
+      raise ValueError(f"rl.sample_filter={kw}: num_best / num_worst / num_random are "
+                       "integers >= 0 and keep at least one sample per group")
+    if sum(counts) > self.group_size:
+      raise ValueError(f"rl.sample_filter={kw} keeps {sum(counts)} samples per group, more than "
+                       f"rl.group_size={self.group_size}")
+    if self.objective == "preference":
+      raise ValueError("rl.sample_filter (PF-PPO) filters the policy-gradient step's samples; "
+                       "rl.objective='preference' builds its own pairs: remove one")
 
   def _validate_objective(self) -> None:
     if self.objective not in OBJECTIVES:
