@@ -103,18 +103,21 @@ def _host_spec(tokenizer, max_turns, turn_tokens, obs_tokens, stop_strings):
 @register_env("host")
 def _host(tokenizer, *, tool: Callable, max_turns: int = 4, turn_tokens: int = 32,
           obs_tokens: int = 16, stop_strings: Sequence[str] = (), on_error: str = "raise",
-          timeout_s: float = 10.0, extras_keys: Sequence[str] = (), ordered: bool = True):
+          timeout_s: float = 10.0, extras_keys: Sequence[str] = (), ordered: bool = True,
+          chat_roles: str = "auto"):
   env = host.make_host_env(tool, tokenizer, obs_tokens=obs_tokens, on_error=on_error,
-                           timeout_s=timeout_s, extras_keys=extras_keys, ordered=ordered)
+                           timeout_s=timeout_s, extras_keys=extras_keys, ordered=ordered,
+                           chat_roles=chat_roles)
   return env, _host_spec(tokenizer, max_turns, turn_tokens, obs_tokens, stop_strings)
 
 
 @register_env("host_calculator")
 def _host_calculator(tokenizer, *, max_turns: int = 4, turn_tokens: int = 20,
                      obs_tokens: int = 8, on_error: str = "observe", timeout_s: float = 5.0,
-                     ordered: bool = True):
+                     ordered: bool = True, chat_roles: str = "auto"):
   env = host.make_host_env(python_calculator, tokenizer, obs_tokens=obs_tokens,
-                           on_error=on_error, timeout_s=timeout_s, ordered=ordered)
+                           on_error=on_error, timeout_s=timeout_s, ordered=ordered,
+                           chat_roles=chat_roles)
   return env, _host_spec(tokenizer, max_turns, turn_tokens, obs_tokens, ["</calc>"])
 
 
@@ -122,11 +125,11 @@ def _host_calculator(tokenizer, *, max_turns: int = 4, turn_tokens: int = 20,
 def _code_runner(tokenizer, *, max_turns: int = 3, turn_tokens: int = 256, obs_tokens: int = 32,
                  tests_key: str = "tests", stop_strings: Sequence[str] = (),
                  on_error: str = "observe", timeout_s: float = 5.0, memory_mb: int = 1024,
-                 ordered: bool = True):
+                 ordered: bool = True, chat_roles: str = "auto"):
   tool = code_runner(tests_key, timeout_s=timeout_s, memory_mb=memory_mb)
   env = host.make_host_env(tool, tokenizer, obs_tokens=obs_tokens, on_error=on_error,
                            timeout_s=timeout_s + 10.0, extras_keys=(tests_key,),
-                           ordered=ordered)
+                           ordered=ordered, chat_roles=chat_roles)
   return env, _host_spec(tokenizer, max_turns, turn_tokens, obs_tokens, stop_strings)
 
 

@@ -98,6 +98,61 @@ def encode_lenient(tokenizer, text: str) -> list:
     return out
 
 
+_MARKS = ("@@user@@", "@@assistant@@", "@@tool@@")
+CHAT_ROLES = ("auto", "off")
+
+
+def tool_turn_frame(tokenizer) -> Optional[Tuple[str, str, str]]:
+  """How the tokenizer's chat template frames a tool result after an assistant turn:
+  `(end_of_assistant, before_result, after_result)`, or None without a chat template.
+
+  Rendering [user, assistant A, tool R] with the generation prompt gives
+  `... A <end_of_assistant> <before_result> R <after_result>`, where `after_result` ends
+  with the header that opens the next assistant turn. `end_of_assistant` is the
+  template's end of the assistant turn (e.g. `<|im_end|>\n`): it is dropped when the
+  model ended its turn with EOS itself (`tool_observation_text`). Raises EnvSpecError when
+  the template has no `tool` role or does not render the turns in order.
+  """
+  template = getattr(tokenizer, "chat_template", None)
+  if not template:
+    return None
+  user, assistant, tool = _MARKS
+  msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant},
+          {"role": "tool", "content": tool}]
+  try:
+    full = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise base.EnvSpecError(
+        f"the tokenizer's chat template cannot render a 'tool' message ({type(e).__name__}: "
+        f"{e}); set the environment's chat_roles='off' for plain observations") from None
+  a, t = full.find(assistant), full.find(tool)
+  if not 0 <= a < t:
+    raise base.EnvSpecError("the tokenizer's chat template does not render [user, assistant, "
+                            "tool] in order; set the environment's chat_roles='off'")
+  between = full[a + len(assistant):t]
+  eos = (tokenizer.special_tokens_map() or {}).get("eos_token") if hasattr(
+      tokenizer, "special_tokens_map") else None
+  end = between[:between.index(eos) + len(eos)] if eos and eos in between else ""
+  if end and between[len(end):].startswith("\n"):
+    end += "\n"
+  return end, between[len(end):], full[t + len(tool):]
+
+
+def tool_observation_text(frame: Optional[Tuple[str, str, str]], text: str, *,
+                          ended_with_eos: bool) -> str:
+  """The observation text of a tool result: `text` itself without a chat template, else
+  the template's tool message around it (`tool_turn_frame`), preceded by the template's
+  end of the assistant turn unless the model's turn ended with EOS.
+
+  With an EOS-ended turn the newline that the template puts after the EOS token is kept,
+  so the token stream equals the template's rendering of the conversation."""
+  if frame is None:
+    return text
+  end, before, after = frame
+  eos_tail = end[end.rfind("\n"):] if end.endswith("\n") else ""
+  return (eos_tail if ended_with_eos else end) + before + text + after
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class HostEnv:
   """A Python tool as an environment (see the module docstring). Hashed by identity.
@@ -113,6 +168,10 @@ class HostEnv:
       field `<key>_mask` when the batch has it).
     ordered: use an ordered host callback (calls run in program order).
     name: the tool's name in messages.
+    chat_roles: "auto": when the tokenizer has a chat template, each observation is the
+      template's `tool` message around the result, with the header of the next assistant
+      turn (`tool_observation_text`); "off" (and tokenizers without a template): the
+      result text alone.
   """
   tool: Callable[[ToolCall], Any]
   tokenizer: Any
@@ -122,6 +181,7 @@ class HostEnv:
   extras_keys: Tuple[str, ...] = ()
   ordered: bool = True
   name: str = "host tool"
+  chat_roles: str = "auto"
 
   def __post_init__(self):
     if self.on_error not in ON_ERROR:
@@ -133,6 +193,11 @@ class HostEnv:
       raise base.EnvSpecError(f"{self.name}: obs_tokens must be a positive int, got "
                               f"{self.obs_tokens!r}")
     object.__setattr__(self, "extras_keys", tuple(self.extras_keys))
+    if self.chat_roles not in CHAT_ROLES:
+      raise base.EnvSpecError(f"{self.name}: chat_roles must be one of {CHAT_ROLES}, got "
+                              f"{self.chat_roles!r}")
+    object.__setattr__(self, "_frame", None if self.chat_roles == "off"
+                       else tool_turn_frame(self.tokenizer))
 
   def reset(self, rng: jax.Array, prompt_batch: Mapping[str, jax.Array]):
     del rng
@@ -203,7 +268,8 @@ class HostEnv:
               f"HostToolError: {self.name} {why} on row {r} (turn {int(turn[r])}); set "
               "on_error='observe' to return the error text as the observation instead")
         text, rew, dn = f"error: {why.replace('raised ', '')}", 0.0, False
-      ids = encode_lenient(tok, text)
+      ids = encode_lenient(tok, tool_observation_text(self._frame, text,  # pylint: disable=no-member
+                                                      ended_with_eos=call.finished))
       if len(ids) > o:
         warnings.warn(f"{self.name}: observation of {len(ids)} tokens on row {r} is longer "
                       f"than obs_tokens={o}; keeping its first {o} tokens",
@@ -277,8 +343,8 @@ def tool_name(tool: Callable) -> str:
 def make_host_env(tool: Callable[[ToolCall], Any], tokenizer, *, obs_tokens: int,
                   on_error: str = "raise", timeout_s: float = 10.0,
                   extras_keys: Sequence[str] = (), ordered: bool = True,
-                  name: Optional[str] = None) -> HostEnv:
+                  name: Optional[str] = None, chat_roles: str = "auto") -> HostEnv:
   """A `HostEnv` around `tool` (named after the tool unless `name` is given)."""
   return HostEnv(tool=tool, tokenizer=tokenizer, obs_tokens=obs_tokens, on_error=on_error,
                  timeout_s=timeout_s, extras_keys=tuple(extras_keys), ordered=ordered,
-                 name=name or tool_name(tool))
+                 name=name or tool_name(tool), chat_roles=chat_roles)
