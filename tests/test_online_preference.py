@@ -151,10 +151,10 @@ def test_listwise_pro_objective_ranks_the_group_by_reward(stepped):
 # ----------------------------------------------------------------------------- the step
 
 
-@pytest.fixture(scope="module")
-def dpo_run():
+def _three_steps(**rl):
+  """(update, [state after 0..3 steps], last metrics) of the preference step with `rl`."""
   model, _, sc, opt, _, state0 = setup()
-  settings = _settings(pairs="all_pairs", ref_update_every=2)
+  settings = _settings(**rl)
   state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
   update = online.make_update(model, [_even_fraction], opt, settings, sc, donate=False)
   history = [state]
@@ -162,6 +162,11 @@ def dpo_run():
     state, m = update(state, prompts(n=4, seed=i), jax.random.PRNGKey(i))
     history.append(state)
   return update, history, m
+
+
+@pytest.fixture(scope="module")
+def dpo_run():
+  return _three_steps(pairs="all_pairs", ref_update_every=2)
 
 
 def test_online_dpo_step_learns_with_one_compilation(dpo_run):
@@ -186,18 +191,8 @@ def test_dno_reference_is_the_policy_of_the_last_kth_step(dpo_run):
 
 
 def test_inpo_iterate_and_micro_batch_invariance():
-  model, _, sc, opt, _, state0 = setup()
-
-  def run(micro):
-    settings = _settings(preference_loss="inpo", iterate_every=2, micro_batches=micro)
-    state = online.init_state(state0.params, opt, jax.random.PRNGKey(1), settings)
-    update = online.make_update(model, [_even_fraction], opt, settings, sc, donate=False)
-    states = [state]
-    for i in range(3):
-      state, _ = update(state, prompts(n=4, seed=i), jax.random.PRNGKey(i))
-      states.append(state)
-    return states
-  one, two = run(1), run(2)
+  one, two = (_three_steps(preference_loss="inpo", iterate_every=2, micro_batches=micro)[1]
+              for micro in (1, 2))
   for a, b in zip(jax.tree.leaves(one[-1].params), jax.tree.leaves(two[-1].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
   for a, b in zip(jax.tree.leaves(one[3].iterate_params), jax.tree.leaves(one[2].params)):
