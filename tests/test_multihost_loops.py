@@ -28,7 +28,8 @@ _WORKER = textwrap.dedent("""
       from rlhf_jax import demo
       c = demo.get_config("runlocal")
       c.workdir = workdir
-      c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 2, 8
+      # 3 steps: the metrics of steps 2 and 3 check the parameters the earlier steps made.
+      c.sft.steps, c.train.steps, c.train.prompts_per_step = 5, 3, 8
     c.mesh = dict(data=2, fsdp=1, tensor=1)
     if nproc > 1:
       c.distributed = dict(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,

@@ -1,14 +1,13 @@
-"""The fused online RL step: one program, sharding-, micro-batch- and host-invariant."""
+"""The fused online RL step: one program, sharding-, micro-batch- and host-invariant (multi-host:
+tests/test_multihost_loops.py)."""
 
 import json
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multihost_testlib import launch
 from rlhf_jax import models
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.rewards import verifiers
@@ -142,51 +141,6 @@ def test_bad_settings_are_named():
                        SamplingConfig(max_new_tokens=4, num_samples=2))
 
 
-_WORKER = textwrap.dedent("""
-    import json, os, sys
-    port, pid, nproc, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if nproc > 1:
-      jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
-    sys.path.insert(0, os.path.dirname(out))
-    import numpy as np, jax.numpy as jnp
-    from rlhf_jax import sharding as sharding_lib
-    from rlhf_jax.train import online, placement
-    import test_online as t
-    model, settings, sc, opt, rewards, state = t.setup()
-    mesh = sharding_lib.make_mesh(data=2, fsdp=1, tensor=1)
-    sh = placement.state_shardings(state, mesh)
-    state = jax.device_put(state, sh)
-    update = online.make_update(model, rewards, opt, settings, sc, out_shardings=(sh, None))
-    batch = t.prompts(n=4)
-    bsh = sharding_lib.batch_sharding
-    gb = {k: jax.make_array_from_callback(v.shape, bsh(mesh, v.ndim), lambda i, v=v: v[i])
-          for k, v in batch.items()}
-    for _ in range(2):
-      state, m = update(state, gb, jax.random.PRNGKey(7))
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(state.params, tiled=True)
-    if pid == 0:
-      flat = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(params)]
-      json.dump({"params": flat, "reward": float(m["reward_mean"])}, open(out, "w"))
-""")
-
-
-def test_multi_host_equals_single_process(tmp_path):
-  script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
-  results = {}
-  for nproc, devices in ((1, 2), (2, 1)):
-    out = tmp_path / f"out{nproc}.json"
-    launch(script, nproc, devices, args=(out,), timeout=300)
-    results[nproc] = json.loads(out.read_text())
-  a, b = results[1], results[2]
-  assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
-  for x, y in zip(a["params"], b["params"]):
-    np.testing.assert_allclose(x, y, atol=1e-5)
-
-
 @pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp", "gdpo"])
 def test_estimator_families_plug_in(advantage):
   model, settings, sc, opt, rewards, state = setup(advantage=advantage)
@@ -239,9 +193,23 @@ def assert_same_steps(rows_a, rows_b):
       np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
-def test_loop_on_a_mesh_matches_one_device(tmp_path):
-  _, one = demo_loop(tmp_path / "one")
+@pytest.fixture(scope="module")
+def default_loop(tmp_path_factory):
+  """The `runlocal` demo's 2 steps on one device with per-layer params: the reference run."""
+  return demo_loop(tmp_path_factory.mktemp("default"))
+
+
+def test_loop_on_a_mesh_matches_one_device(tmp_path, default_loop):
   summary, mesh = demo_loop(tmp_path / "mesh", mesh=dict(data=2, fsdp=2, tensor=2))
   leaf = jax.tree.leaves(summary["state"].params)[0]
   assert len(leaf.sharding.device_set) == 8
-  assert_same_steps(one, mesh)
+  assert_same_steps(default_loop[1], mesh)
+
+
+def test_loop_with_stacked_layers_on_a_mesh_matches_the_default(tmp_path, default_loop):
+  default, rows = default_loop
+  stacked, stacked_rows = demo_loop(tmp_path / "stacked", model=dict(unroll_layers=False),
+                                    mesh=dict(data=2, fsdp=2, tensor=2))
+  assert isinstance(default["state"].params["layers"], tuple)
+  assert isinstance(stacked["state"].params["layers"], dict)
+  assert_same_steps(rows, stacked_rows)

@@ -5,7 +5,7 @@ import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.train import online
-from test_online import HF, assert_same_steps, demo_loop, prompts, run_steps, setup
+from test_online import HF, prompts, run_steps, setup
 
 HF2 = dict(HF, num_hidden_layers=2)
 
@@ -34,12 +34,3 @@ def test_stacked_layers_equal_per_layer():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
   start = jax.tree.leaves(models.from_config(HF2).init(jax.random.PRNGKey(0)))
   assert max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(want, start)) > 0
-
-
-def test_loop_with_stacked_layers_on_a_mesh_matches_the_default(tmp_path):
-  default, rows = demo_loop(tmp_path / "default")
-  stacked, stacked_rows = demo_loop(tmp_path / "stacked", model=dict(unroll_layers=False),
-                                    mesh=dict(data=2, fsdp=2, tensor=2))
-  assert isinstance(default["state"].params["layers"], tuple)
-  assert isinstance(stacked["state"].params["layers"], dict)
-  assert_same_steps(rows, stacked_rows)
