@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = _toylib.parse_arg(arg, variant="fast", seeds=0, first_seed=0, steps=0, sft_steps=-1,
                         max_value=8, max_turns=4, turn_penalty=0.2, group_size=8, turn_tokens=0,
                         prompts_per_step=0, learning_rate=1e-3, eval_samples=8,
-                        run_methods="grpo+gigpo")
+                        run_methods="grpo+gigpo", tag="")
   full = c.variant == "full"
   c.seeds = c.seeds or 3
   c.steps = c.steps or (80 if full else 2)
@@ -47,7 +47,8 @@ def get_config(arg=None):
   # gigpo_gamma1: the set-up check of the README (no discount inside the step returns; the
   # reward already pays for fewer turns).
   known = {"grpo": dict(rl, advantage="grpo"), "gigpo": dict(rl, advantage="gigpo"),
-           "gigpo_gamma1": dict(rl, advantage="gigpo", advantage_kwargs=dict(gamma=1.0))}
+           "gigpo_gamma1": dict(rl, advantage="gigpo", advantage_kwargs=dict(gamma=1.0)),
+           "igpo": dict(rl, advantage="igpo")}
   names = c.run_methods.split("+")
   for m in names:
     if m not in known:

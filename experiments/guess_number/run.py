@@ -36,7 +36,8 @@ from rlhf_jax.train import multiturn, online, online_setup, optim, phases
 from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.rl_config import RLSettings
 
-NAMES = {"sft": "SFT model (before RL)", "grpo": "GRPO (trajectory)", "gigpo": "GiGPO (step groups)"}
+NAMES = {"sft": "SFT model (before RL)", "grpo": "GRPO (trajectory)", "gigpo": "GiGPO (step groups)",
+         "igpo": "IGPO (information gain)"}
 
 
 class Setup(NamedTuple):
@@ -80,8 +81,15 @@ def demonstrations(cfg, n: int, seed: int) -> List[Dict[str, str]]:
 
 
 def prompt_batch(s: Setup, targets) -> Dict[str, np.ndarray]:
-  return envs.prompt_batch(s.tok, [{"prompt": s.cfg.prompt, "target": int(t)} for t in targets],
-                           int_keys=("target",))
+  """The prompts with their hidden numbers, and each number's digits as the ground-truth
+  answer (`answer_ids` / `answer_mask`, right-padded: what IGPO's P_k scores)."""
+  out = envs.prompt_batch(s.tok, [{"prompt": s.cfg.prompt, "target": int(t)} for t in targets],
+                          int_keys=("target",))
+  width = len(str(s.cfg.max_value))
+  digits = [s.tok.encode(str(int(t))) for t in targets]
+  out["answer_ids"] = np.asarray([d + [s.tok.pad_id] * (width - len(d)) for d in digits], np.int32)
+  out["answer_mask"] = np.arange(width)[None, :] < np.asarray([len(d) for d in digits])[:, None]
+  return out
 
 
 def warm_start(s: Setup, seed: int):
