@@ -173,7 +173,7 @@ def run(args, model, params, vocab: int, eos: int) -> dict:
   first, med = _timed(grpo_step, args.repeats)
   res["grpo_step_compile_s"], res["grpo_step_s"] = first - med, med
   _report(res, "grpo_step_s", "grpo_step_compile_s")
-  del box
+  box.clear()  # frees the state (the closure keeps the dict)
   # training step (forward + backward + AdamW) for MFU
   step = offline.make_step("sft", model, None, opt)
   tbox = {"state": offline.init_state(fresh(), opt)}
