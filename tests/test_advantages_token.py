@@ -193,3 +193,14 @@ def test_padding_invariance_grads_and_reductions():
   close(ro(j(vm), rho=0.0), rt[:, None] * mask)
   gr = jax.grad(lambda v: jnp.sum(ro(v)))(j(vm))
   assert np.all(np.asarray(gr) == 0)
+
+
+def test_check_steps_names_the_estimator_and_the_mismatch():
+  check_steps = token.check_steps
+  r, sr = jnp.zeros(2), jnp.zeros((2, 3))
+  check_steps("x", r, sr, step_mask=jnp.ones((2, 3), bool))  # consistent: no error
+  with pytest.raises(ValueError, match=r"gigpo: anchor_ids has shape \(2, 2\) but step_rewards "
+                     r"has \(2, 3\)"):
+    check_steps("gigpo", r, sr, anchor_ids=jnp.zeros((2, 2), jnp.int32))
+  with pytest.raises(ValueError, match="turn_returns: step_rewards has 2 rows but rewards has 3"):
+    check_steps("turn_returns", jnp.zeros(3), sr)

@@ -95,6 +95,23 @@ def _stats_by_key(x: jax.Array, keys: jax.Array, valid: jax.Array, unbiased: boo
   return mean, std
 
 
+def check_steps(method: str, rewards: jax.Array, step_rewards: jax.Array,
+                **per_step: jax.Array) -> None:
+  """Checks the inputs of a step-level estimator: rewards [N] and step_rewards [N, S] float,
+  and every `per_step` array (e.g. step_mask, anchor_ids) of step_rewards' shape."""
+  check_rank(rewards, 1, "rewards")
+  check_float(rewards, "rewards")
+  check_rank(step_rewards, 2, "step_rewards")
+  check_float(step_rewards, "step_rewards")
+  for name, a in per_step.items():
+    if a.shape != step_rewards.shape:
+      raise ValueError(f"{method}: {name} has shape {a.shape} but step_rewards has "
+                       f"{step_rewards.shape}; they must match")
+  if step_rewards.shape[0] != rewards.shape[0]:
+    raise ValueError(f"{method}: step_rewards has {step_rewards.shape[0]} rows but rewards has "
+                     f"{rewards.shape[0]}; pass one row of steps per episode")
+
+
 @register("gigpo", family="step",
           needs=("step_rewards", "anchor_ids", "step_mask", "group_size"))
 def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
@@ -114,15 +131,7 @@ def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
   check_unit_interval("gigpo", gamma=gamma)
   check_nonnegative("gigpo", omega=omega, eps=eps)
   r = base.group_view(rewards, group_size)
-  check_rank(step_rewards, 2, "step_rewards")
-  check_float(step_rewards, "step_rewards")
-  for name, a in (("anchor_ids", anchor_ids), ("step_mask", step_mask)):
-    if a.shape != step_rewards.shape:
-      raise ValueError(f"{name} has shape {a.shape} but step_rewards has "
-                       f"{step_rewards.shape}; they must match")
-  if step_rewards.shape[0] != rewards.shape[0]:
-    raise ValueError(f"step_rewards has {step_rewards.shape[0]} rows but rewards has "
-                     f"{rewards.shape[0]}; pass one row of steps per episode")
+  check_steps("gigpo", rewards, step_rewards, step_mask=step_mask, anchor_ids=anchor_ids)
   if not jnp.issubdtype(anchor_ids.dtype, jnp.integer):
     raise ValueError(f"anchor_ids must be integer ids, got dtype {anchor_ids.dtype}")
   ep_c = base.centred(r)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.advantages.token import discounted_returns
+from rlhf_jax.advantages.token import check_steps, discounted_returns
 from rlhf_jax.losses.common import (check_float, check_nonnegative, check_rank,
                                     check_unit_interval, grouped)
 
@@ -42,19 +42,6 @@ def per_token(turn_advantages: jax.Array, token_turn: jax.Array, mask: jax.Array
   adv = jnp.take_along_axis(turn_advantages, idx, axis=1)
   keep = mask.astype(bool) & (token_turn >= 0) & (token_turn < k)
   return jnp.where(keep, adv, 0.0)
-
-
-def _check_steps(method, rewards, step_rewards, step_mask):
-  check_rank(rewards, 1, "rewards")
-  check_float(rewards, "rewards")
-  check_rank(step_rewards, 2, "step_rewards")
-  check_float(step_rewards, "step_rewards")
-  if step_mask.shape != step_rewards.shape:
-    raise ValueError(f"{method}: step_mask has shape {step_mask.shape} but step_rewards has "
-                     f"{step_rewards.shape}; they must match")
-  if step_rewards.shape[0] != rewards.shape[0]:
-    raise ValueError(f"{method}: step_rewards has {step_rewards.shape[0]} rows but rewards has "
-                     f"{rewards.shape[0]}; pass one row of turns per episode")
 
 
 def with_residual(rewards: jax.Array, step_rewards: jax.Array, step_mask: jax.Array) -> jax.Array:
@@ -95,7 +82,7 @@ def turn_returns(rewards: jax.Array, *, step_rewards: jax.Array, step_mask: jax.
   """
   check_unit_interval("turn_returns", gamma=gamma)
   check_nonnegative("turn_returns", eps=eps)
-  _check_steps("turn_returns", rewards, step_rewards, step_mask)
+  check_steps("turn_returns", rewards, step_rewards, step_mask=step_mask)
   r = with_residual(rewards, step_rewards, step_mask) if residual_to_last else step_rewards
   ret = discounted_returns(r, step_mask, gamma=gamma)
   r0 = ret[:, 0]
