@@ -136,3 +136,23 @@ def test_single_turn_step_refuses_igpo():
   settings = RLSettings.from_config(dict(group_size=G, advantage="igpo"))
   with pytest.raises(ValueError, match="answer_probs"):
     online.make_update(MODEL, [multiturn.env_reward()], optax.adam(1e-3), settings, SAMPLING)
+
+
+def test_igpo_config_errors_are_named_before_anything_is_written(tmp_path):
+  from experiments import agentic_calculator  # pylint: disable=import-outside-toplevel
+  from rlhf_jax import demo  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import online_loop  # pylint: disable=import-outside-toplevel
+  c = demo.get_config("runlocal")  # single-turn: no turns, no answer probabilities
+  c.workdir = str(tmp_path / "single")
+  c.rl.advantage = "igpo"
+  with pytest.raises(ValueError, match="rl.advantage='igpo' needs 'answer_probs'"):
+    online_loop.train(c)
+  c = agentic_calculator.get_config("runlocal")
+  c.workdir = str(tmp_path / "no_answers")
+  c.rl.advantage = "igpo"
+  c.task = {"name": "jsonl", "path": str(tmp_path / "p.jsonl")}
+  c.train.prompts_per_step, c.sft.steps = 2, 0  # (with SFT, its own error names the answers)
+  (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "{i}*2="}}\n' for i in range(10, 40)))
+  with pytest.raises(ValueError, match=r"\d+ training records \(first: #0\) have no 'answer'"):
+    online_loop.train(c)
+  assert not (tmp_path / "single").exists() and not (tmp_path / "no_answers").exists()

@@ -26,7 +26,8 @@ from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import prompt_data
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.train import adapters as adapters_lib
-from rlhf_jax.train import build, config_schema, loop, online, online_env, online_setup, optim
+from rlhf_jax.train import build, config_schema, loop, multiturn, online, online_env, online_setup
+from rlhf_jax.train import optim, phases
 from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.online_setup import sft_warmup  # noqa: F401  (re-exported)
@@ -101,7 +102,27 @@ def _build(config) -> _Built:
       vocab_limit=vocab_limit)
   if env is not None:
     online_env.check_env(config, tok, model, params, env, env_spec, task.train, sampling_cfg)
+  _check_estimator_inputs(config, settings, env, task.train)
   return _Built(tok, model, params, settings, task, evaluate, sampling_cfg, env, env_spec)
+
+
+def _check_estimator_inputs(config, settings: RLSettings, env, records) -> None:
+  """The estimator's declared inputs are ones this step provides (a multi-turn one for
+  turn-level estimators), and IGPO's records carry answers: a named error before anything
+  is written."""
+  if settings.objective == "preference":
+    return
+  phases.Estimator.build(
+      settings.advantage, dict(settings.advantage_kwargs), group_size=settings.group_size,
+      provides=online.step_inputs(bool(config.get("value"))) + (
+          () if env is None else multiturn.TURN_INPUTS))
+  if "answer_probs" in settings.estimator_inputs():
+    missing = [i for i, r in enumerate(records) if r.get("answer") in (None, "")]
+    if missing:
+      raise ValueError(f"rl.advantage={settings.advantage!r} scores each record's ground-truth "
+                       f"answer after every turn, but {len(missing)} training records (first: "
+                       f"#{missing[0]}) have no 'answer' field; add answers or choose another "
+                       "estimator")
 
 
 def _rewards_and_batches(config, runs: Sequence[_Built]):
