@@ -1,15 +1,36 @@
-"""CI check of experiments/dr_grpo (fast variant)."""
+"""CI check of experiments/dr_grpo: its code at smoke sizes; the fast variant's claims are
+marked slow (`python -m pytest -m slow`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import _toylib
 from rlhf_jax.losses import aggregate, policy_gradient
 
 
+def _check_length_split(m):
+  for v in m.values():
+    c = {k: np.asarray(x["mean"]) for k, x in v["curves"].items()}
+    r = c["reward_mean"]
+    # The step's wrong/correct lengths split its mean length: L = r·L_correct + (1 − r)·L_wrong.
+    np.testing.assert_allclose(
+        c["response_length"],
+        r * c["correct_response_length"] + (1 - r) * c["wrong_response_length"], atol=1e-3)
+
+
+def test_dr_grpo_runs_both_methods_and_splits_lengths():
+  """The experiment's code end to end at smoke sizes (the claims: `test_dr_grpo_fast`)."""
+  cfg, exp = _toylib.load_experiment("dr_grpo", "fast,sft_steps=20,steps=3,window=2")
+  m = exp.run(cfg)["methods"]
+  assert set(m) == {"grpo", "dr_grpo"}
+  _check_length_split(m)
+
+
+@pytest.mark.slow
 def test_dr_grpo_fast():
   cfg, exp = _toylib.load_experiment("dr_grpo")
   res = exp.run(cfg)
@@ -18,13 +39,8 @@ def test_dr_grpo_fast():
       "wrong_len_start", "wrong_len_end", "correct_len_end", "gap_start", "gap_end",
       "reward_start", "reward_end")} for k, v in m.items()}
   print(summary)
+  _check_length_split(m)
   for v in m.values():
-    c = {k: np.asarray(x["mean"]) for k, x in v["curves"].items()}
-    r = c["reward_mean"]
-    # The step's wrong/correct lengths split its mean length: L = r·L_correct + (1 − r)·L_wrong.
-    np.testing.assert_allclose(
-        c["response_length"],
-        r * c["correct_response_length"] + (1 - r) * c["wrong_response_length"], atol=1e-3)
     # SFT on 0..6 filler tokens after a 2-3 digit answer: ~6.5 tokens with EOS, both kinds.
     assert 5.0 < v["wrong_len_start"]["mean"] < 8.0
     assert 5.0 < v["correct_len_start"]["mean"] < 8.0

@@ -1,10 +1,24 @@
-"""CI check of experiments/nsr_psr (fast variant: the paper's small-step regime, 1 seed)."""
+"""CI check of experiments/nsr_psr: its code at smoke sizes; the fast variant (the paper's
+small-step regime, 1 seed) and its claims are marked slow (`python -m pytest -m slow`)."""
 
 from __future__ import annotations
+
+import pytest
 
 from experiments import _toylib
 
 
+def test_nsr_psr_runs_every_method():
+  """The experiment's code end to end at smoke sizes (the claims: `test_nsr_psr_fast`)."""
+  cfg, exp = _toylib.load_experiment("nsr_psr", "fast,sft_steps=20,steps=2,eval_size=16")
+  m = exp.run(cfg)["methods"]
+  assert set(m) == {"base", "psr", "nsr"}
+  for v in m.values():  # pass@k is non-decreasing in k (a property of the estimator)
+    p = [v[f"pass@{k}"]["mean"] for k in cfg.ks]
+    assert all(a <= b + 1e-9 for a, b in zip(p, p[1:]))
+
+
+@pytest.mark.slow
 def test_nsr_psr_fast():
   cfg, exp = _toylib.load_experiment("nsr_psr")
   m = {k: {kk: v["mean"] for kk, v in d.items() if kk != "per_seed"}
