@@ -355,7 +355,7 @@ def estimate(estimator: phases.Estimator, scores: phases.Scores, ro: Rollout,
   inputs from the rollout and `info` (build it with `Estimator.build(...,
   provides=STEP_INPUTS)`), and its per-turn advantages [N, K] are spread over each turn's
   model tokens (`advantages.turn.per_token`); other estimators run as in the single-turn
-  step. IGPO's `answer_probs` (`answer_probs`) are passed when given.
+  step. IGPO's P_k (`answer_probs` below) are passed when given.
   """
   inputs = dict(step_inputs(info), token_turn=info.token_turn)
   if answer_probs is not None:

@@ -332,7 +332,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
           score_rollout(ans_ro, phases.repeat_extras(prompt_batch, 1), reward_state,
                         state.shaping_state).rewards)}
     if "answer_probs" in needs:  # IGPO: P(ground-truth answer) after each turn
-      ids, mask = multiturn_answers(prompt_batch)
+      ids, mask = phases.batch_answers(
+          prompt_batch, "rl.advantage='igpo' scores the ground-truth answer after each turn")
       extra["answer_probs"] = multiturn.answer_probs(model, params, ro, info, ids, mask,
                                                      group_size=g, vocab_limit=vocab_limit)
     if settings.oversample > 1:  # dynamic sampling: learn on informative groups only
@@ -384,16 +385,6 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   if not jit:
     return update
   return jax.jit(update, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
-
-
-def multiturn_answers(prompt_batch):
-  """The prompt batch's ground-truth answers (ids, mask) [B, A], or a named error."""
-  if "answer_ids" not in prompt_batch:
-    raise ValueError("rl.advantage='igpo' scores the ground-truth answer after each turn, but "
-                     "the prompt batches have no answer_ids: use a task whose records have an "
-                     "'answer' field")
-  ids = prompt_batch["answer_ids"]
-  return ids, prompt_batch.get("answer_mask", ids != 0)
 
 
 def step_inputs(has_value_model: bool) -> tuple:

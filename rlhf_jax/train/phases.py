@@ -180,6 +180,16 @@ def select_groups(ro: Rollout, sc: Scores, extras, *, group_size: int, keep: int
   return (jax.tree.map(take, ro), sc, jax.tree.map(take, extras), chosen, informative[chosen])
 
 
+def batch_answers(prompt_batch: Mapping[str, jax.Array], who: str):
+  """The prompt batch's ground-truth answers: (ids int32, mask bool) [B, A], right-padded.
+  A named error (`who` reads them) when the batch has none."""
+  if "answer_ids" not in prompt_batch:
+    raise ValueError(f"{who}, but the prompt batches have no answer_ids: use a task whose "
+                     "records have an 'answer' field")
+  ids = prompt_batch["answer_ids"].astype(jnp.int32)
+  return ids, prompt_batch.get("answer_mask", ids != 0).astype(bool)
+
+
 def filter_samples(ro: Rollout, sc: Scores, rng: jax.Array, *, group_size: int,
                    num_best: int = 0, num_worst: int = 0, num_random: int = 0):
   """PF-PPO's policy filtration as a phase: the `num_best` / `num_worst` highest / lowest

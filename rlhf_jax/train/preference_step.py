@@ -31,7 +31,7 @@ import numpy as np
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.losses.preference_online import rso_sample
 from rlhf_jax.train import loss_inputs
-from rlhf_jax.train.phases import Rollout, Scores, Signals, completion_logps
+from rlhf_jax.train.phases import Rollout, Scores, Signals, batch_answers, completion_logps
 from rlhf_jax.train.rl_config import PAIRINGS
 
 PAIR_INPUTS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
@@ -290,12 +290,8 @@ def reference_answers(prompt_batch, eos_id: int):
   """The prompt batch's reference answers as completions: `answer_ids` with EOS appended
   after the last real token: (ids [B, A + 1], mask [B, A + 1] float32). A named error when
   the batch has no answers."""
-  if "answer_ids" not in prompt_batch:
-    raise ValueError("rl.preference_loss reads the prompts' reference answers (GRAO), but the "
-                     "prompt batches have no answer_ids: use a task whose records have an "
-                     "'answer' field")
-  ids = prompt_batch["answer_ids"].astype(jnp.int32)
-  mask = prompt_batch.get("answer_mask", ids != 0).astype(bool)
+  ids, mask = batch_answers(
+      prompt_batch, "rl.preference_loss reads the prompts' reference answers (GRAO)")
   b = ids.shape[0]
   ids = jnp.concatenate([ids, jnp.zeros((b, 1), jnp.int32)], 1)
   mask = jnp.concatenate([mask, jnp.zeros((b, 1), bool)], 1)
