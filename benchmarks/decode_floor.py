@@ -55,6 +55,11 @@ def matmul_kernels(params) -> list:
     # [d, heads, head_dim] projections read [d, -1]; the output projection [heads, head_dim, d].
     rows = leaf.shape[0] if "o_kernel" not in name else int(np.prod(leaf.shape[:-1]))
     out.append(jnp.reshape(leaf, (rows, -1)))
+  if not any("lm_head" in jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(params)):  # tied: the LM head is embedding.T
+    embed = [x for p, x in jax.tree_util.tree_leaves_with_path(params)
+             if jax.tree_util.keystr(p).endswith("['embed']") and x.ndim == 2]
+    out += [e.T for e in embed]
   return out
 
 
@@ -83,7 +88,8 @@ def measure(size: str, repeats: int) -> dict:
   params = models.unstack_layers(model.init(jax.random.PRNGKey(peers.SEED)))
   kernels = matmul_kernels(params)
   weight_bytes = sum(k.size * k.dtype.itemsize for k in kernels)
-  rows, tokens = peers.NUM_PROMPTS * peers.GROUP, peers.NEW_TOKENS
+  w = peers.SIZES[size]
+  rows, tokens = w.rows, w.new_tokens
 
   flat = jnp.ones((weight_bytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
@@ -93,17 +99,17 @@ def measure(size: str, repeats: int) -> dict:
   chain = weight_matmul_chain(kernels, rows, tokens - 1)
   chain_s, chain_min = _median_s(lambda i: chain(kernels, i), repeats)
 
-  ids = jnp.asarray(peers.prompt_ids())
+  ids = jnp.asarray(peers.prompt_ids(size))
   mask = jnp.ones_like(ids, bool)
-  sc = peers.sampling_config()
+  sc = peers.sampling_config(size)
   run = jax.jit(lambda p, seed: sample(model, p, ids, mask, jax.random.PRNGKey(seed),
                                        sc).completion_ids)
   sampler_s, sampler_min = _median_s(lambda i: run(params, i), repeats)
 
-  step_flops = peers.step_flops(hf)
+  step_flops = peers.step_flops(size)
   # FLOPs of the decode steps alone (the prefill is counted with the rest, at the peak).
-  decode_flops = rows * (peers.forward_flops(hf, peers.PROMPT_LEN + tokens - 1)
-                         - peers.forward_flops(hf, peers.PROMPT_LEN))
+  decode_flops = rows * (peers.forward_flops(hf, w.prompt_len + tokens - 1)
+                         - peers.forward_flops(hf, w.prompt_len))
   return dict(size=size, weight_bytes=weight_bytes, rows=rows, tokens=tokens,
               stream_gb_s=weight_bytes / stream_s / 1e9,
               matmul_ms_per_token=chain_s / (tokens - 1) * 1e3,
@@ -125,7 +131,7 @@ def add_ceiling(row: dict, peak: float) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--sizes", default=",".join(peers.SIZES))
+  ap.add_argument("--sizes", default="tiny,20m", help="comma list of " + ", ".join(peers.SIZES))
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "decode_floor.json"))

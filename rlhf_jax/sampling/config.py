@@ -30,6 +30,14 @@ class SamplingConfig:
       never sampled, and `logps` / `sampling_logps` are log-softmaxes over the real
       vocabulary only; pass the same limit to the trainer's log-probs
       (`models.token_logps(..., vocab_limit=)`) so both agree.
+    compact_stages: how many times the decode loop may halve its batch (0: never). With
+      k > 0 the loop runs at N rows until at most ceil(N / 2) are still generating, gathers
+      those rows (their KV cache, logits and positions) into a batch half the size and
+      continues there, and so on down to ceil(N / 2^k) rows; the finished rows' tokens are
+      scattered back at the end. Every row's tokens and log-probs are the same as without
+      compaction (each row draws from its own uniforms); decode steps after most rows have
+      stopped then cost a fraction of a full-batch step. Each stage is one more copy of the
+      decode step in the compiled program (compile time grows with k).
   """
 
   max_new_tokens: int
@@ -40,8 +48,13 @@ class SamplingConfig:
   pad_id: int = 0
   num_samples: int = 1
   vocab_limit: Optional[int] = None
+  compact_stages: int = 0
 
   def __post_init__(self):
+    if (isinstance(self.compact_stages, bool) or not isinstance(self.compact_stages, int)
+        or self.compact_stages < 0):
+      raise ValueError(f"SamplingConfig.compact_stages must be an int >= 0 (0: the decode "
+                       f"batch is never compacted), got {self.compact_stages!r}")
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
     if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -120,6 +133,8 @@ class DecodeState:
     ref_logits: float32 [N, V] the reference model's next-token logits when sampling from a
       Nash-MD geometric mixture (`sample(..., mixture=...)`); None otherwise.
     ref_cache: the reference model's KV cache (mixture sampling); None otherwise.
+    uniforms: float32 [N, T] the uniform each row's inverse-CDF draw uses at each step.
+    kv_mask: bool [N, S] the cache slots each row attends to.
   """
 
   step: jax.Array
@@ -133,3 +148,5 @@ class DecodeState:
   done: jax.Array
   ref_logits: Any = None
   ref_cache: Any = None
+  uniforms: Any = None
+  kv_mask: Any = None

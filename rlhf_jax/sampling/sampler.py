@@ -66,6 +66,33 @@ def _check_mixture(mixture):
                      f"got {float(beta)}")
 
 
+_ROW_FIELDS = ("logits", "cache", "positions", "tokens", "mask", "logps", "sampling_logps",
+               "done", "ref_logits", "ref_cache", "uniforms", "kv_mask")
+_OUTPUT_FIELDS = ("tokens", "mask", "logps", "sampling_logps", "done")
+
+
+def _decode_stages(state: DecodeState, cond, body, stages: int) -> DecodeState:
+  """Runs the decode loop, halving the batch up to `stages` times (`compact_stages`).
+
+  Stage k decodes while more than half of its rows are live; then the live rows (and enough
+  finished ones to fill half the batch) are gathered, decoded by the next stage, and their
+  output columns scattered back. Every per-row field leads with the row axis (the sampler's
+  per-layer cache is [N, Hkv, S, Dh] per layer).
+  """
+  rows = state.done.shape[0]
+  half = -(-rows // 2)
+  if stages == 0 or rows == 1:
+    return jax.lax.while_loop(cond, body, state)
+  state = jax.lax.while_loop(
+      lambda st: cond(st) & (jnp.sum(~st.done) > half), body, state)
+  keep = jnp.argsort(state.done, stable=True)[:half]  # live rows first
+  take = lambda x: None if x is None else jax.tree.map(lambda a: jnp.take(a, keep, axis=0), x)
+  sub = state.replace(**{f: take(getattr(state, f)) for f in _ROW_FIELDS})
+  sub = _decode_stages(sub, cond, body, stages - 1)
+  out = {f: getattr(state, f).at[keep].set(getattr(sub, f)) for f in _OUTPUT_FIELDS}
+  return state.replace(step=sub.step, **out)
+
+
 def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
            config: SamplingConfig, *, prompt_index: Optional[jax.Array] = None,
            mixture: Optional[Tuple[Any, Any]] = None) -> SampleOutput:
@@ -145,7 +172,7 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
     """Pick token `state.step` from `state.logits` and record it."""
     t = state.step
     logits32 = limit_vocab(state.logits.astype(jnp.float32), config.vocab_limit)
-    u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=1, keepdims=False)
+    u = jax.lax.dynamic_index_in_dim(state.uniforms, t, axis=1, keepdims=False)
     if mixture is not None:
       # Mix the full-vocabulary log-softmaxes (finite), then drop padded ids: the
       # normalisers only shift each model's log-probs by a per-row constant.
@@ -178,14 +205,14 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
     prev = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
     pos, slot = state.positions[:, None], plen + state.step - 1
     logits, cache = model.decode(params, prev, pos, state.cache, write_index=slot,
-                                 kv_mask=kv_mask)
+                                 kv_mask=state.kv_mask)
     # The barrier keeps the LM-head matmul a library dot instead of a loop fused into the
     # softmax reductions that follow (several times slower on CPU).
     logits = jax.lax.optimization_barrier(logits[:, -1])
     state = state.replace(logits=logits, cache=cache, positions=state.positions + 1)
     if mixture is not None:
       ref_logits, ref_cache = model.decode(ref_params, prev, pos, state.ref_cache,
-                                           write_index=slot, kv_mask=kv_mask)
+                                           write_index=slot, kv_mask=state.kv_mask)
       ref_logits = jax.lax.optimization_barrier(ref_logits[:, -1])
       state = state.replace(ref_logits=ref_logits, ref_cache=ref_cache)
     return choose(state)
@@ -195,8 +222,9 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
       positions=jnp.sum(mask, axis=1, dtype=jnp.int32),
       tokens=jnp.full((n, tnew), config.pad_id, jnp.int32), mask=jnp.zeros((n, tnew), bool),
       logps=jnp.zeros((n, tnew), jnp.float32), sampling_logps=jnp.zeros((n, tnew), jnp.float32),
-      done=jnp.zeros((n,), bool), ref_logits=ref_logits, ref_cache=ref_cache)
-  state = jax.lax.while_loop(cond, body, choose(state))
+      done=jnp.zeros((n,), bool), ref_logits=ref_logits, ref_cache=ref_cache,
+      uniforms=uniforms, kv_mask=kv_mask)
+  state = _decode_stages(choose(state), cond, body, config.compact_stages)
   return SampleOutput(
       prompt_ids=ids, prompt_mask=mask, completion_ids=state.tokens, completion_mask=state.mask,
       logps=state.logps, sampling_logps=state.sampling_logps,
