@@ -134,8 +134,10 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("PSR", "B", G, "online", _pg(advantage="psr"), ("advantage", "psr")),
     Entry("W-REINFORCE", "B", G, "online", _pg(advantage="w_reinforce"),
           ("advantage", "w_reinforce")),
-    Entry("ROVER", "B", G, None, {}, ("advantage", "rover"), "tests/test_advantages_token.py",
-          "needs the whole-vocabulary mean log-ratio of the learn phase's logits"),
+    Entry("ROVER", "B", G, "online", _pg(advantage="rover", surrogate="rover", epochs=2),
+          ("loss", "rover"),
+          note="targets use mean_vocab(log π_θ − log π_old) of the learn phase's logits "
+               "(tests/test_rover.py)"),
     Entry("ADORA", "B", G, "online", _pg(advantage="adora"), ("advantage", "adora")),
     Entry("THR", "B", G, None, {}, ("advantage", "thr"), "tests/test_advantages_group.py",
           "needs per-token hidden rewards (gradient influence) the step does not compute"),

@@ -91,6 +91,15 @@ def test_bad_env_is_named_and_nothing_is_written(name, env, exc, msg, tmp_path):
   assert not os.path.isdir(workdir) or os.listdir(workdir) == []
 
 
+def test_compaction_with_an_environment_is_named_and_nothing_is_written(tmp_path):
+  c = _config(tmp_path / "w", {"name": "test_note"})
+  c.sampling.compact_stages = 1
+  with pytest.raises(ValueError, match=r"config key 'sampling\.compact_stages'=1 applies to "
+                                       r"the single-turn sampler.*set it to 0"):
+    online_loop.train(c)
+  assert not os.path.isdir(tmp_path / "w")
+
+
 def test_raising_host_tool_under_observe_gives_the_error_as_observation(tmp_path):
   c = _config(tmp_path / "w", dict(HOST, on_error="observe", turn_tokens=4, obs_tokens=40),
               episode_tokens=2 * 4 + 40)

@@ -155,6 +155,8 @@ CONFIG_CASES = [
      r"config key 'sampling\.top_p'=0\.0 must be in \(0, 1\]"),
     ("online_top_k_zero", "online", {"sampling.top_k": 0}, ValueError,
      r"config key 'sampling\.top_k'=0 must be >= 1"),
+    ("online_negative_compact_stages", "online", {"sampling.compact_stages": -1}, ValueError,
+     r"config key 'sampling\.compact_stages'=-1 must be >= 0"),
     ("online_max_prompt_length_zero", "online", {"data.max_prompt_length": 0}, ValueError,
      r"config key 'data\.max_prompt_length'=0 must be >= 1"),
     ("online_sft_batch_size_zero", "online", {"sft.batch_size": 0}, ValueError,

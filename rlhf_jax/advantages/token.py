@@ -151,7 +151,7 @@ def gigpo(rewards: jax.Array, *, step_rewards: jax.Array, anchor_ids: jax.Array,
   return jnp.where(step_mask.astype(bool), adv, 0.0)
 
 
-@register("rover", family="token", needs=("vocab_mean_log_ratio", "mask", "group_size"))
+@register("rover", family="group", needs=("vocab_mean_log_ratio", "mask", "group_size"))
 def rover(rewards: jax.Array, *, vocab_mean_log_ratio: jax.Array, mask: jax.Array,
           group_size: int, rho: float = 1.0) -> jax.Array:
   """ROVER regression targets: centred reward plus the uniform-policy next-state value.

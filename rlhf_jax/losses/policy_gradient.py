@@ -221,15 +221,31 @@ def reinforce(logps, old_logps, advantages, mask):
                                             clipped=jnp.zeros_like(m, bool))
 
 
-@register("rover", family="policy_gradient")
-def rover_loss(logps, old_logps, advantages, mask, *, rho: float = 1.0):
+@register("rover", family="policy_gradient", needs=("vocab_mean_log_ratio",))
+def rover_loss(logps, old_logps, advantages, mask, *, vocab_mean_log_ratio=None,
+               rho: float = 1.0):
   """ROVER regression: ℓ_t = (ρ(log π_t − log π_old,t) − sg(y_t))².
 
-  He et al., 2025 (see `rlhf_jax.advantages.rover`, which builds the targets y
-  passed here as `advantages [B, T]`). Shapes: [B, T] -> loss [B, T].
+  Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards (He et al.,
+  2025). Without `vocab_mean_log_ratio`, `advantages` [B, T] are the targets y (e.g. from
+  `rlhf_jax.advantages.rover`). With it ([B, T], the whole-vocabulary mean of
+  log π_θ − log π_old at each position, as the learn phase computes it for the current
+  parameters), `advantages` are the centred rewards r̃ ([B] or [B, T]) and the targets are
+  built here:
+
+    y_t = sg(r̃ + ρ·mean_v (log π_θ − log π_old)(v | s_{t+1})),  0 after the last token.
+
+  Shapes: logps, old_logps, mask [B, T] -> loss [B, T].
   """
   check_positive("rover_loss", rho=rho)
   old, y, m = _prepare(logps, old_logps, advantages, mask)
+  if vocab_mean_log_ratio is not None:
+    if vocab_mean_log_ratio.shape != logps.shape:
+      raise ValueError(f"vocab_mean_log_ratio has shape {vocab_mean_log_ratio.shape} but logps "
+                       f"has {logps.shape}; they must match")
+    v = sg(vocab_mean_log_ratio.astype(logps.dtype)) * m
+    v_next = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    y = (y + rho * v_next) * m
   q = rho * (logps - old)
   return _masked((q - y) ** 2, m), PGExtras(ratio=jnp.exp(logps - old),
                                             clipped=jnp.zeros_like(m, bool))

@@ -61,17 +61,24 @@ def limit_vocab(logits: jax.Array, vocab_limit: Optional[int]) -> jax.Array:
 
 
 def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
-                      vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
+                      vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                      vocab_mean: bool = False):
   """Log-prob and entropy of `targets` [B, n] under the LM head applied to `h` [B, n, D].
 
   The LM head and log-softmax run over chunks of `chunk_size` positions (each chunk
   rematerialised under autodiff when there are several), so the full [B, n, V] float32
   log-softmax is never materialised. With `vocab_limit`, over ids < vocab_limit only (a
   target >= vocab_limit has log-prob -inf). With `vocab_chunk` (module doc), each chunk of
-  positions also streams over the vocabulary. Returns (logps [B, n], entropy [B, n]) float32.
+  positions also streams over the vocabulary. Returns (logps [B, n], entropy [B, n]) float32;
+  with `vocab_mean` also the vocabulary mean of the log-softmax at each position,
+  mean_v log p_v = mean_v z_v − logsumexp(z) [B, n] (over the real vocabulary; ROVER's
+  uniform-policy value), computed from the same logits (not with `vocab_chunk`).
   """
   check_vocab_limit(vocab_limit)
   vocab_chunk = _vocab_chunk(model, vocab_chunk)
+  if vocab_mean and vocab_chunk is not None:
+    raise ValueError("the vocabulary-mean log-prob (ROVER) is computed from whole logit rows; "
+                     "it does not stream over vocabulary chunks: unset model.vocab_chunk")
   kernel = tied = None
   if vocab_chunk is not None:
     kernel, tied = lm_kernel(model, params)
@@ -90,32 +97,36 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
       return stream_logps(hc, kernel, tc, tied=tied, vocab_chunk=vocab_chunk,
                           vocab_limit=vocab_limit)
     logits = model.logits_from_hidden(params, hc).astype(jnp.float32)
+    extra = ()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
       masked = limit_vocab(logits, vocab_limit)  # -inf beyond the real vocabulary
       logz = jax.nn.logsumexp(masked, axis=-1)
       picked = jnp.take_along_axis(masked, tc[..., None], axis=-1)[..., 0]
       probs = jnp.exp(masked - logz[..., None])  # 0 beyond it (no 0 * -inf below)
       ent = logz - jnp.sum(probs * jnp.where(jnp.isfinite(masked), logits, 0.0), axis=-1)
-      return picked - logz, ent
+      if vocab_mean:
+        extra = (jnp.mean(logits[..., :vocab_limit], axis=-1) - logz,)
+      return (picked - logz, ent) + extra
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     probs = jnp.exp(logits - logz[..., None])
     ent = logz - jnp.sum(probs * logits, axis=-1)
-    return picked - logz, ent
+    if vocab_mean:
+      extra = (jnp.mean(logits, axis=-1) - logz,)
+    return (picked - logz, ent) + extra
 
   if n_chunks == 1:  # one chunk holds no more than the loop would: no loop, no recompute
-    lp, ent = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
+    outs = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
   else:
     # The streamed head saves only [b, c] residuals per chunk: no rematerialisation needed.
-    lp, ent = jax.lax.map(one if vocab_chunk is not None else jax.checkpoint(one),
-                          (h_chunks, t_chunks))
-  lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
-  ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
-  return lp, ent
+    outs = jax.lax.map(one if vocab_chunk is not None else jax.checkpoint(one),
+                       (h_chunks, t_chunks))
+  return tuple(x.swapaxes(0, 1).reshape(b, -1)[:, :n] for x in outs)
 
 
 def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: int = 128,
-                vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
+                vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                vocab_mean: bool = False):
   """Per-token log-probs and entropies of `input_ids` under an LM-head model.
 
   logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, logps[:, 0] = 0;
@@ -127,7 +138,9 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
   Args:
     input_ids: int [B, T]. attention_mask: [B, T] (1 = real token).
   Returns:
-    (logps [B, T] float32, entropy [B, T] float32). Callers apply their own mask.
+    (logps [B, T] float32, entropy [B, T] float32), and with `vocab_mean` the vocabulary
+    mean of the log-softmax [B, T] (0 at position 0; see `logps_from_hidden`). Callers apply
+    their own mask.
   """
   _check_lm(model, chunk_size, vocab_limit, vocab_chunk)
   input_ids = jnp.asarray(input_ids)
@@ -137,16 +150,18 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
   b, t, _ = h.shape
   if t < 2:
     z = jnp.zeros((b, t), jnp.float32)
-    return z, z
-  lp, ent = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size,
-                              vocab_limit=vocab_limit, vocab_chunk=vocab_chunk)
+    return (z, z, z) if vocab_mean else (z, z)
+  outs = logps_from_hidden(model, params, h[:, :-1], input_ids[:, 1:], chunk_size=chunk_size,
+                           vocab_limit=vocab_limit, vocab_chunk=vocab_chunk,
+                           vocab_mean=vocab_mean)
   zero = jnp.zeros((b, 1), jnp.float32)
-  return jnp.concatenate([zero, lp], 1), jnp.concatenate([zero, ent], 1)
+  return tuple(jnp.concatenate([zero, x], 1) for x in outs)
 
 
 def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
                      *, group_size: int, chunk_size: int = 128,
-                     vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None):
+                     vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                     vocab_mean: bool = False):
   """Log-probs and entropies of completions that share their prompt within groups of G.
 
   Row r = i * G + g of `completion_ids` continues prompt i. Each prompt runs through the
@@ -163,7 +178,8 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
     vocab_limit: log-softmax over ids < vocab_limit only (module doc).
     vocab_chunk: stream the LM head over chunks of this many ids (module doc).
   Returns:
-    (logps [B * G, T], entropy [B * G, T]) float32; callers apply `completion_mask`.
+    (logps [B * G, T], entropy [B * G, T]) float32, and with `vocab_mean` the vocabulary
+    mean of the log-softmax [B * G, T]; callers apply `completion_mask`.
   """
   _check_lm(model, chunk_size, vocab_limit, vocab_chunk)
   b, p = prompt_ids.shape
@@ -184,4 +200,5 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
                                     write_index=p, kv_mask=kv)
     h_last = jnp.concatenate([h_last, h_comp], axis=1)
   return logps_from_hidden(model, params, h_last, completion_ids, chunk_size=chunk_size,
-                           vocab_limit=vocab_limit, vocab_chunk=vocab_chunk)
+                           vocab_limit=vocab_limit, vocab_chunk=vocab_chunk,
+                           vocab_mean=vocab_mean)

@@ -47,27 +47,43 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   mb: {"ids", "attn" [n, P + T], "mask", "old_logps", "ref_logps" [n, T],
   "advantages" [n] or [n, T], and with a value model "old_values", "returns" [n, T],
   "prompt_len" (static int)}.
-  policy_logps(params, mb) -> (logps, entropy) [n, T] and value_fn(value_params, mb) ->
+  A surrogate that declares "vocab_mean_log_ratio" (ROVER) gets the vocabulary mean of
+  log π_θ − log π_old at each position [n, T] (stop-gradient): the policy pass then also
+  returns mean_v log π_θ(v|·), and `mb["old_vocab_mean_logps"]` holds the old policy's
+  (absent: the data trains in one update, where θ = θ_old and the ratio is 0).
+  policy_logps(params, mb) -> (logps, entropy[, vocab mean]) [n, T] and value_fn(value_params, mb) ->
   values [n, T] default to the completion positions of `model` / `value_model`;
   `vocab_limit` (the sampler's `SamplingConfig.vocab_limit`) restricts the default
   policy log-probs to the real vocabulary, so they equal the sampler's.
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
+  vocab_mean = surrogate_vocab_mean(settings)
   kl_fn = losses_lib.get(settings.kl_estimator)
   # Minibatches keep whole groups only when the batch is not shuffled into several.
   group = settings.group_size if settings.num_minibatches == 1 else 1
   if policy_logps is None:
     policy_logps = lambda params, mb: completion_logps(  # noqa: E731
-        model, params, mb["ids"], mb["attn"], mb["prompt_len"], group, vocab_limit)
+        model, params, mb["ids"], mb["attn"], mb["prompt_len"], group, vocab_limit,
+        vocab_mean=vocab_mean)
   if value_fn is None and value_model is not None:
     value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
         vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
 
   def objective(params, value_params, mb, normalizer, beta):
-    lp, ent = policy_logps(params, mb)
+    outs = policy_logps(params, mb)
+    lp, ent = outs[0], outs[1]
     mask = mb["mask"]
-    pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **surrogate_kwargs)
+    inputs = {}
+    if vocab_mean:
+      if len(outs) < 3:
+        raise ValueError(f"rl.surrogate={settings.surrogate!r} needs the vocabulary-mean "
+                         "log-probs: policy_logps must return (logps, entropy, vocab_mean)")
+      vm = jax.lax.stop_gradient(outs[2])
+      old = mb.get("old_vocab_mean_logps")
+      inputs["vocab_mean_log_ratio"] = jnp.zeros_like(vm) if old is None else vm - old
+    pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **inputs,
+                           **surrogate_kwargs)
     per_token = pg
     kl = kl_fn(lp, mb["ref_logps"], mask)
     if not settings.kl_in_reward:
@@ -89,6 +105,23 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
     aux["loss"] = loss
     return loss, aux
   return objective
+
+
+def surrogate_vocab_mean(settings: RLSettings) -> bool:
+  """Whether the surrogate declares the vocabulary-mean log-ratio (ROVER); raises
+  ValueError for any other declared input, which the learn phase does not compute."""
+  needs = losses_lib.declaration(settings.surrogate).needs
+  unknown = [n for n in needs if n != "vocab_mean_log_ratio"]
+  if unknown:
+    raise ValueError(f"rl.surrogate={settings.surrogate!r} needs {unknown}, which the learn "
+                     "phase does not compute; choose another surrogate")
+  return "vocab_mean_log_ratio" in needs
+
+
+def old_vocab_mean_needed(settings: RLSettings) -> bool:
+  """The old policy's vocabulary-mean log-probs are needed when the surrogate reads the
+  ratio and the data trains in more than one update (after the first, θ ≠ θ_old)."""
+  return surrogate_vocab_mean(settings) and settings.epochs * settings.num_minibatches > 1
 
 
 def scan(f, carry, xs):

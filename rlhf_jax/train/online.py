@@ -214,6 +214,8 @@ def learn_data(ro: Rollout, sig: Signals, advantages) -> Dict[str, jax.Array]:
   """The arrays the learn phase trains on (value targets only with a value model)."""
   data = {"ids": ro.ids, "attn": ro.attn, "mask": ro.loss_mask, "old_logps": ro.logps,
           "ref_logps": sig.ref_logps, "advantages": advantages}
+  if sig.old_vocab_mean_logps is not None:
+    data["old_vocab_mean_logps"] = sig.old_vocab_mean_logps
   if sig.values is not None:
     adv_tok = advantages if advantages.ndim == 2 else advantages[:, None] * ro.loss_mask
     data.update(old_values=sig.values, returns=(adv_tok + sig.values) * ro.loss_mask)
@@ -282,6 +284,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   objective = (learn_lib.make_objective(model, settings, value_model, vocab_limit=vocab_limit)
                if pref is None else pref.make_objective(model))
   bookkeep = make_bookkeep(settings)
+  old_vocab_mean = pref is None and learn_lib.old_vocab_mean_needed(settings)
 
   def rollout(params, prompt_batch, rng):
     """The rollout phase: single-turn sampling, or multi-turn with the environment."""
@@ -370,7 +373,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     beta = state.kl_state.beta
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
-                         value_params=state.value_params, vocab_limit=vocab_limit)
+                         value_params=state.value_params, vocab_limit=vocab_limit,
+                         policy_params=policy if old_vocab_mean else None)
     data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))

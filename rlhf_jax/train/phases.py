@@ -217,34 +217,42 @@ class Signals:
   token_rewards: [N, T] the sequence reward on the last token, minus β·kl with
     `kl_in_reward` (token-level estimators read these).
   values: [N, T] value-model predictions (None without a value model).
+  old_vocab_mean_logps: [N, T] the sampling policy's mean_v log π_old(v|·) at each position
+    (ROVER's targets over several updates; None otherwise).
   """
   ref_logps: jax.Array
   kl: jax.Array
   token_rewards: jax.Array
   values: Optional[jax.Array] = None
+  old_vocab_mean_logps: Optional[jax.Array] = None
 
 
 def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
-                     vocab_limit: Optional[int] = None):
+                     vocab_limit: Optional[int] = None, vocab_mean: bool = False):
   """Completion log-probs / entropies of [prompt, completion] rows.
 
   When consecutive groups of `group` rows share their prompt (as sampled), each prompt
   runs through the model once (`models.completion_logps`); otherwise every row is run in
   full. Both give the same values. `vocab_limit`: over the real vocabulary only, as the
-  sampler's `SamplingConfig.vocab_limit` (a padded model vocabulary).
+  sampler's `SamplingConfig.vocab_limit` (a padded model vocabulary). With `vocab_mean`
+  a third output: the vocabulary mean of the log-softmax at each completion position.
   """
   if group > 1 and ids.shape[0] % group == 0:
     return models_lib.completion_logps(
         model, params, ids[::group, :prompt_len], attn[::group, :prompt_len],
-        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group, vocab_limit=vocab_limit)
-  lp, ent = models_lib.token_logps(model, params, ids, attn, vocab_limit=vocab_limit)
-  return lp[:, prompt_len:], ent[:, prompt_len:]
+        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group, vocab_limit=vocab_limit,
+        vocab_mean=vocab_mean)
+  outs = models_lib.token_logps(model, params, ids, attn, vocab_limit=vocab_limit,
+                                vocab_mean=vocab_mean)
+  return tuple(x[:, prompt_len:] for x in outs)
 
 
 def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
             group_size: int, kl_in_reward: bool, value_model=None,
-            value_params=None, vocab_limit: Optional[int] = None) -> Signals:
-  """Reference log-probs, the sampler-vs-reference KL, token rewards and values."""
+            value_params=None, vocab_limit: Optional[int] = None,
+            policy_params=None) -> Signals:
+  """Reference log-probs, the sampler-vs-reference KL, token rewards and values; with
+  `policy_params` (the sampling policy) also its vocabulary-mean log-probs."""
   ids, attn = ro.ids, ro.attn
   ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size,
                                   vocab_limit)
@@ -256,14 +264,21 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
   if value_model is not None:
     v = value_model.apply(value_params, ids, attention_mask=attn)
     values = v[:, ro.prompt_len - 1:-1] * mask
-  return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values)
+  old_vm = None
+  if policy_params is not None:
+    old_vm = jax.lax.stop_gradient(completion_logps(
+        model, policy_params, ids, attn, ro.prompt_len, group_size, vocab_limit,
+        vocab_mean=True)[2]) * mask
+  return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values,
+                 old_vocab_mean_logps=old_vm)
 
 
 # ----------------------------------------------------------------------------- estimate
 
 # Inputs an estimator may declare that the single-turn step computes (`values` only with
 # a value model; `greedy_rewards` costs one greedy decode per prompt).
-STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids")
+STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids",
+               "vocab_mean_log_ratio")
 
 
 def answer_ids(completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
@@ -329,6 +344,10 @@ class Estimator:
     inputs = {"group_size": self.group_size, "mask": ro.loss_mask,
               "lengths": jnp.sum(ro.loss_mask, axis=1), "values": sig.values,
               "greedy_rewards": greedy_rewards, **(turn_inputs or {})}
+    if "vocab_mean_log_ratio" in self.needs:
+      # ROVER's targets at estimate time: the policy is the sampling policy (θ = θ_old), so
+      # mean_v (log π_θ − log π_old) is 0; the learn phase adds its value at each update.
+      inputs["vocab_mean_log_ratio"] = jnp.zeros(ro.loss_mask.shape, jnp.float32)
     if "answer_ids" in self.needs:
       inputs["answer_ids"] = answer_ids(ro.completion_ids, ro.completion_mask)
     kwargs = dict(self.kwargs)
