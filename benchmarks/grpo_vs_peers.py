@@ -99,7 +99,11 @@ SIZES = {
                      tie=True, rope_theta=100000.0, rms_eps=1e-5),
 }
 PEERS = ("rlhf_jax", "trl", "tunix")
-LAYOUTS = ("unrolled", "scanned")  # rlhf_jax's decoder layers: per-layer weights or lax.scan
+# rlhf_jax's decoder layers: per-layer weights; stacked under lax.scan in the training
+# passes; and also in the sampler's decode step (`SamplingConfig.scan_layers`).
+LAYOUTS = ("unrolled", "scanned", "scanned_all")
+LAYOUT_LABELS = {"unrolled": "rlhf_jax", "scanned": "rlhf_jax/scan",
+                 "scanned_all": "rlhf_jax/scan+dec"}
 
 
 def hf_config(size: str) -> dict:
@@ -188,14 +192,14 @@ def _summary(step_times, warmup_s, extra=None) -> dict:
 # ----------------------------------------------------------------------------- rlhf_jax
 
 def run_rlhf_jax(size: str, weights_dir: str, steps: int, warmup: int, option=None) -> dict:
-  """`option`: the decoder layers' layout, "unrolled" (default) or "scanned"."""
+  """`option`: the decoder layers' layout (`LAYOUTS`; default "unrolled")."""
   layout = option if option in LAYOUTS else "unrolled"
   w = SIZES[size]
   model, params = models.load_hf(weights_dir, dtype=jnp.float32)
   settings = RLSettings(group_size=w.group, advantage="grpo", surrogate="ppo_clip",
                         surrogate_kwargs=(("epsilon_low", EPSILON),), kl_coef=BETA,
                         kl_estimator="k3", aggregation="token_mean")
-  sc = sampling_config(size)
+  sc = dataclasses.replace(sampling_config(size), scan_layers=layout == "scanned_all")
   opt = optim.make_optimizer(dict(name="adamw", learning_rate=LR, weight_decay=0.0,
                                   max_grad_norm=MAX_GRAD_NORM))
   update = online.make_update(model, [low_token_fraction(w.vocab)], opt, settings, sc)
@@ -421,8 +425,9 @@ def main():
                        "median of the per-round ratios (robust to a shared machine)")
   ap.add_argument("--layouts", default="unrolled",
                   help="comma list of rlhf_jax layer layouts (" + ", ".join(LAYOUTS) + "): "
-                       "per-layer weights (row rlhf_jax) or stacked under lax.scan (row "
-                       "rlhf_jax/scan); speed-ups are against the first one listed")
+                       "per-layer weights (row rlhf_jax), stacked under lax.scan in the "
+                       "training passes (rlhf_jax/scan) or also in the decode step "
+                       "(rlhf_jax/scan+dec); speed-ups are against the first one listed")
   ap.add_argument("--torch-threads", default="1",
                   help="comma list of torch intra-op thread counts for TRL (each runs as its "
                        "own row; on a shared machine more threads can spin-wait: a 4x128 "
@@ -445,8 +450,7 @@ def main():
   jobs = []  # (runner, row label, option: torch threads for TRL, layer layout for rlhf_jax)
   for peer in peers:
     if peer == "rlhf_jax":
-      jobs += [(peer, "rlhf_jax" if lay == "unrolled" else "rlhf_jax/scan", lay)
-               for lay in layouts]
+      jobs += [(peer, LAYOUT_LABELS[lay], lay) for lay in layouts]
     elif peer == "trl" and len(thread_counts) > 1:
       jobs += [(peer, f"trl/{t}t", t) for t in thread_counts]
     else:
@@ -485,17 +489,17 @@ def main():
         f"{args.warmup} warm-up, x {args.rounds} round(s); s/step = median of all timed steps, "
         f"rlhf_jax x = median of the per-round ratios against {ours_label}, x (min) = ratio "
         f"of the fastest steps")
-  print(f"{'size':5} {'params':>7} {'peer':13} {'s/step':>8} {'min':>8} {'warm-up s':>9} "
+  print(f"{'size':5} {'params':>7} {'peer':17} {'s/step':>8} {'min':>8} {'warm-up s':>9} "
         f"{'compile s':>9} {'GFLOP/step':>10} {'MFU':>6} {'MFU min':>7} {'rlhf_jax x':>10} "
         f"{'x (min)':>8}")
   for r in rows:
     if r["status"] != "ok":
-      print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:13} {r['status']}")
+      print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:17} {r['status']}")
       continue
     comp = f"{r['compile_s']:9.2f}" if "compile_s" in r else f"{'-':>9}"
     sp = f"{r['rlhf_jax_speedup']:9.2f}x" if "rlhf_jax_speedup" in r else f"{'-':>10}"
     spm = f"{r['rlhf_jax_speedup_min']:7.2f}x" if "rlhf_jax_speedup" in r else f"{'-':>8}"
-    print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:13} {r['step_s']:8.4f} "
+    print(f"{r['size']:5} {r['params'] / 1e6:6.2f}M {r['peer']:17} {r['step_s']:8.4f} "
           f"{r['step_s_min']:8.4f} {r['warmup_s']:9.2f} {comp} {r['step_flops'] / 1e9:10.2f} "
           f"{100 * r['mfu']:5.1f}% {100 * r['mfu_min']:6.1f}% {sp} {spm}")
   for r in rows:

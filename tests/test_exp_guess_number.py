@@ -1,5 +1,5 @@
-"""CI check of experiments/guess_number: a tiny variant, two vmapped RL steps of GRPO and of
-GiGPO from the same warm start on the same batches. The rollouts match, the updates do not
+"""CI check of experiments/guess_number: a tiny variant, two vmapped RL steps of GRPO, of
+GiGPO and of IGPO from the same warm start on the same batches. The rollouts match, the updates do not
 (the estimators differ), metrics are finite, and each method's step compiles once."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from experiments import _toylib
 
 # No warm-up: with one token per turn any digit is a guess, so the random model finds the
 # number now and then and the advantages are not all zero.
-ARG = "fast,seeds=2,max_value=9,max_turns=4,turn_tokens=1,sft_steps=0,prompts_per_step=8"
+ARG = ("fast,seeds=2,max_value=9,max_turns=4,turn_tokens=1,sft_steps=0,prompts_per_step=8,"
+       "run_methods=grpo+gigpo+igpo")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def trained():
   seeds = [0, 1]
   params = [exp.warm_start(s, sd) for sd in seeds]
   out = {}
-  for name in ("grpo", "gigpo"):
+  for name in ("grpo", "gigpo", "igpo"):
     method = exp.make_method(s, cfg.methods[name])
     _, hist, _ = exp.run_rl(s, method, params, seeds)
     out[name] = (method, hist)
@@ -58,6 +59,9 @@ def test_two_steps_of_each_method(trained):
   assert g0["env_reward_mean"].max() > 0  # the number is found now and then
   # ... but another estimator, so another loss.
   assert np.abs(g0["pg_loss"] - s0["pg_loss"]).max() > 1e-6
+  i0 = out["igpo"][1][0]
+  np.testing.assert_array_equal(g0["num_turns"], i0["num_turns"])
+  assert np.abs(g0["pg_loss"] - i0["pg_loss"]).max() > 1e-6
 
 
 def test_gigpo_advantages_differ_from_grpo_on_one_batch(trained):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.sampling import SamplingConfig, sample
-from tests.test_sampling import LEFT_IDS, LEFT_MASK, MODEL, PARAMS, _teacher_logps, run
+from tests.test_sampling import (LEFT_IDS, LEFT_MASK, MODEL, PARAMS, TINY_LLAMA,
+                                 _teacher_logps, run)
 
 # EOS id 1 of 16: rows stop at many different steps within 24 new tokens.
 BASE = SamplingConfig(max_new_tokens=24, temperature=1.0, eos_ids=(1,), pad_id=0,
@@ -86,7 +87,30 @@ def test_each_stage_decodes_half_the_rows():
   assert _decode_batch_sizes(dataclasses.replace(BASE, compact_stages=9)) == [12, 6, 3, 2, 1]
 
 
+@pytest.mark.parametrize("stages", [0, 2])
+def test_scanned_layers_decode_the_same_tokens(stages):
+  """`scan_layers`: the decode step scans over stacked layers (also through compaction,
+  whose stacked cache has its rows on axis 1): same tokens and log-probs."""
+  for seed in range(2):
+    plain = _run(BASE, seed=seed)
+    _assert_same(_run(dataclasses.replace(BASE, scan_layers=True, compact_stages=stages),
+                      seed=seed), plain)
+
+
+def test_scanned_layers_hold_one_layer_in_the_decode_loop():
+  def decode_dots(config):
+    jaxpr = jax.make_jaxpr(lambda p, i, m, k: sample(MODEL, p, i, m, k, config))(
+        PARAMS, jnp.asarray(LEFT_IDS), jnp.asarray(LEFT_MASK), jax.random.key(0))
+    loop = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"][-1]
+    return str(loop.params["body_jaxpr"]).count("dot_general")
+  unrolled, scanned = decode_dots(BASE), decode_dots(dataclasses.replace(BASE, scan_layers=True))
+  assert TINY_LLAMA["num_hidden_layers"] == 2
+  assert scanned < unrolled  # one layer's matmuls (inside a scan) instead of two layers'
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_bad_compact_stages_is_named(bad):
   with pytest.raises(ValueError, match="compact_stages"):
     SamplingConfig(max_new_tokens=4, compact_stages=bad)
+  with pytest.raises(ValueError, match="scan_layers"):
+    SamplingConfig(max_new_tokens=4, scan_layers=2)

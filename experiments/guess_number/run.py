@@ -37,7 +37,7 @@ from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.rl_config import RLSettings
 
 NAMES = {"sft": "SFT model (before RL)", "grpo": "GRPO (trajectory)", "gigpo": "GiGPO (step groups)",
-         "igpo": "IGPO (information gain)"}
+         "gigpo_gamma1": "GiGPO (step groups, γ = 1)", "igpo": "IGPO (information gain)"}
 
 
 class Setup(NamedTuple):

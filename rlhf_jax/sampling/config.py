@@ -38,6 +38,10 @@ class SamplingConfig:
       compaction (each row draws from its own uniforms); decode steps after most rows have
       stopped then cost a fraction of a full-batch step. Each stage is one more copy of the
       decode step in the compiled program (compile time grows with k).
+    scan_layers: decode with the decoder layers stacked under `lax.scan` (False, the
+      default: the layers are taken apart and the decode step is unrolled over depth). The
+      compiled program then holds one layer's decode step instead of L (compile time no
+      longer grows with depth), at the cost of slicing each layer's weights at every token.
   """
 
   max_new_tokens: int
@@ -49,8 +53,12 @@ class SamplingConfig:
   num_samples: int = 1
   vocab_limit: Optional[int] = None
   compact_stages: int = 0
+  scan_layers: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"SamplingConfig.scan_layers must be True or False, got "
+                       f"{self.scan_layers!r}")
     if (isinstance(self.compact_stages, bool) or not isinstance(self.compact_stages, int)
         or self.compact_stages < 0):
       raise ValueError(f"SamplingConfig.compact_stages must be an int >= 0 (0: the decode "

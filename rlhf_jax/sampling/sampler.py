@@ -76,8 +76,8 @@ def _decode_stages(state: DecodeState, cond, body, stages: int) -> DecodeState:
 
   Stage k decodes while more than half of its rows are live; then the live rows (and enough
   finished ones to fill half the batch) are gathered, decoded by the next stage, and their
-  output columns scattered back. Every per-row field leads with the row axis (the sampler's
-  per-layer cache is [N, Hkv, S, Dh] per layer).
+  output columns scattered back. Every per-row field leads with the row axis (the
+  per-layer cache is [N, Hkv, S, Dh] per layer), except a stacked cache ([L, N, ...]).
   """
   rows = state.done.shape[0]
   half = -(-rows // 2)
@@ -86,8 +86,15 @@ def _decode_stages(state: DecodeState, cond, body, stages: int) -> DecodeState:
   state = jax.lax.while_loop(
       lambda st: cond(st) & (jnp.sum(~st.done) > half), body, state)
   keep = jnp.argsort(state.done, stable=True)[:half]  # live rows first
-  take = lambda x: None if x is None else jax.tree.map(lambda a: jnp.take(a, keep, axis=0), x)
-  sub = state.replace(**{f: take(getattr(state, f)) for f in _ROW_FIELDS})
+
+  def take(field, x):
+    if x is None:
+      return None
+    # A stacked cache ([L, N, ...], `scan_layers`) has its rows on axis 1.
+    axis = 1 if field.endswith("cache") and not isinstance(x.k, (tuple, list)) else 0
+    return jax.tree.map(lambda a: jnp.take(a, keep, axis=axis), x)
+
+  sub = state.replace(**{f: take(f, getattr(state, f)) for f in _ROW_FIELDS})
   sub = _decode_stages(sub, cond, body, stages - 1)
   out = {f: getattr(state, f).at[keep].set(getattr(sub, f)) for f in _OUTPUT_FIELDS}
   return state.replace(step=sub.step, **out)
@@ -152,7 +159,9 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
 
   # Per-layer weights and cache: the decode loop then reads each weight in place.
   # (The barrier materialises each layer's weights once, shared by prefill and decode.)
-  params = jax.lax.optimization_barrier(models_lib.unstack_layers(params))
+  # With `scan_layers` the weights stay stacked and each decode step scans over depth.
+  layout = models_lib.stack_layers if config.scan_layers else models_lib.unstack_layers
+  params = jax.lax.optimization_barrier(layout(params))
   # Prefill each prompt once, then give its cache and last logits to its G samples.
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=tnew,
                                        group_size=group)
@@ -160,7 +169,7 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   ref_logits = ref_cache = ref_params = beta = None
   if mixture is not None:
     ref_params, beta = mixture
-    ref_params = jax.lax.optimization_barrier(models_lib.unstack_layers(ref_params))
+    ref_params = jax.lax.optimization_barrier(layout(ref_params))
     h_ref, ref_cache = models_lib.prefill_groups(model, ref_params, ids, mask,
                                                  extra_slots=tnew, group_size=group)
     ref_logits = model.logits_from_hidden(ref_params, h_ref)[:, -1]

@@ -56,7 +56,7 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
                          "export": (str, _NONE), "init_seed": int},
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE),
-                             "compact_stages": int},
+                             "compact_stages": int, "scan_layers": bool},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
     "offline": dict(_COMMON, data=OFFLINE_DATA, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,

@@ -99,11 +99,14 @@ def _build(config) -> _Built:
       max_new_tokens=alen, temperature=float(config.sampling.temperature),
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
-      vocab_limit=vocab_limit, compact_stages=config.sampling.get("compact_stages", 0))
-  if env is not None and sampling_cfg.compact_stages:
-    raise ValueError(f"config key 'sampling.compact_stages'={sampling_cfg.compact_stages} "
-                     "applies to the single-turn sampler; a multi-turn rollout (config.env) "
-                     "decodes at a fixed batch: set it to 0")
+      vocab_limit=vocab_limit, compact_stages=config.sampling.get("compact_stages", 0),
+      scan_layers=config.sampling.get("scan_layers", False))
+  for key, value in (("compact_stages", sampling_cfg.compact_stages),
+                     ("scan_layers", sampling_cfg.scan_layers)):
+    if env is not None and value:
+      raise ValueError(f"config key 'sampling.{key}'={value} applies to the single-turn "
+                       "sampler; a multi-turn rollout (config.env) decodes at a fixed batch "
+                       "with per-layer weights: unset it")
   if env is not None:
     online_env.check_env(config, tok, model, params, env, env_spec, task.train, sampling_cfg)
   _check_estimator_inputs(config, settings, env, task.train)
