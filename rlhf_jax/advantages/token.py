@@ -11,12 +11,8 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
-
-
-def _next(x: jax.Array) -> jax.Array:
-  """x_{t+1} along the last axis, with 0 after the last position."""
-  return jnp.concatenate([x[..., 1:], jnp.zeros_like(x[..., :1])], axis=-1)
+from rlhf_jax.losses.common import (check_float, check_nonnegative, check_rank,
+                                    check_unit_interval, next_step)
 
 
 def reverse_discounted_sum(x: jax.Array, decay: jax.Array) -> jax.Array:
@@ -37,7 +33,7 @@ def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.
   check_unit_interval("discounted_returns", gamma=gamma)
   base.check_token_inputs(rewards, None, mask)
   m = mask.astype(rewards.dtype)
-  return reverse_discounted_sum(rewards * m, gamma * _next(m)) * m
+  return reverse_discounted_sum(rewards * m, gamma * next_step(m)) * m
 
 
 @register("gae", family="token", needs=("values", "mask"))
@@ -57,8 +53,8 @@ def gae(rewards: jax.Array, *, values: jax.Array, mask: jax.Array, gamma: float 
   base.check_token_inputs(rewards, values, mask)
   m = mask.astype(rewards.dtype)
   v = values * m
-  delta = (rewards + gamma * _next(v) - v) * m
-  return reverse_discounted_sum(delta, gamma * lam * _next(m)) * m
+  delta = (rewards + gamma * next_step(v) - v) * m
+  return reverse_discounted_sum(delta, gamma * lam * next_step(m)) * m
 
 
 @register("reinforce_pp", family="token", needs=("mask",))
@@ -171,5 +167,5 @@ def rover(rewards: jax.Array, *, vocab_mean_log_ratio: jax.Array, mask: jax.Arra
     raise ValueError(f"vocab_mean_log_ratio {vocab_mean_log_ratio.shape} and mask "
                      f"{mask.shape} must both be [N={rewards.shape[0]}, T]")
   m = mask.astype(rewards.dtype)
-  v_next = rho * _next(vocab_mean_log_ratio * m)
+  v_next = rho * next_step(vocab_mean_log_ratio * m)
   return jax.lax.stop_gradient((r_t[:, None] + v_next) * m)

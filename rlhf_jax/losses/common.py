@@ -36,6 +36,11 @@ def masked_var(x: jax.Array, mask: Optional[jax.Array], axis=None,
   return masked_sum(sq, mask, axis=axis) / jnp.maximum(n - 1, 1)
 
 
+def next_step(x: jax.Array) -> jax.Array:
+  """x_{t+1} along the last axis, with 0 after the last position."""
+  return jnp.concatenate([x[..., 1:], jnp.zeros_like(x[..., :1])], axis=-1)
+
+
 def check_rank(x, rank: int, name: str) -> None:
   """Raise a ValueError naming `name` unless `x` has rank `rank`."""
   if jnp.ndim(x) != rank:

@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_inputs, check_nonnegative, check_positive, check_rank
+from rlhf_jax.losses.common import (check_inputs, check_nonnegative, check_positive,
+                                    check_rank, next_step)
 from rlhf_jax.losses.registry import register
 
 sg = jax.lax.stop_gradient
@@ -244,8 +245,7 @@ def rover_loss(logps, old_logps, advantages, mask, *, vocab_mean_log_ratio=None,
       raise ValueError(f"vocab_mean_log_ratio has shape {vocab_mean_log_ratio.shape} but logps "
                        f"has {logps.shape}; they must match")
     v = sg(vocab_mean_log_ratio.astype(logps.dtype)) * m
-    v_next = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
-    y = (y + rho * v_next) * m
+    y = (y + rho * next_step(v)) * m
   q = rho * (logps - old)
   return _masked((q - y) ** 2, m), PGExtras(ratio=jnp.exp(logps - old),
                                             clipped=jnp.zeros_like(m, bool))
