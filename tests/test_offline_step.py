@@ -114,6 +114,19 @@ def test_reward_model_bt_and_plackett_luce_reduction():
   btm = jax.jit(offline.make_batch_loss("reward_model", rm, losses.get("bt_margin")))
   got = btm(params, None, dict(batch, margin=jnp.asarray(margin)))[0]
   np.testing.assert_allclose(float(got), np.mean(-_log_sigmoid(cr - rr - margin)), rtol=1e-5)
+  # HelpSteer2-Preference: the records' scores (chosen_reward / rejected_reward) are the
+  # regression targets of bt_regression: c_bt·BT + c_reg·½[(r_w − t_w)² + (r_l − t_l)²].
+  tw = np.linspace(-1.0, 2.0, B).astype(np.float32)
+  tl = np.linspace(0.5, -0.5, B).astype(np.float32)
+  reg = jax.jit(offline.make_batch_loss("reward_model", rm, losses.get("bt_regression"),
+                                        {"regression_coef": 0.7, "bt_coef": 0.4}))
+  got = reg(params, None, dict(batch, chosen_reward=jnp.asarray(tw),
+                               rejected_reward=jnp.asarray(tl)))[0]
+  want = np.mean(0.4 * -_log_sigmoid(cr - rr)
+                 + 0.7 * 0.5 * ((cr - tw) ** 2 + (rr - tl) ** 2))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="chosen_targets"):  # no scores: named
+    reg(params, None, batch)
 
 
 def test_packed_sft_equals_unpacked():

@@ -283,3 +283,97 @@ def test_preference_objective_refuses_a_value_model():
   with pytest.raises(ValueError, match=r"config\.value"):
     online.make_update(model, [_even_fraction], opt, _settings(), sc,
                        value_model=model.with_head("value"))
+
+
+# ----------------------------------------------------------------------------- T-REG
+
+
+class _Tok:
+  """Stand-in tokenizer: characters to ids 3..15; '!' cannot be encoded."""
+
+  def encode(self, text):
+    if "!" in text:
+      raise KeyError("!")
+    return [3 + ord(c) % 13 for c in text]
+
+
+def _right_padded_logps(model, params, ro, prefix):
+  """Full-row token log-probs of [prefix, prompt's real tokens, completion], right-padded
+  (another layout than the step's left-padded prompts), float64 [N, T]."""
+  p, t = ro.prompt_len, ro.ids.shape[1] - ro.prompt_len
+  ids, attn = np.asarray(ro.ids), np.asarray(ro.attn)
+  rows, masks, starts = [], [], []
+  width = len(prefix) + ids.shape[1]
+  for n in range(ids.shape[0]):
+    real = ids[n, :p][attn[n, :p]]
+    seq = np.concatenate([prefix, real, ids[n, p:]])
+    m = np.concatenate([np.ones(len(prefix) + len(real), bool), attn[n, p:]])
+    starts.append(len(prefix) + len(real))
+    rows.append(np.pad(seq, (0, width - len(seq))))
+    masks.append(np.pad(m, (0, width - len(m))))
+  lp, _ = models.token_logps(model, params, jnp.asarray(np.stack(rows)),
+                             jnp.asarray(np.stack(masks)))
+  lp = np.asarray(lp, np.float64)
+  return np.stack([lp[n, s:s + t] for n, s in enumerate(starts)])
+
+
+def test_treg_token_rewards_and_objective_match_float64(stepped):
+  model, state, _, ro, scores, _ = stepped
+  from rlhf_jax.train import phases
+  settings = _settings(preference_loss="treg", pairs="all_pairs",
+                       preference_loss_kwargs=dict(beta=0.5, alpha=0.3),
+                       token_reward_prompts=("ab", "xyz")).with_prompt_ids(_Tok())
+  assert settings.token_reward_prompt_ids == (tuple(_Tok().encode("ab")),
+                                              tuple(_Tok().encode("xyz")))
+  phase = preference_step.PreferencePhase.build(settings)
+  sig = phases.signals(model, state.ref_params, ro, scores.rewards, jnp.float32(0.0),
+                       group_size=4, kl_in_reward=False)
+  policy = jax.tree.map(lambda p: p * 0.97, state.params)  # the sampling policy ≠ reference
+  data, metrics = phase.data(model, ro, scores, sig, None, jax.random.PRNGKey(0),
+                             policy_params=policy)
+  mask = np.asarray(ro.loss_mask, np.float64)
+  better, worse = (_right_padded_logps(model, policy, ro, np.asarray(ids))
+                   for ids in settings.token_reward_prompt_ids)
+  want_r = (1.0 / (1.0 + np.exp(-(better - worse))) - 0.5) * mask
+  got_r = np.asarray(data["token_rewards"], np.float64).reshape(want_r.shape)
+  np.testing.assert_allclose(got_r, want_r, atol=2e-5)
+  assert np.abs(want_r).max() > 1e-3  # the two prompts really differ
+  np.testing.assert_allclose(float(metrics["token_reward_mean"]),
+                             want_r.sum() / mask.sum(), atol=1e-5)
+
+  # The objective: DPO + α·w·(L_REG(y_w) + L_REG(y_l)), L_REG(y) = −β Σ_t r̂_t log π(y_t),
+  # w = σ(β(b − a)), in float64 over the all_pairs of each group.
+  params = jax.tree.map(lambda p: p * 1.05, state.params)
+  mb = dict(data, prompt_len=ro.prompt_len)
+  loss, _ = phase.make_objective(model)(params, None, mb, phase.normalizer(mb), None)
+  tok = lambda p: np.asarray(models.token_logps(model, p, ro.ids, ro.attn)[0],  # noqa: E731
+                             np.float64)[:, ro.prompt_len:] * mask
+  pol_t, ref_t = tok(params), tok(state.ref_params)
+  pol, ref = pol_t.sum(1), ref_t.sum(1)
+  r = np.asarray(scores.rewards, np.float64).reshape(-1, 4)
+  beta, alpha, terms, weights = 0.5, 0.3, [], []
+  for b in range(r.shape[0]):
+    for hi, lo, w in _np_pairs(r[b:b + 1], "all_pairs")[0]:
+      hi, lo = int(hi) + 4 * b, int(lo) + 4 * b
+      a_, b_ = pol[hi] - ref[hi], pol[lo] - ref[lo]
+      reg = -beta * np.sum(want_r[hi] * pol_t[hi]) - beta * np.sum(want_r[lo] * pol_t[lo])
+      wt = 1.0 / (1.0 + np.exp(-beta * (b_ - a_)))
+      terms.append(np.log1p(np.exp(-beta * (a_ - b_))) + alpha * wt * reg)
+      weights.append(w)
+  weights = np.asarray(weights)
+  want = np.sum(np.asarray(terms) * weights) / weights.sum()
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+
+
+def test_treg_config_errors_are_named():
+  with pytest.raises(ValueError, match=r"rl\.token_reward_prompts=\(better, worse\)"):
+    preference_step.PreferencePhase.build(_settings(preference_loss="treg"))
+  with pytest.raises(ValueError, match=r"does not take them"):
+    preference_step.PreferencePhase.build(
+        _settings(token_reward_prompts=("a", "b")).with_prompt_ids(_Tok()))
+  with pytest.raises(ValueError, match=r"two non-empty strings"):
+    _settings(preference_loss="treg", token_reward_prompts=("a", ""))
+  with pytest.raises(ValueError, match=r"cannot encode 'no!'"):
+    _settings(preference_loss="treg", token_reward_prompts=("a", "no!")).with_prompt_ids(_Tok())
+  with pytest.raises(ValueError, match=r"rl\.token_reward_prompts is read only"):
+    RLSettings.from_config(dict(group_size=4, token_reward_prompts=("a", "b")))

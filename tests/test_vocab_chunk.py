@@ -134,6 +134,24 @@ def test_vocab_chunk_memory_does_not_grow_with_batch_times_vocab():
   assert grow_full >= block > 8 * grow_chunked, (grow_full, grow_chunked, block)
 
 
+def test_vocab_chunk_memory_with_position_chunks_holds_one_kernel_gradient():
+  """Several position chunks (`chunk_size` < T): the backward keeps one kernel-sized
+  gradient accumulator and no per-chunk copy of the kernel, so the temporary memory is no
+  larger than with one position chunk (whose [b, T, vocab_chunk] blocks are bigger)."""
+  b, t, v = 2, 256, 16384
+  model = M.from_config(dict(LLAMA, vocab_size=v, tie_word_embeddings=True))
+  h = jax.ShapeDtypeStruct((b, t, D), jnp.float32)
+  p = {"embed": jax.ShapeDtypeStruct((v, D), jnp.float32)}
+  y = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def temp(chunk_size):
+    f = jax.grad(lambda p, h, y: jnp.sum(M.logps_from_hidden(  # noqa: E731
+        model, p, h, y, chunk_size=chunk_size, vocab_chunk=256)[0]), (0, 1))
+    return jax.jit(f).lower(p, h, y).compile().memory_analysis().temp_size_in_bytes
+  one, four = temp(t), temp(t // 4)
+  assert four <= one, (four, one, v * D * 4)
+
+
 def test_config_model_vocab_chunk():
   hf = dict(LLAMA, vocab_size=None)
   hf.pop("vocab_size")

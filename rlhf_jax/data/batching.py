@@ -49,9 +49,9 @@ def passthrough_fields(record: Mapping[str, Any], keys: Sequence[str], index: An
   missing = [k for k in keys if k not in record]
   if missing:
     raise KeyError(f"{_describe(index, record)} has no field {missing[0]!r}, one of the "
-                   f"fields {tuple(keys)} passed through to the batch (config.data.passthrough "
-                   f"or a reward head's targets); add it to every record (this one has "
-                   f"{sorted(record)}) or stop passing it through")
+                   f"fields {tuple(keys)} passed through to the batch (config.data.passthrough, "
+                   f"or the regression targets of a reward head or loss); add it to every "
+                   f"record (this one has {sorted(record)}) or stop passing it through")
   return {k: record[k] for k in keys}
 
 

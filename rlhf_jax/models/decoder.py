@@ -36,6 +36,37 @@ def normalize_remat(remat) -> str:
   return remat
 
 
+def checkpoint_late(fn, tie: int = 1):
+  """`jax.checkpoint(fn)` (save nothing) whose backward recomputes `fn` only once the
+  output's cotangent exists.
+
+  Outside `lax.scan`, XLA's CPU backend merges the backward's recomputation with the
+  forward pass (common-subexpression elimination: optimisation barriers are expanded
+  before it), so every layer's activations stay alive as if nothing were rematerialised.
+  Here the backward recomputes from `args[tie]` (the hidden state) + 0 · (a finite element
+  of the cotangent): the same values, but a new expression that depends on the cotangent,
+  so layer i is recomputed only when the backward pass reaches it. Arguments and outputs
+  are pytrees of arrays (or None).
+  """
+  @jax.custom_vjp
+  def run(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    return fn(*args), args
+
+  def bwd(args, cotangent):
+    leaf = jax.tree.leaves(cotangent)[0]
+    zero = 0.0 * jnp.nan_to_num(leaf.reshape(-1)[0], posinf=0.0, neginf=0.0)
+    x = args[tie]
+    args = args[:tie] + ((x + zero.astype(x.dtype)),) + args[tie + 1:]
+    _, vjp = jax.vjp(fn, *args)
+    return vjp(cotangent)
+
+  run.defvjp(fwd, bwd)
+  return run
+
+
 def remat_policy(remat: str):
   """The `jax.checkpoint` policy of a `REMAT_POLICIES` name ("full": save nothing)."""
   remat = normalize_remat(remat)
@@ -301,8 +332,11 @@ class Decoder(nn.Module):
     """Runs per-layer parameters (a tuple, see `unstack_layers`) as a Python loop."""
     block = Block(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
     apply = block.apply
-    if normalize_remat(self.remat) != "none":
-      apply = jax.checkpoint(block.apply, policy=remat_policy(self.remat))
+    remat = normalize_remat(self.remat)
+    if remat == "full":  # per-layer weights: recompute each layer when the backward reaches it
+      apply = checkpoint_late(block.apply)
+    elif remat != "none":
+      apply = jax.checkpoint(block.apply, policy=remat_policy(remat))
     ks, vs = [], []
     for i, p in enumerate(layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])

@@ -79,9 +79,10 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
   if vocab_mean and vocab_chunk is not None:
     raise ValueError("the vocabulary-mean log-prob (ROVER) is computed from whole logit rows; "
                      "it does not stream over vocabulary chunks: unset model.vocab_chunk")
-  kernel = tied = None
-  if vocab_chunk is not None:
+  if vocab_chunk is not None:  # one custom VJP over position and vocabulary chunks
     kernel, tied = lm_kernel(model, params)
+    return stream_logps(h, kernel, targets, tied=tied, vocab_chunk=vocab_chunk,
+                        vocab_limit=vocab_limit, seq_chunk=chunk_size)
   b, n, d = h.shape
   c = min(chunk_size, n)
   n_chunks = -(-n // c)
@@ -93,9 +94,6 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
 
   def one(args):
     hc, tc = args
-    if vocab_chunk is not None:
-      return stream_logps(hc, kernel, tc, tied=tied, vocab_chunk=vocab_chunk,
-                          vocab_limit=vocab_limit)
     logits = model.logits_from_hidden(params, hc).astype(jnp.float32)
     extra = ()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -118,9 +116,7 @@ def logps_from_hidden(model, params, h, targets, *, chunk_size: int = 128,
   if n_chunks == 1:  # one chunk holds no more than the loop would: no loop, no recompute
     outs = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
   else:
-    # The streamed head saves only [b, c] residuals per chunk: no rematerialisation needed.
-    outs = jax.lax.map(one if vocab_chunk is not None else jax.checkpoint(one),
-                       (h_chunks, t_chunks))
+    outs = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))
   return tuple(x.swapaxes(0, 1).reshape(b, -1)[:, :n] for x in outs)
 
 

@@ -106,21 +106,38 @@ def _forward(h, kernel, targets, tied, vc, limit):
   return lp, logz - mean_logit, logz, mean_logit
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _stream(h, kernel, targets, tied, vc, limit):
-  lp, ent, _, _ = _forward(h, kernel, targets, tied, vc, limit)
+def _seq_split(x, c):
+  """[b, n, ...] -> [n / c, b, c, ...] (n a multiple of c)."""
+  b, n = x.shape[:2]
+  return x.reshape((b, n // c, c) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _seq_join(x):
+  """[k, b, c, ...] -> [b, k c, ...]."""
+  return x.swapaxes(0, 1).reshape((x.shape[1], -1) + x.shape[3:])
+
+
+def _forward_seq(h, kernel, targets, tied, vc, limit, c):
+  """`_forward` over chunks of `c` positions (lax.map): one [b, c, vc] block at a time."""
+  outs = jax.lax.map(lambda a: _forward(a[0], kernel, a[1], tied, vc, limit),
+                     (_seq_split(h, c), _seq_split(targets, c)))
+  return tuple(_seq_join(o) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _stream(h, kernel, targets, tied, vc, limit, c):
+  lp, ent, _, _ = _forward_seq(h, kernel, targets, tied, vc, limit, c)
   return lp, ent
 
 
-def _stream_fwd(h, kernel, targets, tied, vc, limit):
-  lp, ent, logz, mean_logit = _forward(h, kernel, targets, tied, vc, limit)
+def _stream_fwd(h, kernel, targets, tied, vc, limit, c):
+  lp, ent, logz, mean_logit = _forward_seq(h, kernel, targets, tied, vc, limit, c)
+  # Residuals: the inputs and two [b, n] rows; nothing per chunk, no copy of the kernel.
   return (lp, ent), (h, kernel, targets, logz, mean_logit)
 
 
-def _stream_bwd(tied, vc, limit, res, cotangents):
-  h, kernel, targets, logz, mean_logit = res
-  g_lp, g_ent = cotangents
-  g_lp = jnp.where(targets < limit, g_lp, 0.0)  # a -inf log-prob passes no gradient
+def _chunk_grads(h, kernel, targets, logz, mean_logit, g_lp, g_ent, dw, tied, vc, limit):
+  """(dh [b, c, D] float32, dw + this chunk's kernel gradient), block by vocabulary block."""
   v = kernel.shape[0] if tied else kernel.shape[1]
   n = -(-limit // vc)
 
@@ -146,28 +163,53 @@ def _stream_bwd(tied, vc, limit, res, cotangents):
       dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=1)
     return (dh, dw), None
 
-  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+  init = (jnp.zeros(h.shape, jnp.float32), dw)
   (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
-  return dh.astype(h.dtype), dw.astype(kernel.dtype), None
+  return dh, dw
+
+
+def _stream_bwd(tied, vc, limit, c, res, cotangents):
+  h, kernel, targets, logz, mean_logit = res
+  g_lp, g_ent = cotangents
+  g_lp = jnp.where(targets < limit, g_lp, 0.0)  # a -inf log-prob passes no gradient
+
+  def per_chunk(dw, xs):  # the kernel gradient accumulates in one carry over the chunks
+    hc, tc, zc, mc, glc, gec = xs
+    dh, dw = _chunk_grads(hc, kernel, tc, zc, mc, glc, gec, dw, tied, vc, limit)
+    return dw, dh
+
+  xs = tuple(_seq_split(x, c) for x in (h, targets, logz, mean_logit, g_lp, g_ent))
+  dw, dh = jax.lax.scan(per_chunk, jnp.zeros(kernel.shape, jnp.float32), xs)
+  return _seq_join(dh).astype(h.dtype), dw.astype(kernel.dtype), None
 
 
 _stream.defvjp(_stream_fwd, _stream_bwd)
 
 
 def stream_logps(h, kernel, targets, *, tied: bool, vocab_chunk: int,
-                 vocab_limit: Optional[int] = None):
+                 vocab_limit: Optional[int] = None, seq_chunk: Optional[int] = None):
   """Log-prob of `targets` and entropy under logits h @ kernel, over vocabulary chunks.
 
   Args:
-    h: [b, c, D] hidden states (the compute dtype). kernel: the LM head, [V, D] when
-      `tied` (the embedding), else [D, V]. targets: int [b, c].
+    h: [b, n, D] hidden states (the compute dtype). kernel: the LM head, [V, D] when
+      `tied` (the embedding), else [D, V]. targets: int [b, n].
     vocab_chunk: ids per chunk (min(vocab_chunk, V) is used). vocab_limit: ids >= it have
       probability 0 (a target >= it has log-prob -inf and no gradient).
+    seq_chunk: positions per block (None: all n). The positions are padded to a multiple
+      of it; forward and backward then hold one [b, seq_chunk, vocab_chunk] block at a
+      time, and the backward accumulates the kernel's gradient in a single buffer.
   Returns:
-    (logps [b, c], entropy [b, c]) float32, equal to the log-softmax / entropy of the full
-    logits; memory O(b c vocab_chunk) forward and backward.
+    (logps [b, n], entropy [b, n]) float32, equal to the log-softmax / entropy of the full
+    logits; memory O(b seq_chunk vocab_chunk) forward and backward, plus kernel-sized
+    gradient buffers.
   """
   check_vocab_chunk(vocab_chunk)
   v = kernel.shape[0] if tied else kernel.shape[1]
   limit, vc, _ = _geometry(v, vocab_chunk, vocab_limit)
-  return _stream(h, kernel, jnp.asarray(targets, jnp.int32), bool(tied), vc, limit)
+  b, n = targets.shape
+  c = n if seq_chunk is None else max(1, min(int(seq_chunk), n))
+  pad = -(-n // c) * c - n
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad)))
+  lp, ent = _stream(h, kernel, targets, bool(tied), vc, limit, c)
+  return lp[:, :n], ent[:, :n]

@@ -23,7 +23,9 @@ scalar loss (`make_batch_loss`):
 - "reward_model": any registered reward-model loss over the scalar rewards a
   reward-head model gives the chosen / rejected sequences (`chosen_rewards`,
   `rejected_rewards`; a listwise loss gets `rewards` [B, 2], chosen first);
-  extra numeric batch fields (e.g. `margin`) are passed by name. Ensemble, ArmoRM,
+  extra numeric batch fields (e.g. `margin`) are passed by name, and the records'
+  absolute scores `chosen_reward` / `rejected_reward` are `chosen_targets` /
+  `rejected_targets` (HelpSteer2-Preference's BT + regression). Ensemble, ArmoRM,
   GPM and HL-Gauss heads: `offline_heads.HeadedRewardModel` (config.rm_head).
 Chosen and rejected sequences go through the model as one [2B, T] batch.
 """
@@ -284,6 +286,11 @@ def _reward_model(model, loss_fn, loss_kwargs, what):
     available = {"chosen_rewards": cr, "rejected_rewards": rr,
                  "rewards": jnp.stack([cr, rr], axis=1)}
     available.update(_numeric_fields(batch, available))
+    # The records' absolute scores (`chosen_reward` / `rejected_reward`) are the regression
+    # targets of losses that declare them (HelpSteer2-Preference's `bt_regression`).
+    for side in ("chosen", "rejected"):
+      if f"{side}_reward" in batch and f"{side}_targets" not in available:
+        available[f"{side}_targets"] = batch[f"{side}_reward"].astype(cr.dtype)
     losses, _ = call_with_available(loss_fn, available, loss_kwargs, what)
     return jnp.mean(losses), {"accuracy": jnp.mean((cr > rr).astype(jnp.float32)),
                               "reward_margin": jnp.mean(cr - rr),

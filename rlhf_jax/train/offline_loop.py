@@ -45,7 +45,7 @@ from rlhf_jax.train import config_schema
 from rlhf_jax.train.placement import check_batch_size, fetch, host_arrays, placement
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
-from rlhf_jax.train import offline_heads
+from rlhf_jax.train import loss_inputs, offline_heads
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.runner import Runner
 
@@ -89,6 +89,14 @@ def _check_config(config, paradigm: str) -> None:
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
 
 
+def _declares_targets(paradigm: str, loss) -> bool:
+  """A reward-model loss whose declaration takes the records' scores as regression targets."""
+  if paradigm != "reward_model" or not loss:
+    return False
+  names = loss_inputs.parameter_names(losses_lib.get(loss))
+  return "chosen_targets" in names or "rejected_targets" in names
+
+
 def _is_ranked(records) -> bool:
   """Whether the records are ranked response lists ({"prompt", "responses"})."""
   return len(records) > 0 and isinstance(records[0], dict) and "responses" in records[0]
@@ -107,7 +115,8 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
                        f"loss={config.get('loss')!r}")
     kind = "list"
   passthrough = ((od.INDEX_KEY,) if precompute else ()) + tuple(d.get("passthrough") or ())
-  if od.plain(config.get("rm_head")).get("name") == "hl_gauss":
+  if (od.plain(config.get("rm_head")).get("name") == "hl_gauss"
+      or _declares_targets(paradigm, config.get("loss"))):
     passthrough += offline_heads.TARGET_KEYS
   if paradigm == "sft":
     train_records, eval_records = od.to_sft(train_records), od.to_sft(eval_records)

@@ -78,7 +78,7 @@ def _build(config) -> _Built:
   before anything is written."""
   tok = build.build_tokenizer(config)
   model, params = build.build_model(config.model, tok)
-  settings = RLSettings.from_config(config.rl)
+  settings = RLSettings.from_config(config.rl).with_prompt_ids(tok)
   settings.check_batch(int(config.train.prompts_per_step))
   if "values" in settings.estimator_inputs() and not config.get("value"):
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a value model: add "

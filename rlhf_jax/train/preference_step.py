@@ -41,6 +41,8 @@ ITERATE_INPUTS = ("prev_chosen_logps", "prev_rejected_logps")
 LIST_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "mask", "levels")
 OPPONENT_INPUTS = ("logps", "ref_logps", "lengths", "rewards", "preference_probs")
 ANSWER_INPUTS = ("ref_answer_logps", "ref_answer_lengths", "ref_answer_rewards")
+TOKEN_INPUTS = ("chosen_token_logps", "rejected_token_logps", "chosen_mask", "rejected_mask")
+TOKEN_REWARD_INPUTS = ("chosen_token_rewards", "rejected_token_rewards")
 ONLINE_FIX = ("the online preference step provides the inputs above; choose another "
               "rl.preference_loss")
 
@@ -126,6 +128,9 @@ class PreferencePhase:
     mixture π^(1−β) π_ref^β (`rl.mixture_beta`) and P(y ≻ y′) = σ((r(y) − r(y′))/T);
   reference_answer: the loss reads the policy's log-probs and the reward of the prompt's
     reference answer (GRAO): the prompt batch's `answer_ids` / `answer_mask` plus EOS.
+  token_prompts: T-REG's contrastive prompt ids (better, worse) when the loss reads token
+    rewards: r̂_t = σ(log π(y_t|better + x, y<t) − log π(y_t|worse + x, y<t)) − ½ under
+    the sampling policy (`contrastive_token_rewards`).
   """
   loss: str
   kwargs: Tuple[Tuple[str, Any], ...]
@@ -139,6 +144,7 @@ class PreferencePhase:
   reference_answer: bool = False
   mixture_beta: float = 0.125
   vocab_limit: Optional[int] = None
+  token_prompts: Tuple[Tuple[int, ...], ...] = ()
 
   @classmethod
   def build(cls, settings, *, vocab_limit: Optional[int] = None) -> "PreferencePhase":
@@ -149,7 +155,19 @@ class PreferencePhase:
     params = loss_inputs.parameter_names(fn)
     opponent = "preference_probs" in params
     listwise = loss_inputs.is_list_loss(fn) and not opponent
-    provides = set(OPPONENT_INPUTS if opponent else LIST_INPUTS if listwise else PAIR_INPUTS)
+    provides = set(OPPONENT_INPUTS if opponent else LIST_INPUTS if listwise
+                   else PAIR_INPUTS + TOKEN_INPUTS)
+    token_prompts = ()
+    if not (opponent or listwise) and any(n in params for n in TOKEN_REWARD_INPUTS):
+      if not settings.token_reward_prompt_ids:
+        raise ValueError(f"rl.preference_loss={name!r} needs token rewards from two contrastive "
+                         "prompts: set rl.token_reward_prompts=(better, worse), e.g. "
+                         "('Answer correctly: ', 'Answer wrongly: ')")
+      token_prompts = tuple(settings.token_reward_prompt_ids)
+      provides |= set(TOKEN_REWARD_INPUTS)
+    elif settings.token_reward_prompts:
+      raise ValueError(f"rl.token_reward_prompts is read by losses with token rewards (treg); "
+                       f"rl.preference_loss={name!r} does not take them: remove it")
     reference_answer = listwise and any(n in params for n in ANSWER_INPUTS)
     if reference_answer:
       provides |= set(ANSWER_INPUTS)
@@ -176,17 +194,19 @@ class PreferencePhase:
                pairs=settings.pairs, rso_beta=float(settings.rso_beta),
                temperature=float(settings.preference_temperature), listwise=listwise,
                uses_iterate=uses_iterate, opponent=opponent, reference_answer=reference_answer,
-               mixture_beta=float(settings.mixture_beta), vocab_limit=vocab_limit)
+               mixture_beta=float(settings.mixture_beta), vocab_limit=vocab_limit,
+               token_prompts=token_prompts)
 
   # --------------------------------------------------------------------- the pairs phase
 
   def data(self, model, ro: Rollout, sc: Scores, sig: Signals, iterate_params,
            rng: jax.Array, opponent_rewards: Optional[jax.Array] = None,
-           answers: Optional[Dict[str, jax.Array]] = None
+           answers: Optional[Dict[str, jax.Array]] = None, policy_params=None
            ) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
     """Group-major learn data [B, G, ...] with the pairs (or ranking, or each sample's
     preference over its opponent) and their weights; `answers` (GRAO): the reference
-    answers' "ids", "mask" [B, A] and "rewards" [B] (`reference_answers`)."""
+    answers' "ids", "mask" [B, A] and "rewards" [B] (`reference_answers`);
+    `policy_params`: the sampling policy (T-REG's token rewards)."""
     g = self.group_size
     rewards = _grouped(sc.rewards, g)
     mask = ro.loss_mask
@@ -212,7 +232,15 @@ class PreferencePhase:
       return data, {"preference_groups": jnp.mean(data["weight"])}
     pairs = group_pairs(rewards, mode=self.pairs, rng=rng, rso_beta=self.rso_beta)
     data.update(chosen=pairs.chosen, rejected=pairs.rejected, weight=pairs.weight)
-    return data, {"preference_pairs": jnp.mean(pairs.weight)}
+    metrics = {"preference_pairs": jnp.mean(pairs.weight)}
+    if self.token_prompts:
+      if policy_params is None:
+        raise ValueError("the pairs phase of a token-reward loss needs policy_params")
+      tok = contrastive_token_rewards(model, policy_params, ro, self.token_prompts,
+                                      group_size=g, vocab_limit=self.vocab_limit)
+      data["token_rewards"] = _grouped(tok, g)
+      metrics["token_reward_mean"] = jnp.sum(tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return data, metrics
 
   @staticmethod
   def normalizer(mb) -> jax.Array:
@@ -276,6 +304,15 @@ class PreferencePhase:
                    "preference_strength": jax.nn.sigmoid((wc - wr) / self.temperature)}
       if self.uses_iterate:
         available["prev_chosen_logps"], available["prev_rejected_logps"] = both(mb["prev_seq"])
+      rows = lambda x, idx: jnp.take_along_axis(  # noqa: E731
+          x, mb[idx][..., None], axis=1).reshape((-1,) + x.shape[2:])
+      tokens = lp.reshape(mask.shape)
+      available.update(chosen_token_logps=rows(tokens, "chosen"),
+                       rejected_token_logps=rows(tokens, "rejected"),
+                       chosen_mask=rows(mask, "chosen"), rejected_mask=rows(mask, "rejected"))
+      if self.token_prompts:
+        available.update(chosen_token_rewards=rows(mb["token_rewards"], "chosen"),
+                         rejected_token_rewards=rows(mb["token_rewards"], "rejected"))
       losses, _ = call(available)
       w = mb["weight"].reshape(-1)
       mean = lambda x: jnp.sum(x * w) / normalizer  # noqa: E731
@@ -284,6 +321,36 @@ class PreferencePhase:
       return loss, {"loss": loss, "implicit_accuracy": mean((margin > 0).astype(jnp.float32)),
                     "logratio_margin": mean(margin), "pair_reward_gap": mean(wc - wr)}
     return objective
+
+
+def contrastive_token_rewards(model, params, ro: Rollout, prompts, *, group_size: int,
+                              vocab_limit: Optional[int] = None) -> jax.Array:
+  """T-REG's token rewards of every sampled completion [N, T] (no gradient):
+
+    r̂_t = σ(log π(y_t | x_better, y<t) − log π(y_t | x_worse, y<t)) − ½,
+
+  x_better / x_worse = the contrastive prompt's tokens (`prompts` = (better ids, worse
+  ids)) followed by the sample's prompt (pads skipped); 0 outside the completion's loss
+  mask. Zhou et al., "T-REG: Preference Optimization with Token-Level Reward
+  Regularization" (2024).
+  """
+  n = ro.ids.shape[0]
+  limit = getattr(model.config, "max_position_embeddings", None)
+  longest = max(len(p) for p in prompts) + ro.ids.shape[1]
+  if limit is not None and longest > limit:
+    raise ValueError(f"rl.token_reward_prompts: a contrastive prompt ({max(map(len, prompts))} "
+                     f"tokens) + prompt + completion is {longest} tokens, more than the model's "
+                     f"max_position_embeddings={limit}; shorten the prompts")
+  out = []
+  for prefix in prompts:
+    k = len(prefix)
+    pre = jnp.broadcast_to(jnp.asarray(prefix, ro.ids.dtype), (n, k))
+    ids = jnp.concatenate([pre, ro.ids], 1)
+    attn = jnp.concatenate([jnp.ones((n, k), ro.attn.dtype), ro.attn], 1)
+    lp, _ = completion_logps(model, params, ids, attn, ro.prompt_len + k, group_size,
+                             vocab_limit)
+    out.append(jax.lax.stop_gradient(lp))
+  return losses_lib.preference_aux.treg_token_rewards(out[0], out[1], ro.loss_mask)
 
 
 def reference_answers(prompt_batch, eos_id: int):

@@ -66,7 +66,10 @@ class RLSettings:
     T: OSP's preference strength σ((r_w − r_l)/T). `iterate_every=k` keeps the policy of
     every k-th update as the iterate π_t that INPO's loss reads (DNO's previous-iterate
     reference is `ref_update_every=k`). `mixture_beta` β: Nash-MD's opponent is sampled
-    from the geometric mixture π^(1−β) π_ref^β.
+    from the geometric mixture π^(1−β) π_ref^β. `token_reward_prompts`: T-REG's two
+    contrastive revision prompts (better, worse), each prepended to the prompt; the token
+    rewards σ(log π(y_t|x_better) − log π(y_t|x_worse)) − ½ come from the sampling policy
+    (`token_reward_prompt_ids` holds them tokenized: `with_prompt_ids(tokenizer)`).
   sample_filter: PF-PPO's policy filtration (Shen et al. 2024), e.g. {"num_best": 1,
     "num_worst": 1} (best-worst), {"num_best": 1, "num_random": 1} (best-random) or
     {"num_best": 1} (best-of-N): per group, only the kept samples are trained on
@@ -104,6 +107,8 @@ class RLSettings:
   preference_temperature: float = 1.0
   iterate_every: int = 0
   mixture_beta: float = 0.125
+  token_reward_prompts: Tuple[str, ...] = ()
+  token_reward_prompt_ids: Tuple[Tuple[int, ...], ...] = ()
   sample_filter: Tuple[Tuple[str, Any], ...] = ()
 
   @classmethod
@@ -117,6 +122,10 @@ class RLSettings:
                 "sample_filter"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
+    if cfg.get("token_reward_prompts") is not None:
+      prompts = cfg["token_reward_prompts"]
+      cfg["token_reward_prompts"] = ((prompts,) if isinstance(prompts, str)
+                                     else tuple(prompts))
     for key, kind in (("reward_weights", float), ("constraint_thresholds", float),
                       ("constraint_equality", bool)):
       if cfg.get(key) is not None:
@@ -202,7 +211,8 @@ class RLSettings:
       raise ValueError(f"rl.iterate_every must be >= 0 (0: no kept iterate), got "
                        f"{self.iterate_every}")
     if self.objective != "preference":
-      for key in ("preference_loss", "preference_loss_kwargs", "iterate_every"):
+      for key in ("preference_loss", "preference_loss_kwargs", "iterate_every",
+                  "token_reward_prompts"):
         if getattr(self, key):
           raise ValueError(f"rl.{key} is read only with rl.objective='preference'; set "
                            f"rl.objective='preference' or remove rl.{key}")
@@ -225,10 +235,30 @@ class RLSettings:
     if self.rso_beta <= 0 or self.preference_temperature <= 0:
       raise ValueError(f"rl.rso_beta and rl.preference_temperature must be > 0, got "
                        f"{self.rso_beta} and {self.preference_temperature}")
+    prompts = self.token_reward_prompts
+    if prompts and (len(prompts) != 2
+                    or not all(isinstance(t, str) and t for t in prompts)):
+      raise ValueError(f"rl.token_reward_prompts={prompts!r}: give two non-empty strings, "
+                       "(better, worse), e.g. ('Answer correctly: ', 'Answer wrongly: ')")
     if self.kl_coef or self.kl_target is not None or self.kl_in_reward or self.entropy_coef:
       raise ValueError("rl.kl_coef / rl.kl_target / rl.kl_in_reward / rl.entropy_coef shape the "
                        "policy-gradient objective; with rl.objective='preference' the loss's own "
                        "beta (rl.preference_loss_kwargs) sets the strength of the reference")
+
+  def with_prompt_ids(self, tokenizer) -> "RLSettings":
+    """These settings with `token_reward_prompts` tokenized (a named error when the
+    tokenizer cannot encode one)."""
+    ids = []
+    for text in self.token_reward_prompts:
+      try:
+        enc = tuple(int(t) for t in tokenizer.encode(text))
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"rl.token_reward_prompts: the tokenizer cannot encode {text!r} "
+                         f"({type(e).__name__}: {e}); use characters it knows") from None
+      if not enc:
+        raise ValueError(f"rl.token_reward_prompts: {text!r} encodes to no tokens")
+      ids.append(enc)
+    return dataclasses.replace(self, token_reward_prompt_ids=tuple(ids))
 
   def estimator_inputs(self) -> frozenset:
     """Inputs the advantage estimator declares that rl.advantage_kwargs does not set
