@@ -202,8 +202,10 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("Length / format / tool rewards", "A", S, "online",
           {"rewards": ("exact_match", {"name": "length_penalty", "coef": 0.01})},
           ("reward", "length_penalty")),
-    Entry("Log-prob of reference / SAR / FLR / cosine", "B", S, None, {}, None,
-          "tests/test_shaping.py", "need model passes over reference answers in the reward"),
+    Entry("Log-prob of reference / SAR / FLR / cosine", "B", S, "online",
+          {"reward_shaping": ("reference_logprob", "sar")}, ("transform", "reference_logprob"),
+          note="new reward columns from policy passes (tests/test_shaping_inputs.py); cosine "
+          "similarity needs an encoder model: library only"),
     # 5. Data and compute allocation
     Entry("DAPO dynamic sampling", "5", "allocation", "online", _pg(dynamic_sampling=2), None),
     Entry("PF-PPO", "5", "allocation", "online", _pg(sample_filter={"num_best": 1, "num_worst": 1}),

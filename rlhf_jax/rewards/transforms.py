@@ -7,7 +7,11 @@ x G samples, K rewards), to new columns `[N, K']`; transforms apply in order, th
 columns are weighted and summed (`rl.reward_weights`, default all 1) or go to
 constrained RLHF. Every transform is registered with its declaration: `needs` are inputs
 the step provides ("group_size"; "ref_rewards" [N, M, K], the rewards of M samples of the
-reference policy for the same prompt, which the step then decodes and scores), `state` a
+reference policy for the same prompt, which the step then decodes and scores;
+"answer_logps" / "answer_mask" [N, A], the sampling policy's token log-probs of the
+prompt's reference answer (+ EOS) written after each completion, which the step then
+computes; "prompt_free_logps" [N, T], the policy's log-probs of each completion without
+its prompt, with the sampler's `completion_logps` / `completion_mask` [N, T]), `state` a
 factory `state(num_rewards=K) -> (init, update)` for a transform that keeps state (the
 step keeps it in `RLState.shaping_state` and passes the current one as `state=`).
 """
@@ -30,7 +34,9 @@ REGISTRY = Registry("reward transform")
 register = REGISTRY.register
 get = REGISTRY.get
 declaration = REGISTRY.declaration
-STEP_INPUTS = ("group_size", "ref_rewards")
+STEP_INPUTS = ("group_size", "ref_rewards", "answer_logps", "answer_mask", "prompt_free_logps",
+               "completion_logps", "completion_mask")
+MODEL_INPUTS = ("answer_logps", "prompt_free_logps")  # inputs that cost the step a model pass
 
 
 def names():
@@ -92,6 +98,38 @@ def par(each, *, ref_rewards):
   Shapes: each [N, K], ref_rewards [N, M, K] -> [N, K].
   """
   return jnp.mean(jax.nn.sigmoid(each[:, None, :] - ref_rewards), axis=1)
+
+
+@register("reference_logprob", family="model", needs=("answer_logps", "answer_mask"))
+def reference_logprob(each, *, answer_logps, answer_mask, normalize: bool = True):
+  """Appends the log-prob of the prompt's reference answer y* after each completion y:
+  r = (1/|y*|) Σ_t log π(y*_t | x, y, y*_<t) (the sum with `normalize=False`), as column K.
+
+  The follow-up / reference-answer likelihood reward (FLR: Zhang et al., 2024, "Aligning
+  Language Models Using Follow-up Likelihood as Reward Signal"; verifier-free RL scores a
+  reasoning trace by the likelihood it gives the reference answer). π is the sampling
+  policy, y's EOS is dropped and y* ends with EOS; no gradient flows through r. Weight
+  the new column with `rl.reward_weights`. Shapes: each [N, K], answer_* [N, A] ->
+  [N, K + 1].
+  """
+  r = shaping_lib.reference_logprob_reward(answer_logps, answer_mask, normalize=normalize)
+  return jnp.concatenate([each, jax.lax.stop_gradient(r)[:, None]], axis=1)
+
+
+@register("sar", family="model",
+          needs=("completion_logps", "prompt_free_logps", "completion_mask"))
+def sar(each, *, completion_logps, prompt_free_logps, completion_mask):
+  """Appends the self-aligned reward SAR = (PPL(y) − PPL(y | x)) / PPL(y) as column K:
+  the relative drop in the completion's perplexity from conditioning on the prompt
+  (PPL = exp(−mean_t log π); PPL(y) from the policy run on the completion alone, whose
+  first token has no context and is left out of both means).
+
+  "Self-Aligned Reward: Towards Effective and Efficient Reasoners" (2025) [form from the
+  library's `relative_perplexity_reward`]. Shapes: each [N, K], the rest [N, T] -> [N, K + 1].
+  """
+  mask = completion_mask.astype(jnp.float32).at[:, 0].set(0.0)
+  r = shaping_lib.relative_perplexity_reward(completion_logps, prompt_free_logps, mask)
+  return jnp.concatenate([each, jax.lax.stop_gradient(r)[:, None]], axis=1)
 
 
 @register("noisy_verifier", family="correction")
@@ -187,12 +225,13 @@ class Shaping(NamedTuple):
                     else decl.state(num_rewards=k, **dict(kwargs)).init())
       k = jax.eval_shape(
           lambda e, n=name, kw=kwargs, st=states[-1]: _call(
-              n, kw, e, 1, jnp.zeros((e.shape[0], 1, e.shape[1])), st),
+              n, kw, e, 1, _placeholders(e), st),
           jax.ShapeDtypeStruct((2, k), jnp.float32)).shape[1]
     return tuple(states) if any(s is not None for s in states) else None
 
-  def __call__(self, each, *, group_size: int, ref_rewards=None, state=None):
-    """(transformed each [N, K'], new state)."""
+  def __call__(self, each, *, group_size: int, ref_rewards=None, state=None, inputs=None):
+    """(transformed each [N, K'], new state); `inputs`: the other declared inputs by name."""
+    inputs = dict(inputs or {}, ref_rewards=ref_rewards)
     new_states = []
     for i, (name, kwargs) in enumerate(self.steps):
       decl = declaration(name)
@@ -201,7 +240,7 @@ class Shaping(NamedTuple):
         raise ValueError(f"reward_shaping {name!r} keeps state: build the RL state with "
                          "online.init_state(..., reward_shaping=<the same transforms>, "
                          "num_rewards=K)")
-      out = _call(name, kwargs, each, group_size, ref_rewards, st)
+      out = _call(name, kwargs, each, group_size, inputs, st)
       if decl.state is not None:  # advanced with this step's rewards, used from the next
         st = decl.state(num_rewards=each.shape[1], **dict(kwargs)).update(st, each)
       new_states.append(st)
@@ -209,11 +248,23 @@ class Shaping(NamedTuple):
     return each, (None if state is None else tuple(new_states))
 
 
-def _call(name, kwargs, each, group_size, ref_rewards, state):
+def _placeholders(each):
+  """Zeros for every declared input (shape inference of the columns a transform returns)."""
+  n = each.shape[0]
+  return {"ref_rewards": jnp.zeros((n, 1, each.shape[1])), "answer_mask": jnp.ones((n, 1)),
+          **{k: jnp.zeros((n, 1)) for k in ("answer_logps", "prompt_free_logps",
+                                             "completion_logps", "completion_mask")}}
+
+
+def _call(name, kwargs, each, group_size, inputs, state):
   decl = declaration(name)
-  inputs = {"group_size": group_size, "ref_rewards": ref_rewards}
+  inputs = dict(inputs, group_size=group_size)
   args = dict(kwargs)
   for n in decl.needs:
+    if inputs.get(n) is None:
+      raise ValueError(f"reward_shaping {name!r} needs {n!r}, which this step did not "
+                       "provide (the online step provides it when the transform is in "
+                       "config.reward_shaping)")
     args[n] = inputs[n]
   if decl.state is not None:
     args["state"] = state

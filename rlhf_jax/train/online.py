@@ -30,7 +30,7 @@ from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.rewards import transforms
 from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import learn as learn_lib
-from rlhf_jax.train import multiturn, phases, preference_step
+from rlhf_jax.train import multiturn, phases, preference_step, shaping_inputs
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
 from rlhf_jax.train.rl_config import RLSettings
 
@@ -274,6 +274,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   if "ref_rewards" in shaping.needs and env is not None:
     raise ValueError("config.reward_shaping: lsc / par score reference-policy samples, which "
                      "the multi-turn rollout does not draw; remove them with config.env")
+  model_inputs = shaping_inputs.Needs.build(shaping, env=env, pref=pref,
+                                            sampling_config=sampling_config)
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)
                    if "greedy_rewards" in needs else None)
@@ -312,7 +314,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     extras = phases.repeat_extras(prompt_batch, g)
     sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
                        reward_state, state.shaping_state,
-                       reference_rewards(state, prompt_batch, rng))
+                       reference_rewards(state, prompt_batch, rng),
+                       model_inputs(model, params, ro, prompt_batch, g, vocab_limit))
     extra = {}
     if greedy_config is not None:  # ReMax's baseline: the reward of a greedy decode per prompt
       gro = phases.rollout(model, params, prompt_batch, rng, greedy_config)

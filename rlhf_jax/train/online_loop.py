@@ -24,6 +24,7 @@ from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import prompt_data
+from rlhf_jax.rewards import transforms
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import build, config_schema, loop, multiturn, online, online_env, online_setup
@@ -140,9 +141,11 @@ def _rewards_and_batches(config, runs: Sequence[_Built]):
   table, offsets = seeds_lib.concat_records([r.task.train for r in runs])
   rewards = online_setup.build_rewards(config, tok, table)
   weights = online_setup.reward_weights(rewards, runs[0].settings.reward_weights)
+  shaping_needs = transforms.Shaping.from_config(config.get("reward_shaping")).needs
   its = [online_setup.prompt_batches(seeds_lib.seed_config(config, i) if len(runs) > 1 else config,
                                      tok, r.task.train, rewards, batch_size=nprompts,
-                                     answers="answer_probs" in r.settings.estimator_inputs())
+                                     answers=("answer_probs" in r.settings.estimator_inputs()
+                                              or "answer_logps" in shaping_needs))
          for i, r in enumerate(runs)]
   online_setup.probe_host_rewards(config, tok, table, rewards)
   batches = its[0] if len(runs) == 1 else seeds_lib.StackedBatches(its, offsets)

@@ -131,7 +131,7 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompt_ids, 
 def make_score(reward_fns: Sequence[RewardFn], weights: Optional[Sequence[float]], dual=None,
                num_constraints: int = 0, shaping=None, group_size: int = 1):
   """Returns `score_rollout(rollout, extras, reward_state, shaping_state=None,
-  ref_rewards=None) -> Scores`.
+  ref_rewards=None, inputs=None) -> Scores`.
 
   The reward functions' outputs [N, K] first go through the `shaping` transforms
   (`rlhf_jax.rewards.transforms.Shaping`, with their state and the reference policy's
@@ -140,12 +140,15 @@ def make_score(reward_fns: Sequence[RewardFn], weights: Optional[Sequence[float]
   v_0 + Σ λ_i (v_i − θ_i) (task reward first).
   """
   def score_rollout(ro: Rollout, extras: Mapping[str, jax.Array], reward_state,
-                    shaping_state=None, ref_rewards=None) -> Scores:
+                    shaping_state=None, ref_rewards=None, inputs=None) -> Scores:
     args = (ro.prompt_ids, ro.completion_ids, ro.completion_mask,
             dict(extras, prompt_mask=ro.prompt_mask))
     each = score_each(reward_fns, *args)
     if shaping is not None and shaping.steps:
+      inputs = dict(inputs or {}, completion_logps=ro.logps,
+                    completion_mask=ro.completion_mask.astype(jnp.float32))
       each, shaping_state = shaping(each, group_size=group_size, ref_rewards=ref_rewards,
+                                    inputs=inputs,
                                     state=shaping_state)
     if dual is None:
       w = (1.0,) * each.shape[1] if weights is None else weights
