@@ -78,13 +78,14 @@ def inference(size: str, layout: str = "unrolled") -> dict:
 
 
 def step(size: str, *, remat: str, vocab_chunk: int, rank, layout: str = "unrolled",
-         attention: str = "auto") -> dict:
+         attention: str = "auto", micro_batches: int = 1) -> dict:
   """The GRPO step training rank-`rank` adapters (None: every weight)."""
   w = gvp.SIZES[size]
   model = _model(size, remat, vocab_chunk, attention)
   settings = RLSettings(group_size=w.group, advantage="grpo", surrogate="ppo_clip",
                         surrogate_kwargs=(("epsilon_low", gvp.EPSILON),), kl_coef=gvp.BETA,
-                        kl_estimator="k3", aggregation="token_mean")
+                        kl_estimator="k3", aggregation="token_mean",
+                        micro_batches=micro_batches)
   opt = optim.make_optimizer(dict(name="adamw", learning_rate=gvp.LR, weight_decay=0.0,
                                   max_grad_norm=gvp.MAX_GRAD_NORM))
   spec = None
@@ -128,12 +129,14 @@ def main(argv=None):
                   "under lax.scan in the training passes and the sampler")
   ap.add_argument("--attention", default="auto", choices=models.ATTENTION_BACKENDS,
                   help="the training passes' attention backend (`model.attention`)")
+  ap.add_argument("--micro-batches", type=int, default=1,
+                  help="rl.micro_batches: the learn phase's gradient accumulation")
   ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning rows")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "lora_memory.json"))
   args = ap.parse_args(argv)
-  if args.rank < 1:
-    raise SystemExit("--rank must be >= 1")
+  if args.rank < 1 or args.micro_batches < 1:
+    raise SystemExit("--rank and --micro-batches must be >= 1")
   remats = _list(args.remat, "--remat", str)
   for r in remats:
     if r not in models.REMAT_POLICIES:
@@ -150,7 +153,7 @@ def main(argv=None):
         if name == "full" and args.no_full:
           continue
         r = step(args.size, remat=remat, vocab_chunk=chunk, rank=rank, layout=args.layout,
-                 attention=args.attention)
+                 attention=args.attention, micro_batches=args.micro_batches)
         rows.append(dict(program=name, remat=remat, vocab_chunk=chunk, **r,
                          ratio=r["peak_bytes"] / base["peak_bytes"]))
   mb = 2.0 ** 20
@@ -165,6 +168,7 @@ def main(argv=None):
   meta = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
               backend=jax.default_backend(), size=args.size, rank=args.rank,
               layout=args.layout, attention=args.attention,
+              micro_batches=args.micro_batches,
               targets=TARGETS, workload=dict(w._asdict()))
   write_results(args.out, meta, rows)
   return rows

@@ -156,6 +156,17 @@ def _param(mod: nn.Module, name: str, shape, std: float | None, param_dtype):
   return mod.param(name, init, shape, param_dtype)
 
 
+def _lora(mod: nn.Module, kernel: str, inp, dt):
+  """inp @ A @ B of the adapter attached to `kernel` (`lora.attach`: params
+  "<kernel>_lora_a" [in, r] and "<kernel>_lora_b" [r, out], the scale folded into B), or 0
+  when none is attached."""
+  if not mod.has_variable("params", kernel + "_lora_a"):
+    return 0.0
+  a = mod.get_variable("params", kernel + "_lora_a").astype(dt)
+  b = mod.get_variable("params", kernel + "_lora_b").astype(dt)
+  return (inp @ a) @ b
+
+
 class Norm(nn.Module):
   cfg: DecoderConfig
   param_dtype: Any = jnp.float32
@@ -195,7 +206,8 @@ class Attention(nn.Module):
     def proj(name, heads, use_bias):
       w = _param(self, f"{name}_kernel", (d, heads, hd), std, pd)
       # As a 2-D matmul: its gradient dots need no transposed copy of the kernel.
-      y = (x @ w.reshape(d, heads * hd).astype(dt)).reshape(x.shape[:2] + (heads, hd))
+      y = x @ w.reshape(d, heads * hd).astype(dt) + _lora(self, f"{name}_kernel", x, dt)
+      y = y.reshape(x.shape[:2] + (heads, hd))
       if use_bias:
         y = y + _param(self, f"{name}_bias", (heads, hd), None, pd).astype(dt)
       return y
@@ -215,7 +227,8 @@ class Attention(nn.Module):
       out = _layer_attention(cfg, q, ck.astype(dt), cv.astype(dt), mask, write_index,
                              cached=True)
     wo = _param(self, "o_kernel", (h, hd, d), std, pd)
-    y = out.reshape(out.shape[:2] + (h * hd,)) @ wo.reshape(h * hd, d).astype(dt)
+    flat = out.reshape(out.shape[:2] + (h * hd,))
+    y = flat @ wo.reshape(h * hd, d).astype(dt) + _lora(self, "o_kernel", flat, dt)
     if cfg.o_bias:
       y = y + _param(self, "o_bias", (d,), None, pd).astype(dt)
     return y, new_cache
@@ -234,7 +247,8 @@ class Mlp(nn.Module):
     pd, dt = self.param_dtype, self.dtype
 
     def dense(name, din, dout, inp):
-      y = inp @ _param(self, f"{name}_kernel", (din, dout), std, pd).astype(dt)
+      y = (inp @ _param(self, f"{name}_kernel", (din, dout), std, pd).astype(dt)
+           + _lora(self, f"{name}_kernel", inp, dt))
       if cfg.mlp_bias:
         y = y + _param(self, f"{name}_bias", (dout,), None, pd).astype(dt)
       return y

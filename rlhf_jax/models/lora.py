@@ -131,41 +131,69 @@ def delta(a, b, alpha: float, rank: int):
   return jnp.einsum("...ir,...ro->...io", a, b) * jnp.asarray(alpha / rank, a.dtype)
 
 
+def _rank(lora_params, alpha, rank: Optional[int], what: str) -> int:
+  r = rank_of(lora_params)
+  if rank is not None and rank != r:
+    raise ValueError(f"{what}: rank={rank} but the adapters have rank {r}.")
+  if not isinstance(alpha, jax.core.Tracer):
+    _check_rank_alpha(r, alpha)
+  return r
+
+
+def _over_targets(params, lora_params, what: str, edit):
+  """`params` (stacked or per layer) with `edit(module_dict, kernel_name, a, b)` applied to
+  every adapted kernel of every layer (a, b: that layer's adapter, or the stacked ones)."""
+  def one_layer(layer, i=None):
+    layer = dict(layer)
+    for mod, kernels in lora_params["layers"].items():
+      sub = dict(layer[mod])
+      for name, ab in kernels.items():
+        if name not in sub:
+          raise ValueError(f"{what}: the adapters target layers/{mod}/{name}, which the "
+                           "params do not have.")
+        edit(sub, name, *((ab["a"], ab["b"]) if i is None else (ab["a"][i], ab["b"][i])))
+      layer[mod] = sub
+    return layer
+
+  if isinstance(params["layers"], (tuple, list)):
+    layers = tuple(one_layer(p, i) for i, p in enumerate(params["layers"]))
+  else:
+    layers = one_layer(params["layers"])
+  return {**params, "layers": layers}
+
+
 def apply_params(params, lora_params, alpha: float, rank: Optional[int] = None):
   """Base params with the adapters merged in: W + alpha / r * A @ B for every target.
 
   Pure and jit-friendly; `params` may be stacked or per layer (the result keeps its
   layout and dtypes). Gradients flow to both `params` and `lora_params`.
   """
-  r = rank_of(lora_params)
-  if rank is not None and rank != r:
-    raise ValueError(f"apply_params: rank={rank} but the adapters have rank {r}.")
-  if not isinstance(alpha, jax.core.Tracer):
-    _check_rank_alpha(r, alpha)
-  per_layer = isinstance(params["layers"], (tuple, list))
+  r = _rank(lora_params, alpha, rank, "apply_params")
 
-  def merge(w, ab, i=None):
-    a, b = (ab["a"], ab["b"]) if i is None else (ab["a"][i], ab["b"][i])
+  def merge(sub, name, a, b):
+    w = sub[name]
     d = delta(a.astype(jnp.promote_types(a.dtype, w.dtype)), b, alpha, r)
-    return (w + d.reshape(w.shape).astype(w.dtype)).astype(w.dtype)
+    sub[name] = (w + d.reshape(w.shape).astype(w.dtype)).astype(w.dtype)
+  return _over_targets(params, lora_params, "apply_params", merge)
 
-  def merge_layer(layer, i=None):
-    layer = dict(layer)
-    for mod, kernels in lora_params["layers"].items():
-      sub = dict(layer[mod])
-      for name, ab in kernels.items():
-        if name not in sub:
-          raise ValueError(f"apply_params: the adapters target layers/{mod}/{name}, "
-                           "which the params do not have.")
-        sub[name] = merge(sub[name], ab, i)
-      layer[mod] = sub
-    return layer
 
-  if per_layer:
-    layers = tuple(merge_layer(p, i) for i, p in enumerate(params["layers"]))
-  else:
-    layers = merge_layer(params["layers"])
-  return {**params, "layers": layers}
+def attach(params, lora_params, alpha: float, rank: Optional[int] = None):
+  """Base params with the adapters ATTACHED, not merged: the decoder then computes
+  x @ W + (x @ A) @ (alpha / r · B) for every target (the same function as
+  `apply_params`).
+
+  No merged copy of a target kernel is made, and the gradient with respect to the adapters
+  flows through the two thin matmuls only (no [in, out] kernel gradient), which is what a
+  training pass wants; a decoder reads merged weights faster (`apply_params`). Each
+  target's layer module gets "<kernel>_lora_a" [.., in, r] and "<kernel>_lora_b"
+  [.., r, out] (scaled); `params` may be stacked or per layer.
+  """
+  r = _rank(lora_params, alpha, rank, "attach")
+
+  def add(sub, name, a, b):
+    sub[name + "_lora_a"] = a
+    sub[name + "_lora_b"] = b * jnp.asarray(alpha / r, b.dtype)
+  return _over_targets(params, lora_params, "attach", add)
 
 
 # ----------------------------------------------------------------------------- training

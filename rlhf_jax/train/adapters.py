@@ -98,14 +98,21 @@ def merge(spec: LoraSpec, base_params, params):
   return lora_lib.apply_params(base_params, params[KEY], spec.alpha, spec.rank)
 
 
+def attach(spec: LoraSpec, base_params, params):
+  """The policy's parameters with the adapters attached (not merged): the training passes'
+  form, x @ W + (x @ A) @ (alpha / r · B) (`lora.attach`)."""
+  return lora_lib.attach(base_params, params[KEY], spec.alpha, spec.rank)
+
+
 def wrap_objective(spec: LoraSpec, objective, base_params):
   """`objective(policy_params, ...)` as a function of the adapters `{"lora": ...}`.
 
   `base_params` is closed over: `jax.grad` with respect to the first argument gives a
-  gradient tree of the adapters alone.
+  gradient tree of the adapters alone. The objective sees the adapters attached
+  (`attach`), so no merged kernel and no kernel-sized gradient exists in the learn phase.
   """
   def over_adapters(params, *args):
-    return objective(merge(spec, base_params, params), *args)
+    return objective(attach(spec, base_params, params), *args)
   return over_adapters
 
 
