@@ -132,6 +132,12 @@ CASES = [
         rewards=({"name": "python", "fn": "user_rewards:raises"},)),
      r"config\.rewards\[0\] \('python'\).*my reward broke"),
     ("unknown_task_key", lambda f: dict(task={"name": "jsonl", "pth": "x"}), r"task\.pth"),
+    ("treg_prompt_past_the_positions", lambda f: dict(
+        rl__objective="preference", rl__preference_loss="treg",
+        rl__token_reward_prompts=("x" * 60, "y")), r"rl\.token_reward_prompts \(60 tokens\)"),
+    ("reference_answer_past_the_positions", lambda f: dict(
+        reward_shaping=("reference_logprob",), sampling__max_new_tokens=30),
+     r"reward_shaping 'reference_logprob'.*positions"),
 ]
 
 

@@ -168,6 +168,21 @@ def check_online(config, model, settings, train_records) -> None:
                   what=f"data.max_prompt_length + sampling.max_new_tokens = {plen} + {alen}",
                   fix="lower data.max_prompt_length or sampling.max_new_tokens, or use a model "
                       "with more positions")
+  if settings.token_reward_prompt_ids:  # T-REG: a contrastive prompt before every prompt
+    k = max(len(p) for p in settings.token_reward_prompt_ids)
+    check_positions(model, k + plen + alen,
+                    what=f"the longest rl.token_reward_prompts ({k} tokens) + "
+                         f"data.max_prompt_length + sampling.max_new_tokens",
+                    fix="shorten rl.token_reward_prompts or the prompt / completion lengths")
+  shaping = config.get("reward_shaping") or ()
+  if any((s if isinstance(s, str) else s.get("name") if hasattr(s, "get") else None)
+         == "reference_logprob" for s in shaping):  # the reference answer (<= max_new_tokens, + EOS) after each sample
+    check_positions(model, plen + 2 * alen + 1,
+                    what=f"reward_shaping 'reference_logprob': data.max_prompt_length + "
+                         f"sampling.max_new_tokens + a reference answer of up to "
+                         f"{alen} tokens + EOS",
+                    fix="lower data.max_prompt_length or sampling.max_new_tokens, or use a model "
+                        "with more positions")
   sampling = _dict(config.sampling)
   greedy = ("sampling.temperature=0" if float(sampling.get("temperature", 1.0)) == 0 else
             "sampling.top_k=1" if sampling.get("top_k") == 1 else None)
