@@ -211,9 +211,15 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("PF-PPO", "5", "allocation", "online", _pg(sample_filter={"num_best": 1, "num_worst": 1}),
           None, note="policy filtration as a phase: only the kept samples train "
           "(tests/test_pf_ppo.py)"),
-    Entry("Knapsack RL / Reinforce-Ada", "5", "allocation", None, {}, None,
+    Entry("Reinforce-Ada", "5", "allocation", "online",
+          _pg(advantage="reinforce_ada", adaptive_sampling={"rounds": 2}),
+          ("advantage", "reinforce_ada"),
+          note="rounds of G samples drawn at once, each prompt's used rounds and balanced "
+          "G kept at a fixed shape (tests/test_reinforce_ada.py)"),
+    Entry("Knapsack RL", "5", "allocation", None, {}, None,
           "tests/test_advantages_allocation.py",
-          "per-prompt sample budgets (variable G per prompt): rules in the library only"),
+          "per-prompt sample budgets from last epoch's success rates (variable G per "
+          "prompt): rule in the library only"),
 )
 
 

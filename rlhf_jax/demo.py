@@ -26,7 +26,8 @@ def rl_block(**overrides) -> dict:
             surrogate_kwargs={}, kl_in_reward=False, objective="policy_gradient",
             preference_loss=config_dict.placeholder(str), preference_loss_kwargs={},
             pairs="best_worst", rso_beta=0.5, preference_temperature=1.0, iterate_every=0,
-            mixture_beta=0.125, token_reward_prompts=(), sample_filter={})
+            mixture_beta=0.125, token_reward_prompts=(), sample_filter={},
+            adaptive_sampling={})
   rl.update(overrides)
   return rl
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.advantages import base
+from rlhf_jax.advantages.registry import register
 from rlhf_jax.losses.common import check_float, check_nonnegative, check_rank, check_unit_interval
 
 
@@ -130,6 +131,63 @@ def reinforce_ada_advantages(rewards: jax.Array, *, prompt_means: jax.Array,
   if prompt_means.shape != (r.shape[0],):
     raise ValueError(f"prompt_means must have shape ({r.shape[0]},), got {prompt_means.shape}")
   return (r - prompt_means[:, None]).reshape(-1)
+
+
+@register("reinforce_ada", family="group", needs=("group_size", "prompt_means"))
+def reinforce_ada(rewards: jax.Array, *, group_size: int, prompt_means: jax.Array) -> jax.Array:
+  """Reinforce-Ada's estimator: A_i = r_i − p̂, p̂ the mean reward over every sample drawn
+  for the prompt (`rl.adaptive_sampling`'s pool; without it, the group itself).
+
+  Reinforce-Ada (Xiong et al., 2025). Shapes: rewards [N], prompt_means [N // G] -> [N].
+  """
+  return reinforce_ada_advantages(rewards, prompt_means=prompt_means, group_size=group_size)
+
+
+class AdaptiveSelection(NamedTuple):
+  """Reinforce-Ada's kept samples: `rows` [B·G] (indices into the B·R·G pool, G per prompt
+  in pool order), `prompt_means` [B] over the rounds used, `rounds_used` [B] int32."""
+  rows: jax.Array
+  prompt_means: jax.Array
+  rounds_used: jax.Array
+
+
+def reinforce_ada_select(rewards: jax.Array, *, group_size: int, rounds: int,
+                         threshold: float = 0.7, balanced: bool = True) -> AdaptiveSelection:
+  """Reinforce-Ada's sampling at a fixed shape: R rounds of G samples per prompt are drawn
+  at once (`rewards` [B·R·G], each prompt's R·G rows in round order); prompt i uses rounds
+  1..k_i, k_i the first round after which `reinforce_ada_active` says it is done (R if
+  never), and keeps G of those samples: positives (reward > `threshold`) up to
+  max(⌊G/2⌋, G − #negatives), negatives for the rest, earliest first. p̂_i is the mean
+  reward of the k_i·G samples used.
+
+  Reinforce-Ada: An Adaptive Sampling Framework for Reinforce-Style LLM Training (Xiong et
+  al., 2025); the paper stops sampling a prompt once done, here every round is drawn and
+  the later ones are ignored (static shapes). Shapes: [B·R·G] -> AdaptiveSelection.
+  """
+  check_rank(rewards, 1, "rewards")
+  g, k = int(group_size), int(rounds)
+  if g < 1 or k < 1 or rewards.shape[0] % (g * k):
+    raise ValueError(f"reinforce_ada_select: {rewards.shape[0]} rewards are not prompts x "
+                     f"rounds={k} x group_size={g}")
+  r = rewards.reshape(-1, k, g)
+  pos = r > threshold
+  npos = jnp.cumsum(jnp.sum(pos, axis=2), axis=1)                     # [B, R] after round j
+  nneg = jnp.cumsum(jnp.sum(~pos, axis=2), axis=1)
+  done = ~reinforce_ada_active(npos, nneg, n=g, balanced=balanced)
+  used = jnp.where(jnp.any(done, axis=1), jnp.argmax(done, axis=1) + 1, k).astype(jnp.int32)
+  flat, pos = r.reshape(-1, k * g), pos.reshape(-1, k * g)
+  pool = jnp.arange(k * g)[None, :] < (used * g)[:, None]
+  means = jnp.sum(jnp.where(pool, flat, 0.0), axis=1) / (used * g).astype(flat.dtype)
+  p_in, n_in = pos & pool, ~pos & pool
+  n_pos, n_neg = jnp.sum(p_in, axis=1), jnp.sum(n_in, axis=1)
+  take_pos = jnp.minimum(n_pos, jnp.maximum(g // 2, g - n_neg))
+  take_neg = g - take_pos
+  keep = ((p_in & (jnp.cumsum(p_in, axis=1) <= take_pos[:, None]))
+          | (n_in & (jnp.cumsum(n_in, axis=1) <= take_neg[:, None])))
+  order = jnp.argsort(~keep, axis=1, stable=True)[:, :g]              # kept, in pool order
+  rows = order + (jnp.arange(flat.shape[0]) * k * g)[:, None]
+  return AdaptiveSelection(rows.reshape(-1).astype(jnp.int32), jax.lax.stop_gradient(means),
+                           used)
 
 
 class PclSelection(NamedTuple):

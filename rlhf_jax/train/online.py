@@ -162,6 +162,9 @@ def variant_metrics(info, extra) -> Dict[str, jax.Array]:
     out["greedy_reward_mean"] = jnp.mean(extra["greedy"])
   if "kept" in extra:
     out["kept_fraction"] = jnp.mean(extra["kept"].astype(jnp.float32))
+  if "adaptive" in extra:
+    out.update(adaptive_rounds_used=jnp.mean(extra["adaptive"].rounds_used.astype(jnp.float32)),
+               adaptive_pool_reward_mean=jnp.mean(extra["adaptive"].prompt_means))
   return out
 
 
@@ -279,6 +282,14 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   greedy_config = (dataclasses.replace(sampling_config, temperature=0.0, top_k=None, top_p=None,
                                        num_samples=1)
                    if "greedy_rewards" in needs else None)
+  rounds = settings.adaptive_rounds
+  if rounds > 1 and (env is not None or shaping.needs):
+    raise ValueError("rl.adaptive_sampling (Reinforce-Ada) draws rounds of samples from the "
+                     "single-turn sampler and groups them itself; it does not combine with "
+                     "config.env or reward_shaping transforms that read groups, reference "
+                     "samples or model passes: remove one")
+  pool_config = (sampling_config if rounds == 1 else
+                 dataclasses.replace(sampling_config, num_samples=g * rounds))
   if greedy_config is not None and shaping.steps:
     raise ValueError(f"rl.advantage={settings.advantage!r} scores one greedy decode per prompt, "
                      "which config.reward_shaping's transforms do not apply to; remove "
@@ -308,15 +319,24 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     return jnp.repeat(each.reshape(-1, g, each.shape[1]), g, axis=0)
 
   def sample_and_score(params, state, prompt_batch, rng):
-    """rollout -> score (ReMax's greedy baseline; dynamic sampling's selection)."""
+    """rollout -> score (Reinforce-Ada's and dynamic sampling's selections; ReMax's greedy
+    baseline; Nash-MD's opponents; GRAO's and IGPO's answers)."""
     reward_state = state.reward_state
-    ro, info = rollout(params, prompt_batch, rng)
-    extras = phases.repeat_extras(prompt_batch, g)
-    sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
-                       reward_state, state.shaping_state,
-                       reference_rewards(state, prompt_batch, rng),
-                       model_inputs(model, params, ro, prompt_batch, g, vocab_limit))
     extra = {}
+    if rounds > 1:  # Reinforce-Ada: R rounds of G samples per prompt, drawn at once
+      ro, info = phases.rollout(model, params, prompt_batch, rng, pool_config), None
+      pool = score_rollout(ro, phases.repeat_extras(prompt_batch, g * rounds), reward_state,
+                           state.shaping_state)
+      ro, sc, extra["adaptive"] = phases.select_adaptive(
+          ro, pool, group_size=g, rounds=rounds,
+          **{k: v for k, v in settings.adaptive_sampling if k != "rounds"})
+    else:
+      ro, info = rollout(params, prompt_batch, rng)
+      extras = phases.repeat_extras(prompt_batch, g)
+      sc = score_rollout(ro, extras if info is None else multiturn.with_env_reward(extras, info),
+                         reward_state, state.shaping_state,
+                         reference_rewards(state, prompt_batch, rng),
+                         model_inputs(model, params, ro, prompt_batch, g, vocab_limit))
     if greedy_config is not None:  # ReMax's baseline: the reward of a greedy decode per prompt
       gro = phases.rollout(model, params, prompt_batch, rng, greedy_config)
       extra["greedy"] = jax.lax.stop_gradient(
@@ -358,7 +378,10 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                              jax.random.fold_in(rng, 2**31 - 1), extra.get("opponent"),
                              extra.get("answers"), policy_params=extra.get("policy"))
       return data, state.adv_state, more
-    adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"))
+    adaptive = extra.get("adaptive")
+    adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"),
+                                      prompt_means=None if adaptive is None
+                                      else adaptive.prompt_means)
                       if info is None else
                       multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info,
                                          answer_probs=extra.get("answer_probs")))

@@ -167,6 +167,17 @@ def make_score(reward_fns: Sequence[RewardFn], weights: Optional[Sequence[float]
   return score_rollout
 
 
+def select_adaptive(ro: Rollout, sc: Scores, *, group_size: int, rounds: int,
+                    threshold: float = 0.7, balanced: bool = True):
+  """Reinforce-Ada's selection as a phase: from R rounds of G samples per prompt, G per
+  prompt (`allocation.reinforce_ada_select`). Returns (rollout, scores, selection)."""
+  sel = allocation_lib.reinforce_ada_select(sc.rewards, group_size=group_size, rounds=rounds,
+                                            threshold=threshold, balanced=balanced)
+  take = lambda x: jnp.take(x, sel.rows, axis=0)  # noqa: E731
+  sc = jax.tree.map(take, sc.replace(shaping_state=None)).replace(shaping_state=sc.shaping_state)
+  return jax.tree.map(take, ro), sc, sel
+
+
 def select_groups(ro: Rollout, sc: Scores, extras, *, group_size: int, keep: int):
   """Dynamic sampling's selection at a fixed shape: the first `keep` groups whose rewards
   are not all equal (batch order), then equal-reward groups if there are not enough.
@@ -281,7 +292,7 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
 # Inputs an estimator may declare that the single-turn step computes (`values` only with
 # a value model; `greedy_rewards` costs one greedy decode per prompt).
 STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids",
-               "vocab_mean_log_ratio")
+               "vocab_mean_log_ratio", "prompt_means")
 
 
 def answer_ids(completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
@@ -337,8 +348,12 @@ class Estimator:
 
   def __call__(self, scores: Scores, ro: Rollout, sig: Signals, state,
                greedy_rewards: Optional[jax.Array] = None,
-               turn_inputs: Optional[Mapping[str, jax.Array]] = None):
+               turn_inputs: Optional[Mapping[str, jax.Array]] = None,
+               prompt_means: Optional[jax.Array] = None):
     """(advantages [N] or [N, T], new state).
+
+    `prompt_means` [N // G]: the mean reward of every sample drawn for each prompt
+    (Reinforce-Ada's pool, `rl.adaptive_sampling`); default: each group's mean.
 
     `turn_inputs` (multi-turn rollouts): the turn-level inputs ("step_rewards",
     "anchor_ids", "step_mask") and "token_turn" [N, T]; a "step" estimator's per-turn
@@ -353,6 +368,9 @@ class Estimator:
       inputs["vocab_mean_log_ratio"] = jnp.zeros(ro.loss_mask.shape, jnp.float32)
     if "answer_ids" in self.needs:
       inputs["answer_ids"] = answer_ids(ro.completion_ids, ro.completion_mask)
+    if "prompt_means" in self.needs:
+      inputs["prompt_means"] = (jnp.mean(scores.rewards.reshape(-1, self.group_size), axis=1)
+                                if prompt_means is None else prompt_means)
     kwargs = dict(self.kwargs)
     for n in self.needs:
       if n not in kwargs:
@@ -381,6 +399,7 @@ class Estimator:
 
 def estimate(estimator: Estimator, scores: Scores, ro: Rollout, sig: Signals, adv_state,
              greedy_rewards: Optional[jax.Array] = None,
-             turn_inputs: Optional[Mapping[str, jax.Array]] = None):
+             turn_inputs: Optional[Mapping[str, jax.Array]] = None,
+             prompt_means: Optional[jax.Array] = None):
   """The estimate phase: `(advantages, new adv_state)` (see `Estimator.__call__`)."""
-  return estimator(scores, ro, sig, adv_state, greedy_rewards, turn_inputs)
+  return estimator(scores, ro, sig, adv_state, greedy_rewards, turn_inputs, prompt_means)

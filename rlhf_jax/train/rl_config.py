@@ -21,6 +21,7 @@ from rlhf_jax.train import reference as reference_lib
 OBJECTIVES = ("policy_gradient", "preference")
 PAIRINGS = ("best_worst", "all_pairs", "rso")
 SAMPLE_FILTER_KEYS = ("num_best", "num_worst", "num_random")
+ADAPTIVE_KEYS = ("rounds", "threshold", "balanced")
 
 
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
@@ -70,6 +71,12 @@ class RLSettings:
     contrastive revision prompts (better, worse), each prepended to the prompt; the token
     rewards σ(log π(y_t|x_better) − log π(y_t|x_worse)) − ½ come from the sampling policy
     (`token_reward_prompt_ids` holds them tokenized: `with_prompt_ids(tokenizer)`).
+  adaptive_sampling: Reinforce-Ada's adaptive sampling, e.g. {"rounds": 4, "threshold":
+    0.7, "balanced": True}: up to `rounds` rounds of G samples per prompt (all drawn at
+    once), each prompt using its rounds until it has ⌊G/2⌋ positives (reward > threshold)
+    and G − ⌊G/2⌋ negatives (balanced; else one positive), keeping G of them balanced
+    (`advantages.allocation.reinforce_ada_select`); the pool's mean reward reaches the
+    estimator as `prompt_means` (`rl.advantage="reinforce_ada"`). Empty: off.
   sample_filter: PF-PPO's policy filtration (Shen et al. 2024), e.g. {"num_best": 1,
     "num_worst": 1} (best-worst), {"num_best": 1, "num_random": 1} (best-random) or
     {"num_best": 1} (best-of-N): per group, only the kept samples are trained on
@@ -110,6 +117,7 @@ class RLSettings:
   token_reward_prompts: Tuple[str, ...] = ()
   token_reward_prompt_ids: Tuple[Tuple[int, ...], ...] = ()
   sample_filter: Tuple[Tuple[str, Any], ...] = ()
+  adaptive_sampling: Tuple[Tuple[str, Any], ...] = ()
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -119,7 +127,7 @@ class RLSettings:
     if unknown:
       raise ValueError(f"unknown rl config keys {unknown}; known keys: {sorted(fields)}")
     for key in ("advantage_kwargs", "surrogate_kwargs", "preference_loss_kwargs",
-                "sample_filter"):
+                "sample_filter", "adaptive_sampling"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
     if cfg.get("token_reward_prompts") is not None:
@@ -179,6 +187,7 @@ class RLSettings:
       if not 0.0 <= self.ref_ema_decay <= 1.0:
         raise ValueError(f"rl.ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
     self._validate_sample_filter()
+    self._validate_adaptive()
     advantages_lib.declaration(self.advantage).check_kwargs(dict(self.advantage_kwargs),
                                                             key="rl.advantage_kwargs")
     losses_lib.declaration(self.surrogate).check_kwargs(dict(self.surrogate_kwargs),
@@ -202,6 +211,34 @@ class RLSettings:
     if self.objective == "preference":
       raise ValueError("rl.sample_filter (PF-PPO) filters the policy-gradient step's samples; "
                        "rl.objective='preference' builds its own pairs: remove one")
+
+  def _validate_adaptive(self) -> None:
+    if not self.adaptive_sampling:
+      return
+    kw = dict(self.adaptive_sampling)
+    unknown = sorted(set(kw) - set(ADAPTIVE_KEYS))
+    if unknown:
+      raise ValueError(f"rl.adaptive_sampling has unknown keys {unknown}; Reinforce-Ada's "
+                       f"sampling reads {', '.join(ADAPTIVE_KEYS)}")
+    rounds = kw.get("rounds")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
+      raise ValueError(f"rl.adaptive_sampling.rounds={rounds!r}: give an int >= 2 (the most "
+                       "rounds of rl.group_size samples drawn per prompt)")
+    if not isinstance(kw.get("threshold", 0.7), (int, float)) or not isinstance(
+        kw.get("balanced", True), bool):
+      raise ValueError(f"rl.adaptive_sampling={kw}: threshold is a number (a positive sample "
+                       "has reward > threshold) and balanced a bool")
+    for key, on in (("dynamic_sampling", self.dynamic_sampling > 1),
+                    ("sample_filter", bool(self.sample_filter)),
+                    ("objective='preference'", self.objective == "preference")):
+      if on:
+        raise ValueError(f"rl.adaptive_sampling (Reinforce-Ada) selects each prompt's samples "
+                         f"itself; it does not combine with rl.{key}: remove one")
+
+  @property
+  def adaptive_rounds(self) -> int:
+    """Rounds of G samples drawn per prompt (1: no adaptive sampling)."""
+    return int(dict(self.adaptive_sampling).get("rounds", 1))
 
   def _validate_objective(self) -> None:
     if self.objective not in OBJECTIVES:
