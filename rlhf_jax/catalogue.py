@@ -183,8 +183,9 @@ CATALOGUE: Tuple[Entry, ...] = (
           {"rewards": ("exact_match", "terminated"),
            "reward_shaping": ({"name": "ensemble", "mode": "uwo"},)}, ("transform", "ensemble"),
           note="ensemble members as reward columns"),
-    Entry("PURE", "B", R, None, {}, None, "tests/test_shaping.py",
-          "min-form credit needs process (step) rewards"),
+    Entry("PURE", "B", R, "online", _pg(advantage="pure"), ("advantage", "pure"),
+          note="process rewards = the environment's per-turn rewards; min-form returns + "
+          "outcome, RLOO baselines (multi-turn)", config_file="experiments/agentic_calculator.py"),
     # 4. Reward shaping and combination
     Entry("KL in reward", "A", S, "online", _pg(kl_in_reward=True, kl_coef=0.05), None,
           note="r − β·k1 per token (`losses.kl.kl_in_reward`), adaptive β with rl.kl_target"),

@@ -204,3 +204,49 @@ def test_check_steps_names_the_estimator_and_the_mismatch():
     check_steps("gigpo", r, sr, anchor_ids=jnp.zeros((2, 2), jnp.int32))
   with pytest.raises(ValueError, match="turn_returns: step_rewards has 2 rows but rewards has 3"):
     check_steps("turn_returns", jnp.zeros(3), sr)
+
+
+def _np_pure(r, step, mask, g, t, c):
+  """PURE in float64 numpy, turn by turn: min-form weights, return-to-go, RLOO baselines."""
+  n, k = step.shape
+  ret = np.zeros((n, k))
+  for i in range(n):
+    valid = [j for j in range(k) if mask[i, j]]
+    if not valid:
+      continue
+    e = np.exp(-step[i, valid] / t - np.max(-step[i, valid] / t))
+    wr = dict(zip(valid, e / e.sum() * step[i, valid]))
+    for j in valid:
+      ret[i, j] = sum(wr[m] for m in valid if m >= j)
+  loo = lambda x: np.asarray([(x[(i // g) * g:(i // g + 1) * g].sum() - x[i]) / (g - 1)  # noqa: E731
+                              for i in range(n)])
+  adv = ret - loo(ret[:, 0])[:, None] + c * (r - loo(r))[:, None]
+  return np.where(mask, adv, 0.0)
+
+
+def test_pure_turn_estimator_reference_and_min_limit():
+  rng = np.random.default_rng(7)
+  n, k, g = 6, 4, 3
+  step = rng.normal(size=(n, k))
+  mask = np.ones((n, k), bool)
+  mask[1, 2:] = False
+  mask[4, 1:] = False
+  r = rng.normal(size=n)
+  fn = jax.jit(lambda r, s, m: advantages.get("pure")(r, step_rewards=s, step_mask=m,
+                                                      group_size=g, temperature=0.5,
+                                                      outcome_coef=0.3))
+  got = fn(jnp.asarray(r, jnp.float32), jnp.asarray(step, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), _np_pure(r, step, mask, g, 0.5, 0.3),
+                             rtol=1e-5, atol=1e-5)
+  # T -> 0 and no outcome: a turn's return is the min of the step rewards from it on, minus
+  # the group's leave-one-out mean of the episodes' minima.
+  got = advantages.get("pure")(jnp.asarray(r, jnp.float32), step_rewards=jnp.asarray(
+      step, jnp.float32), step_mask=jnp.asarray(mask), group_size=g, temperature=1e-4,
+                               outcome_coef=0.0)
+  mins = np.where(mask, np.asarray([[np.min(step[i, j:][mask[i, j:]]) if mask[i, j] else 0.0
+                                     for j in range(k)] for i in range(n)]), 0.0)
+  want = _np_pure(np.zeros(n), step, mask, g, 1e-4, 0.0)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-3)
+  np.testing.assert_allclose(want[:, 0] + np.asarray(
+      [(mins[(i // g) * g:(i // g + 1) * g, 0].sum() - mins[i, 0]) / (g - 1)
+       for i in range(n)]), mins[:, 0], atol=1e-3)

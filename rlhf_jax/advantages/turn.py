@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.registry import register
 from rlhf_jax.advantages.token import check_steps, discounted_returns
-from rlhf_jax.losses.common import (check_float, check_nonnegative, check_rank,
+from rlhf_jax.losses.common import (check_float, check_nonnegative, check_positive, check_rank,
                                     check_unit_interval, grouped)
 
 
@@ -91,6 +91,63 @@ def turn_returns(rewards: jax.Array, *, step_rewards: jax.Array, step_mask: jax.
   if normalize_std:
     std = base.group_std(base.group_view(r0, group_size, "episode returns"))
     adv = adv / (jnp.repeat(std.reshape(-1), group_size)[:, None] + eps)
+  return jnp.where(step_mask.astype(bool), adv, 0.0)
+
+
+def pure_min_form(step_rewards: jax.Array, mask: jax.Array, *,
+                  temperature: float = 0.1) -> tuple[jax.Array, jax.Array]:
+  """PURE min-form credit assignment for process rewards.
+
+  r*_i = softmax_i(−r/T)·r_i over valid steps; G_t = Σ_{i≥t} r*_i (≈ min_{i≥t} r_i
+  as T → 0). "Stop Summation: Min-Form Credit Assignment Is All Process Reward
+  Model Needs for Reasoning" (Cheng et al. 2025), T = 0.1; pair with an RLOO baseline.
+
+  Args:
+    step_rewards: [N, S]; mask: [N, S] valid steps.
+
+  Returns:
+    (weighted step rewards r* [N, S], returns G [N, S]); 0 on invalid steps.
+  """
+  check_rank(step_rewards, 2, "step_rewards")
+  if mask.shape != step_rewards.shape:
+    raise ValueError(f"mask has shape {mask.shape} but step_rewards has {step_rewards.shape}")
+  check_positive("pure_min_form", temperature=temperature)
+  m = mask.astype(bool)
+  logits = jnp.where(m, -step_rewards / temperature, jnp.finfo(step_rewards.dtype).min / 4)
+  w = jax.nn.softmax(logits, axis=1)
+  weighted = jnp.where(m, w * step_rewards, 0.0)
+  returns = jnp.where(m, jnp.cumsum(weighted[:, ::-1], axis=1)[:, ::-1], 0.0)
+  return weighted, returns
+
+
+def _loo_mean(x: jax.Array, group_size: int) -> jax.Array:
+  """Leave-one-out group means: (Σ_G x − x_i) / (G − 1) [N] (0 for G = 1)."""
+  g = base.group_view(x, group_size, "episode values")
+  return ((jnp.sum(g, axis=1, keepdims=True) - g) / max(group_size - 1, 1)).reshape(-1)
+
+
+@register("pure", family="step", needs=("step_rewards", "step_mask", "group_size"))
+def pure(rewards: jax.Array, *, step_rewards: jax.Array, step_mask: jax.Array,
+         group_size: int, temperature: float = 0.1, outcome_coef: float = 1.0) -> jax.Array:
+  """PURE: min-form credit for process (turn) rewards, plus the outcome, RLOO baselines.
+
+  r*_{i,k} = softmax_k(−r_i/T)_k · r_{i,k} over the valid turns (`pure_min_form`);
+  G_{i,k} = Σ_{j≥k} r*_{i,j} (≈ min_{j≥k} r_{i,j} as T → 0);
+  A_{i,k} = (G_{i,k} − loo(G_{·,0})_i) + c·(R_i − loo(R)_i),  loo(x)_i the mean of x over
+  the other G − 1 samples of the group.
+
+  The process rewards are the environment's per-turn rewards (`step_rewards`), R the
+  scored sequence reward (the verifiable outcome), c = `outcome_coef` [choice: the
+  paper's RLOO baseline applied to both returns]. "Stop Summation: Min-Form Credit
+  Assignment Is All Process Reward Model Needs for Reasoning" (Cheng et al., 2025), T = 0.1.
+  Shapes: rewards [N], step_rewards, step_mask [N, K] -> advantages [N, K] (0 on invalid
+  turns).
+  """
+  check_nonnegative("pure", outcome_coef=outcome_coef)
+  check_steps("pure", rewards, step_rewards, step_mask=step_mask)
+  _, ret = pure_min_form(step_rewards, step_mask, temperature=temperature)
+  adv = (ret - _loo_mean(ret[:, 0], group_size)[:, None]
+         + outcome_coef * (rewards - _loo_mean(rewards, group_size))[:, None])
   return jnp.where(step_mask.astype(bool), adv, 0.0)
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.advantages.turn import pure_min_form  # noqa: F401  (PURE lives with the turn estimators)
 from rlhf_jax.losses.common import (check_float, check_inputs, check_nonnegative, check_positive,
                                     check_rank, check_unit_interval, masked_mean, masked_sum)
 
@@ -191,29 +192,3 @@ def cosine_similarity_reward(embeddings: jax.Array, ref_embeddings: jax.Array, *
   num = jnp.sum(embeddings * ref_embeddings, axis=-1)
   den = jnp.linalg.norm(embeddings, axis=-1) * jnp.linalg.norm(ref_embeddings, axis=-1)
   return num / jnp.maximum(den, eps)
-
-
-def pure_min_form(step_rewards: jax.Array, mask: jax.Array, *,
-                  temperature: float = 0.1) -> tuple[jax.Array, jax.Array]:
-  """PURE min-form credit assignment for process rewards.
-
-  r*_i = softmax_i(−r/T)·r_i over valid steps; G_t = Σ_{i≥t} r*_i (≈ min_{i≥t} r_i
-  as T → 0). "Stop Summation: Min-Form Credit Assignment Is All Process Reward
-  Model Needs for Reasoning" (Cheng et al. 2025), T = 0.1; pair with an RLOO baseline.
-
-  Args:
-    step_rewards: [N, S]; mask: [N, S] valid steps.
-
-  Returns:
-    (weighted step rewards r* [N, S], returns G [N, S]); 0 on invalid steps.
-  """
-  check_rank(step_rewards, 2, "step_rewards")
-  if mask.shape != step_rewards.shape:
-    raise ValueError(f"mask has shape {mask.shape} but step_rewards has {step_rewards.shape}")
-  check_positive("pure_min_form", temperature=temperature)
-  m = mask.astype(bool)
-  logits = jnp.where(m, -step_rewards / temperature, jnp.finfo(step_rewards.dtype).min / 4)
-  w = jax.nn.softmax(logits, axis=1)
-  weighted = jnp.where(m, w * step_rewards, 0.0)
-  returns = jnp.where(m, jnp.cumsum(weighted[:, ::-1], axis=1)[:, ::-1], 0.0)
-  return weighted, returns
