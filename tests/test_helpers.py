@@ -16,7 +16,7 @@ from rlhf_jax.advantages.bnpo import batch_moments
 from rlhf_jax.advantages.token import reverse_discounted_sum
 from rlhf_jax.losses.common import (check_float, check_group_size, check_inputs, check_rank,
                                     check_same_shape, grouped, log_sigmoid, masked_mean,
-                                    masked_sum, masked_var)
+                                    masked_sum, masked_var, next_step)
 from rlhf_jax.losses.policy_gradient import clipped_surrogate, rover_loss, sequence_log_ratio
 from rlhf_jax.losses.preference import (check_batch_vector, check_pair, logratios, pair_extras,
                                         soft_bce)
@@ -53,6 +53,13 @@ def test_masked_sum_mean_var_match_numpy():
   close(masked_mean(j(X), None), X.mean())
   close(masked_sum(j(X), None), X.sum())
   close(masked_var(j(X), None), X.var())
+
+
+def test_next_step_shifts_left_along_the_last_axis_with_a_zero_after_the_end():
+  x = np.arange(1.0, 7.0).reshape(2, 3)
+  np.testing.assert_array_equal(np.asarray(next_step(jnp.asarray(x))),
+                                [[2.0, 3.0, 0.0], [5.0, 6.0, 0.0]])
+  assert next_step(jnp.ones((4,), jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_masked_mean_all_false_mask_is_zero_not_nan():
