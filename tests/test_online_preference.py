@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.train import online, preference_step
+from rlhf_jax.train import online, phases, preference_step
 from rlhf_jax.train.rl_config import RLSettings
 from test_online import prompts, setup
 
@@ -85,7 +85,6 @@ def stepped():
   model, _, sc, opt, _, state = setup()
   settings = _settings(preference_loss_kwargs=dict(beta=0.5), pairs="all_pairs")
   phase = preference_step.PreferencePhase.build(settings)
-  from rlhf_jax.train import phases
   batch = {k: jnp.asarray(v) for k, v in prompts(n=4, seed=3).items()}
   ro = phases.rollout(model, state.params, batch, jax.random.PRNGKey(5), sc)
   scores = phases.Scores(rewards=_even_fraction(None, ro.completion_ids, ro.completion_mask, {}),
@@ -125,7 +124,6 @@ def test_dpo_objective_matches_a_float64_reference(stepped):
 
 def test_listwise_pro_objective_ranks_the_group_by_reward(stepped):
   model, state, _, ro, scores, _ = stepped
-  from rlhf_jax.train import phases
   settings = _settings(preference_loss="pro", preference_loss_kwargs=dict(sft_weight=0.0))
   phase = preference_step.PreferencePhase.build(settings)
   assert phase.listwise
@@ -213,7 +211,6 @@ def test_nash_md_step_samples_mixture_opponents():
 
 def test_opponent_preference_probs_are_the_reward_sigmoid(stepped):
   model, state, _, ro, scores, _ = stepped
-  from rlhf_jax.train import phases
   phase = preference_step.PreferencePhase.build(
       _settings(preference_loss="nash_md", preference_temperature=0.5))
   assert phase.opponent
@@ -234,7 +231,7 @@ def test_opponent_preference_probs_are_the_reward_sigmoid(stepped):
 def test_grao_scores_the_reference_answer_with_eos():
   batch = {"answer_ids": jnp.asarray([[5, 6, 0], [7, 0, 0]]),
            "answer_mask": jnp.asarray([[1, 1, 0], [1, 0, 0]], bool)}
-  ids, mask = preference_step.reference_answers(batch, eos_id=2)
+  ids, mask = phases.reference_answers(batch, eos_id=2)
   np.testing.assert_array_equal(np.asarray(ids), [[5, 6, 2, 0], [7, 2, 0, 0]])
   np.testing.assert_array_equal(np.asarray(mask), [[1, 1, 1, 0], [1, 1, 0, 0]])
   model, _, sc, opt, rewards, state0 = setup()
@@ -244,7 +241,7 @@ def test_grao_scores_the_reference_answer_with_eos():
   state, m = update(state, prompts(n=4, seed=0), jax.random.PRNGKey(0))
   assert np.isfinite(float(m["loss"]))
   with pytest.raises(ValueError, match="no answer_ids"):
-    preference_step.reference_answers({}, eos_id=2)
+    phases.reference_answers({}, eos_id=2)
 
 
 # ----------------------------------------------------------------------------- bad configs
@@ -319,7 +316,6 @@ def _right_padded_logps(model, params, ro, prefix):
 
 def test_treg_token_rewards_and_objective_match_float64(stepped):
   model, state, _, ro, scores, _ = stepped
-  from rlhf_jax.train import phases
   settings = _settings(preference_loss="treg", pairs="all_pairs",
                        preference_loss_kwargs=dict(beta=0.5, alpha=0.3),
                        token_reward_prompts=("ab", "xyz")).with_prompt_ids(_Tok())

@@ -348,7 +348,9 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       extra["opponent"] = score_rollout(phases.from_samples(opp), extras, reward_state,
                                         state.shaping_state).rewards
     if pref is not None and pref.reference_answer:  # GRAO: the prompts' reference answers
-      ids, mask = preference_step.reference_answers(prompt_batch, sampling_config.eos_ids[0])
+      ids, mask = phases.reference_answers(
+          prompt_batch, sampling_config.eos_ids[0],
+          "rl.preference_loss reads the prompts' reference answers (GRAO)")
       ans_ro = phases.Rollout(prompt_ids=prompt_batch["prompt_ids"],
                               prompt_mask=prompt_batch["prompt_mask"], completion_ids=ids,
                               completion_mask=mask.astype(bool), loss_mask=mask,

@@ -204,6 +204,20 @@ def batch_answers(prompt_batch: Mapping[str, jax.Array], who: str):
   return ids, prompt_batch.get("answer_mask", ids != 0).astype(bool)
 
 
+def reference_answers(prompt_batch, eos_id: int,
+                      who: str = "the step scores the prompts' reference answers"):
+  """The prompt batch's reference answers as completions: `answer_ids` with EOS appended
+  after the last real token: (ids [B, A + 1], mask [B, A + 1] float32). A named error when
+  the batch has no answers."""
+  ids, mask = batch_answers(prompt_batch, who)
+  b = ids.shape[0]
+  ids = jnp.concatenate([ids, jnp.zeros((b, 1), jnp.int32)], 1)
+  mask = jnp.concatenate([mask, jnp.zeros((b, 1), bool)], 1)
+  end = jnp.sum(mask, axis=1)
+  at_end = jnp.arange(ids.shape[1])[None, :] == end[:, None]
+  return jnp.where(at_end, eos_id, ids), (mask | at_end).astype(jnp.float32)
+
+
 def filter_samples(ro: Rollout, sc: Scores, rng: jax.Array, *, group_size: int,
                    num_best: int = 0, num_worst: int = 0, num_random: int = 0):
   """PF-PPO's policy filtration as a phase: the `num_best` / `num_worst` highest / lowest

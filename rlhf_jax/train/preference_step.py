@@ -205,7 +205,7 @@ class PreferencePhase:
            ) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
     """Group-major learn data [B, G, ...] with the pairs (or ranking, or each sample's
     preference over its opponent) and their weights; `answers` (GRAO): the reference
-    answers' "ids", "mask" [B, A] and "rewards" [B] (`reference_answers`);
+    answers' "ids", "mask" [B, A] and "rewards" [B] (`phases.reference_answers`);
     `policy_params`: the sampling policy (T-REG's token rewards)."""
     g = self.group_size
     rewards = _grouped(sc.rewards, g)
@@ -351,17 +351,3 @@ def contrastive_token_rewards(model, params, ro: Rollout, prompts, *, group_size
                              vocab_limit)
     out.append(jax.lax.stop_gradient(lp))
   return losses_lib.preference_aux.treg_token_rewards(out[0], out[1], ro.loss_mask)
-
-
-def reference_answers(prompt_batch, eos_id: int):
-  """The prompt batch's reference answers as completions: `answer_ids` with EOS appended
-  after the last real token: (ids [B, A + 1], mask [B, A + 1] float32). A named error when
-  the batch has no answers."""
-  ids, mask = batch_answers(
-      prompt_batch, "rl.preference_loss reads the prompts' reference answers (GRAO)")
-  b = ids.shape[0]
-  ids = jnp.concatenate([ids, jnp.zeros((b, 1), jnp.int32)], 1)
-  mask = jnp.concatenate([mask, jnp.zeros((b, 1), bool)], 1)
-  end = jnp.sum(mask, axis=1)
-  at_end = jnp.arange(ids.shape[1])[None, :] == end[:, None]
-  return jnp.where(at_end, eos_id, ids), (mask | at_end).astype(jnp.float32)

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from rlhf_jax import models as models_lib
 from rlhf_jax.rewards import transforms
 from rlhf_jax.train import phases
-from rlhf_jax.train.preference_step import reference_answers
 
 
 def answer_logps(model, params, ro: phases.Rollout, prompt_batch, *, group_size: int,
@@ -34,7 +33,9 @@ def answer_logps(model, params, ro: phases.Rollout, prompt_batch, *, group_size:
   the shapes stay static): the first answer token is predicted from that token's state,
   never from a padding slot.
   """
-  ids, mask = reference_answers(prompt_batch, eos_ids[0])
+  ids, mask = phases.reference_answers(
+      prompt_batch, eos_ids[0], "config.reward_shaping 'reference_logprob' scores the "
+      "prompts' reference answers")
   ids, mask = jnp.repeat(ids, group_size, axis=0), jnp.repeat(mask, group_size, axis=0)
   n, t = ro.completion_ids.shape
   a = ids.shape[1]
