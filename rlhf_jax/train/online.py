@@ -372,13 +372,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
           extra[key] = jax.tree.map(lambda x: x[chosen], extra[key])  # noqa: B023
     return ro, info, sc, extra
 
-  def estimate_or_pair(state: RLState, ro, info, sc, sig, extra, rng):
-    """The estimate phase (advantages), or the pairs phase of the preference objective:
-    returns (learn data, adv_state, metrics)."""
+  def estimate_or_pair(state: RLState, ro, info, sc, sig, extra, rng, policy):
+    """The estimate phase (advantages), or the pairs phase of the preference objective
+    (`policy`: the sampling policy's parameters): returns (learn data, adv_state, metrics)."""
     if pref is not None:
       data, more = pref.data(model, ro, sc, sig, state.iterate_params,
                              jax.random.fold_in(rng, 2**31 - 1), extra.get("opponent"),
-                             extra.get("answers"), policy_params=extra.get("policy"))
+                             extra.get("answers"), policy_params=policy)
       return data, state.adv_state, more
     adaptive = extra.get("adaptive")
     adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"),
@@ -403,8 +403,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
                          value_params=state.value_params, vocab_limit=vocab_limit,
                          policy_params=policy if old_vocab_mean else None)
-    data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, dict(extra, policy=policy),
-                                             rng_perm)
+    data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm, policy)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))
     obj = (objective if lora is None else
