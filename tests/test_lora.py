@@ -80,8 +80,8 @@ def test_shapes_and_merge_math(llama):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("hf", [LLAMA, GPT2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+@pytest.mark.parametrize("hf, per_layer", [(LLAMA, True), (GPT2, False)],
+                         ids=["llama-per_layer", "gpt2-stacked"])
 def test_attached_adapters_equal_merged_weights_with_thin_gradients(hf, per_layer):
   """`lora.attach` (x W + x A (s B), what the training passes use) gives the merged model's
   log-probs and the same gradient with respect to the adapters, in float64-checked math:

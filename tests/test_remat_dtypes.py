@@ -73,10 +73,9 @@ def test_remat_gradients_equal_no_remat(llama, policy, per_layer):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(1.0, np.abs(b).max())
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
-def test_full_remat_frees_the_layers_activations(per_layer):
+def test_full_remat_frees_the_layers_activations_with_per_layer_weights():
   """Compiled temporary memory of the log-prob gradient at 6 layers: with remat="full" the
-  backward keeps one layer's activations at a time (per-layer weights included, where
+  backward keeps one layer's activations at a time, also with per-layer weights (where
   XLA's CPU backend would otherwise merge the recomputation into the forward pass)."""
   hf = dict(LLAMA, num_hidden_layers=6, hidden_size=64, intermediate_size=256,
             max_position_embeddings=256)
@@ -84,9 +83,7 @@ def test_full_remat_frees_the_layers_activations(per_layer):
 
   def temp(remat):
     model = M.from_config(hf, remat=remat)
-    params = jax.eval_shape(model.init, jax.random.key(0))
-    if per_layer:
-      params = jax.eval_shape(M.unstack_layers, params)
+    params = jax.eval_shape(M.unstack_layers, jax.eval_shape(model.init, jax.random.key(0)))
     f = jax.grad(lambda p, i: jnp.sum(M.token_logps(model, p, i)[0]))
     return jax.jit(f).lower(params, ids).compile().memory_analysis().temp_size_in_bytes
   none, full = temp("none"), temp("full")

@@ -26,9 +26,15 @@ def rolled():
   return model, state.params, batch, ro
 
 
-def _row_logps(model, params, seq):
-  lp, _ = models.token_logps(model, params, jnp.asarray(seq, jnp.int32)[None])
-  return np.asarray(lp[0], np.float64)
+def _rows_logps(model, params, seqs):
+  """Token log-probs of unpadded sequences, right-padded into one batch (float64, a list)."""
+  width = max(len(q) for q in seqs)
+  ids = np.zeros((len(seqs), width), np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  for i, q in enumerate(seqs):
+    ids[i, :len(q)], mask[i, :len(q)] = q, 1
+  lp, _ = models.token_logps(model, params, jnp.asarray(ids), jnp.asarray(mask))
+  return [np.asarray(lp[i, :len(q)], np.float64) for i, q in enumerate(seqs)]
 
 
 def test_answer_logps_equal_an_unpadded_pass_and_the_transform_is_their_mean(rolled):
@@ -41,14 +47,15 @@ def test_answer_logps_equal_an_unpadded_pass_and_the_transform_is_their_mean(rol
   cid, cm = np.asarray(ro.completion_ids), np.asarray(ro.completion_mask, bool)
   aid, am = np.asarray(batch["answer_ids"]), np.asarray(batch["answer_mask"], bool)
   saw_eos = False
+  seqs, answers = [], []
   for n in range(cid.shape[0]):
     keep = cm[n] & (cid[n] != EOS)
     saw_eos |= bool(np.any(cm[n] & (cid[n] == EOS)))
-    answer = list(aid[n // g][am[n // g]]) + [EOS]
-    seq = list(pid[n][pm[n]]) + list(cid[n][keep]) + answer
-    want = _row_logps(model, params, seq)[-len(answer):]
-    assert mask[n].sum() == len(answer)
-    np.testing.assert_allclose(lp[n][mask[n] > 0], want, atol=2e-5)
+    answers.append(list(aid[n // g][am[n // g]]) + [EOS])
+    seqs.append(list(pid[n][pm[n]]) + list(cid[n][keep]) + answers[-1])
+  for n, full in enumerate(_rows_logps(model, params, seqs)):
+    assert mask[n].sum() == len(answers[n])
+    np.testing.assert_allclose(lp[n][mask[n] > 0], full[-len(answers[n]):], atol=2e-5)
     assert np.all(lp[n][mask[n] == 0] == 0)
   assert saw_eos  # some completion's own EOS was dropped before the answer
   each = jnp.ones((cid.shape[0], 2))
@@ -68,10 +75,10 @@ def test_sar_matches_float64_relative_perplexity(rolled):
   cid, cm = np.asarray(ro.completion_ids), np.asarray(ro.completion_mask, bool)
   cond = np.asarray(ro.logps, np.float64)
   want = []
-  for n in range(cid.shape[0]):
-    k = int(cm[n].sum())
-    np.testing.assert_allclose(free[n, 1:k], _row_logps(model, params, cid[n, :k])[1:],
-                               atol=2e-5)
+  lengths = [int(cm[n].sum()) for n in range(cid.shape[0])]
+  alone = _rows_logps(model, params, [list(cid[n, :k]) for n, k in enumerate(lengths)])
+  for n, k in enumerate(lengths):
+    np.testing.assert_allclose(free[n, 1:k], alone[n][1:], atol=2e-5)
     if k < 2:
       want.append(0.0)
       continue
