@@ -17,6 +17,7 @@ import numpy as np
 from rlhf_jax import data as data_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax.rewards import registry as rewards_registry
+from rlhf_jax.rewards import transforms
 
 
 def _dict(x) -> Dict[str, Any]:
@@ -174,9 +175,8 @@ def check_online(config, model, settings, train_records) -> None:
                     what=f"the longest rl.token_reward_prompts ({k} tokens) + "
                          f"data.max_prompt_length + sampling.max_new_tokens",
                     fix="shorten rl.token_reward_prompts or the prompt / completion lengths")
-  shaping = config.get("reward_shaping") or ()
-  if any((s if isinstance(s, str) else s.get("name") if hasattr(s, "get") else None)
-         == "reference_logprob" for s in shaping):  # the reference answer (<= max_new_tokens, + EOS) after each sample
+  if "answer_logps" in transforms.Shaping.from_config(config.get("reward_shaping")).needs:
+    # the reference answer (up to max_new_tokens, + EOS) after each sample
     check_positions(model, plen + 2 * alen + 1,
                     what=f"reward_shaping 'reference_logprob': data.max_prompt_length + "
                          f"sampling.max_new_tokens + a reference answer of up to "

@@ -335,12 +335,10 @@ def contrastive_token_rewards(model, params, ro: Rollout, prompts, *, group_size
   Regularization" (2024).
   """
   n = ro.ids.shape[0]
-  limit = getattr(model.config, "max_position_embeddings", None)
-  longest = max(len(p) for p in prompts) + ro.ids.shape[1]
-  if limit is not None and longest > limit:
-    raise ValueError(f"rl.token_reward_prompts: a contrastive prompt ({max(map(len, prompts))} "
-                     f"tokens) + prompt + completion is {longest} tokens, more than the model's "
-                     f"max_position_embeddings={limit}; shorten the prompts")
+  model.config.check_sequence_length(
+      max(len(p) for p in prompts) + ro.ids.shape[1],
+      what="rl.token_reward_prompts: the longest contrastive prompt + prompt + completion",
+      fix="shorten the prompts")
   out = []
   for prefix in prompts:
     k = len(prefix)

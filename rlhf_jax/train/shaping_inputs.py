@@ -49,12 +49,9 @@ def answer_logps(model, params, ro: phases.Rollout, prompt_batch, *, group_size:
   tail = jnp.where(j < kept, comp, jnp.where(in_answer, jnp.take_along_axis(ids, k, 1), 0))
   full = jnp.concatenate([ro.prompt_ids, tail.astype(ro.prompt_ids.dtype)], axis=1)
   attn = jnp.concatenate([ro.prompt_mask.astype(bool), (j < kept) | in_answer], axis=1)
-  limit = getattr(model.config, "max_position_embeddings", None)
-  if limit is not None and full.shape[1] > limit:
-    raise ValueError(f"config.reward_shaping 'reference_logprob': prompt + completion + "
-                     f"reference answer is {full.shape[1]} tokens, more than the model's "
-                     f"max_position_embeddings={limit}; shorten sampling.max_new_tokens or "
-                     "data.max_prompt_length")
+  model.config.check_sequence_length(
+      full.shape[1], what="reward_shaping 'reference_logprob': prompt + completion + "
+      "reference answer", fix="shorten sampling.max_new_tokens or data.max_prompt_length")
   lp, _ = phases.completion_logps(model, params, full, attn, ro.prompt_ids.shape[1], 1,
                                   vocab_limit)                  # [N, T + A]
   at = jnp.minimum(kept + jnp.arange(a)[None, :], t + a - 1)
