@@ -1,6 +1,9 @@
 """Files a run writes survive a kill: metrics lines and the reference log-prob cache."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
@@ -16,6 +19,26 @@ def test_metrics_writer_drops_a_partial_last_line(tmp_path):
   w.close()
   lines = path.read_text().splitlines()
   assert lines == ['{"loss": 1.0, "step": 1}', '{"loss": 0.5, "step": 2}']
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """A CLI run's writer leaves torch unloaded (its import costs seconds per process) and a
+  later `import torch` still works."""
+  code = textwrap.dedent(f"""
+      import importlib.util, os, sys
+      from rlhf_jax.train.metrics_io import MetricsWriter
+      w = MetricsWriter({str(tmp_path)!r}, total_steps=1, progress=False)
+      w.write(1, {{"loss": 0.5}})
+      w.close()
+      assert "torch" not in sys.modules, "torch was imported"
+      assert os.listdir(os.path.join({str(tmp_path)!r}, "tb")), "no event file"
+      if importlib.util.find_spec("torch") is not None:
+        import torch
+        assert torch.zeros(1).shape == (1,)
+      """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _build(path, calls):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -17,6 +18,25 @@ def _drop_partial_last_line(path: str) -> None:
     data = f.read()
     if data and not data.endswith(b"\n"):
       f.truncate(data.rfind(b"\n") + 1)
+
+
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without torch where torch is not loaded yet.
+
+  tensorboardX imports torch (about 3 s) only to accept torch tensors as values; the loops
+  log floats. While it is imported, `torch` is marked missing so that its `import torch`
+  fails fast; the mark is removed afterwards, so a later `import torch` works as usual.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricsWriter:
@@ -45,7 +65,7 @@ class MetricsWriter:
     path = os.path.join(workdir, "metrics.jsonl")
     _drop_partial_last_line(path)
     self._jsonl = open(path, "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     self._tb_seed: Dict[int, object] = {}
     self._summary_writer = SummaryWriter
