@@ -141,8 +141,10 @@ CATALOGUE: Tuple[Entry, ...] = (
           note="targets use mean_vocab(log π_θ − log π_old) of the learn phase's logits "
                "(tests/test_rover.py)"),
     Entry("ADORA", "B", G, "online", _pg(advantage="adora"), ("advantage", "adora")),
-    Entry("THR", "B", G, None, {}, ("advantage", "thr"), "tests/test_advantages_group.py",
-          "needs per-token hidden rewards (gradient influence) the step does not compute"),
+    Entry("THR", "B", G, "online", _pg(advantage="grpo_thr", advantage_kwargs={"p": 0.1}),
+          ("advantage", "grpo_thr"),
+          note="THR_t = A·⟨∇_W ℓ_t, Σ_correct ∇_W ℓ⟩ through the LM head, from the sampling "
+               "policy in the signals phase; A_t = A(1 + p·sign THR_t) (tests/test_thr.py)"),
     Entry("COPO", "B", G, "online", _pg(advantage="copo"), ("advantage", "copo"),
           note="blended advantage (1 − w)·A_g + w·A_local; answers = completions"),
     Entry("GiGPO", "B", G, "experiment", {}, ("advantage", "gigpo"), "tests/test_exp_guess_number.py",

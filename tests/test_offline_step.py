@@ -73,7 +73,9 @@ def test_precomputed_reference_gives_same_loss_and_grads():
   (l2, _), g2 = g(P0, None, dict(batch, **ref))
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Two programs, float32: equal up to rounding at the scale of the leaf's gradient.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(a)).max()))
 
 
 def test_kto_unpaired_loss_matches_numpy_reference():

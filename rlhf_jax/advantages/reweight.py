@@ -10,8 +10,7 @@ import jax.numpy as jnp
 from rlhf_jax.advantages import base
 from rlhf_jax.advantages.group import grpo
 from rlhf_jax.advantages.registry import register
-from rlhf_jax.losses.common import (check_nonnegative, check_positive, check_rank,
-                                    check_unit_interval)
+from rlhf_jax.losses.common import check_nonnegative, check_positive, check_range, check_rank
 
 
 @register("adora", family="reweight", needs=("lengths", "group_size"))
@@ -54,7 +53,7 @@ def thr(advantages: jax.Array, *, token_hidden_reward: jax.Array, mask: jax.Arra
   responses). Shapes: advantages [B] or [B, T], token_hidden_reward, mask
   [B, T] -> [B, T] (0 where masked).
   """
-  check_unit_interval("thr", p=p)
+  check_range("thr", "p", p, lambda v: -1 <= v <= 1, "in [-1, 1]")
   check_nonnegative("thr", min_abs=min_abs)
   check_rank(token_hidden_reward, 2, "token_hidden_reward")
   if token_hidden_reward.shape != mask.shape:

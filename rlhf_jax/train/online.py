@@ -357,7 +357,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
                          value_params=state.value_params, vocab_limit=vocab_limit,
-                         policy_params=policy if old_vocab_mean else None)
+                         policy_params=policy if old_vocab_mean else None,
+                         influence_params=policy if "lm_head_influence" in needs else None)
     data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm, policy)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import advantages as advantages_lib
 from rlhf_jax.advantages import allocation as allocation_lib
+from rlhf_jax.advantages import hidden_reward as hidden_reward_lib
 from rlhf_jax.advantages import turn as turn_lib
 from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
@@ -247,12 +248,16 @@ class Signals:
   values: [N, T] value-model predictions (None without a value model).
   old_vocab_mean_logps: [N, T] the sampling policy's mean_v log π_old(v|·) at each position
     (ROVER's targets over several updates; None otherwise).
+  lm_head_influence: [N, T] each token's LM-head gradient inner product with its group's
+    responses above the group mean (`advantages.hidden_reward.lm_head_influence`; THR's
+    input; None otherwise).
   """
   ref_logps: jax.Array
   kl: jax.Array
   token_rewards: jax.Array
   values: Optional[jax.Array] = None
   old_vocab_mean_logps: Optional[jax.Array] = None
+  lm_head_influence: Optional[jax.Array] = None
 
 
 def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
@@ -275,12 +280,28 @@ def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
   return tuple(x[:, prompt_len:] for x in outs)
 
 
+def head_influence(model, params, ro: Rollout, rewards: jax.Array, *, group_size: int,
+                   vocab_limit: Optional[int] = None) -> jax.Array:
+  """[N, T] `lm_head_influence` of every completion token under `params` (the sampling
+  policy), towards the responses above their group's mean reward: one forward pass for the
+  final-norm hidden states and the LM head's logits (gradient-free)."""
+  params = jax.lax.stop_gradient(params)
+  h = model.hidden(params, ro.ids, ro.attn)[:, ro.prompt_len - 1:-1]
+  logits = model.logits_from_hidden(params, h)
+  if vocab_limit is not None:
+    logits = logits[..., :vocab_limit]
+  weights = hidden_reward_lib.correct_token_weights(rewards, ro.loss_mask, group_size=group_size)
+  return hidden_reward_lib.lm_head_influence(h, logits, ro.completion_ids, ro.loss_mask, weights,
+                                             group_size=group_size)
+
+
 def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
             group_size: int, kl_in_reward: bool, value_model=None,
             value_params=None, vocab_limit: Optional[int] = None,
-            policy_params=None) -> Signals:
+            policy_params=None, influence_params=None) -> Signals:
   """Reference log-probs, the sampler-vs-reference KL, token rewards and values; with
-  `policy_params` (the sampling policy) also its vocabulary-mean log-probs."""
+  `policy_params` (the sampling policy) also its vocabulary-mean log-probs; with
+  `influence_params` (the sampling policy) the tokens' LM-head influence (THR)."""
   ids, attn = ro.ids, ro.attn
   ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size,
                                   vocab_limit)
@@ -297,8 +318,11 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
     old_vm = jax.lax.stop_gradient(completion_logps(
         model, policy_params, ids, attn, ro.prompt_len, group_size, vocab_limit,
         vocab_mean=True)[2]) * mask
+  influence = (None if influence_params is None else
+               head_influence(model, influence_params, ro, rewards, group_size=group_size,
+                              vocab_limit=vocab_limit))
   return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values,
-                 old_vocab_mean_logps=old_vm)
+                 old_vocab_mean_logps=old_vm, lm_head_influence=influence)
 
 
 # ----------------------------------------------------------------------------- estimate
@@ -306,7 +330,7 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
 # Inputs an estimator may declare that the single-turn step computes (`values` only with
 # a value model; `greedy_rewards` costs one greedy decode per prompt).
 STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids",
-               "vocab_mean_log_ratio", "prompt_means")
+               "vocab_mean_log_ratio", "prompt_means", "lm_head_influence")
 
 
 def answer_ids(completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
@@ -380,6 +404,11 @@ class Estimator:
       # ROVER's targets at estimate time: the policy is the sampling policy (θ = θ_old), so
       # mean_v (log π_θ − log π_old) is 0; the learn phase adds its value at each update.
       inputs["vocab_mean_log_ratio"] = jnp.zeros(ro.loss_mask.shape, jnp.float32)
+    if "lm_head_influence" in self.needs:
+      if sig.lm_head_influence is None:
+        raise ValueError(f"rl.advantage={self.name!r} reads the tokens' LM-head influence: "
+                         "call phases.signals with influence_params=<the sampling policy>")
+      inputs["lm_head_influence"] = sig.lm_head_influence
     if "answer_ids" in self.needs:
       inputs["answer_ids"] = answer_ids(ro.completion_ids, ro.completion_mask)
     if "prompt_means" in self.needs:
