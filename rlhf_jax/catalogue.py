@@ -219,10 +219,12 @@ CATALOGUE: Tuple[Entry, ...] = (
           ("advantage", "reinforce_ada"),
           note="rounds of G samples drawn at once, each prompt's used rounds and balanced "
           "G kept at a fixed shape (tests/test_reinforce_ada.py)"),
-    Entry("Knapsack RL", "5", "allocation", None, {}, None,
-          "tests/test_advantages_allocation.py",
-          "per-prompt sample budgets from last epoch's success rates (variable G per "
-          "prompt): rule in the library only"),
+    Entry("Knapsack RL", "5", "allocation", "online",
+          _pg(advantage="grpo_ragged", knapsack={"min_samples": 2}),
+          ("advantage", "grpo_ragged"),
+          note="the B·G samples split among the prompts by value(N, p) on each record's last "
+               "success rate (`state.alloc_state`); ragged groups at a fixed shape "
+               "(tests/test_knapsack_step.py)"),
 )
 
 

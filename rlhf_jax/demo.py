@@ -27,7 +27,7 @@ def rl_block(**overrides) -> dict:
             preference_loss=config_dict.placeholder(str), preference_loss_kwargs={},
             pairs="best_worst", rso_beta=0.5, preference_temperature=1.0, iterate_every=0,
             mixture_beta=0.125, token_reward_prompts=(), sample_filter={},
-            adaptive_sampling={})
+            adaptive_sampling={}, knapsack={})
   rl.update(overrides)
   return rl
 

@@ -103,6 +103,31 @@ def knapsack_allocate(success_rates: jax.Array, *, budget: int, min_samples: int
   return jax.lax.fori_loop(0, budget - p_count * min_samples, step, n0)
 
 
+@register("grpo_ragged", family="group", needs=("group_ids",))
+def grpo_ragged(rewards: jax.Array, *, group_ids: jax.Array, eps: float = 1e-6,
+                unbiased: bool = True) -> jax.Array:
+  """GRPO's z-score over groups of different sizes (Knapsack RL's allocation).
+
+  A_i = (r_i − mean_{g(i)} r) / (std_{g(i)} r + ε), the mean and std over the samples that
+  share i's group id; a group of one sample gets 0. With equal consecutive groups it is
+  `grpo`. Knapsack RL (Li et al., 2025) trains GRPO on its ragged groups.
+  Shapes: rewards [N], group_ids [N] int in [0, N) -> [N].
+  """
+  check_rank(rewards, 1, "rewards")
+  check_nonnegative("grpo_ragged", eps=eps)
+  if group_ids.shape != rewards.shape:
+    raise ValueError(f"grpo_ragged: group_ids {group_ids.shape} must match rewards "
+                     f"{rewards.shape}")
+  n = rewards.shape[0]
+  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_segments=n)
+  mean = jax.ops.segment_sum(rewards, group_ids, num_segments=n) / jnp.maximum(count, 1.0)
+  centred = rewards - mean[group_ids]
+  dof = count - (1.0 if unbiased else 0.0)
+  var = jax.ops.segment_sum(centred ** 2, group_ids, num_segments=n) / jnp.maximum(dof, 1.0)
+  std = jnp.sqrt(jnp.maximum(var, 0.0))[group_ids]
+  return jnp.where(count[group_ids] > 1, centred / (std + eps), 0.0)
+
+
 def reinforce_ada_active(num_positive: jax.Array, num_negative: jax.Array, *, n: int = 4,
                          balanced: bool = True) -> jax.Array:
   """Reinforce-Ada stop rule: which prompts still need sampling.

@@ -61,7 +61,8 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   vocab_mean = surrogate_vocab_mean(settings)
   kl_fn = losses_lib.get(settings.kl_estimator)
   # Minibatches keep whole groups only when the batch is not shuffled into several.
-  group = settings.group_size if settings.num_minibatches == 1 else 1
+  # Whole groups of G rows share their prompt (not with Knapsack RL's ragged groups).
+  group = settings.group_size if settings.num_minibatches == 1 and not settings.knapsack else 1
   if policy_logps is None:
     policy_logps = lambda params, mb: completion_logps(  # noqa: E731
         model, params, mb["ids"], mb["attn"], mb["prompt_len"], group, vocab_limit,

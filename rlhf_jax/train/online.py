@@ -29,6 +29,7 @@ from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.rewards import transforms
 from rlhf_jax.train import adapters as adapters_lib
+from rlhf_jax.train import knapsack as knapsack_lib
 from rlhf_jax.train import learn as learn_lib
 from rlhf_jax.train import multiturn, phases, preference_step, shaping_inputs
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
@@ -52,6 +53,8 @@ class RLState:
   iterate_params: the kept iterate π_t of online preference methods (INPO;
     `rl.iterate_every`), None otherwise.
   shaping_state: the state of stateful reward transforms (`config.reward_shaping`).
+  alloc_state: Knapsack RL's success rate per dataset record (`rl.knapsack`,
+    `rlhf_jax.train.knapsack.AllocState`), None otherwise.
   """
   step: jax.Array
   params: Any
@@ -66,17 +69,20 @@ class RLState:
   reward_state: Any = None
   iterate_params: Any = None
   shaping_state: Any = None
+  alloc_state: Any = None
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                settings: RLSettings, *, ref_params=None, value_params=None,
                value_optimizer: Optional[optax.GradientTransformation] = None,
                adv_state=None, unroll_layers: bool = True, reward_shaping=None,
-               num_rewards: int = 1) -> RLState:
+               num_rewards: int = 1, num_records: Optional[int] = None) -> RLState:
   """Builds the initial `RLState`; the reference defaults to a copy of `params`.
 
   `reward_shaping` (a `transforms.Shaping` or `config.reward_shaping` specs) and
   `num_rewards` (the reward columns K) initialise the state of stateful reward transforms.
+  `num_records` (the training records `record_index` points into) sizes Knapsack RL's
+  success-rate table (`rl.knapsack`).
 
   With `unroll_layers` (the default) decoder params and the reference are kept per layer
   (`models.unstack_layers`): the sampler, the reference pass and the gradient then read
@@ -96,6 +102,9 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
   ref = (settings.reference_update().init(params) if ref_params is None
          else _with_layout(ref_params, layout))
   iterate = settings.iterate_update()
+  if settings.knapsack and not num_records:
+    raise ValueError("rl.knapsack keeps a success rate per training record: pass "
+                     "init_state(..., num_records=<the number of training records>)")
   vopt = None
   if value_params is not None:
     if value_optimizer is None:
@@ -107,6 +116,7 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                  reward_state=None if dual is None else dual.init(),
                  iterate_params=None if iterate is None else iterate.init(params),
                  shaping_state=_shaping(reward_shaping).init(num_rewards),
+                 alloc_state=knapsack_lib.init(num_records) if settings.knapsack else None,
                  guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
   # cannot save size-0 arrays; copies: distinct (donatable) buffers
 
@@ -243,6 +253,11 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                      "single-turn sampler and groups them itself; it does not combine with "
                      "config.env or reward_shaping transforms that read groups, reference "
                      "samples or model passes: remove one")
+  knap = dict(settings.knapsack)
+  if knap and (env is not None or shaping.needs):
+    raise ValueError("rl.knapsack draws ragged groups from the single-turn sampler; it does not "
+                     "combine with config.env or reward_shaping transforms that read groups, "
+                     "reference samples or model passes: remove one")
   pool_config = (sampling_config if rounds == 1 else
                  dataclasses.replace(sampling_config, num_samples=g * rounds))
   if greedy_config is not None and shaping.steps:
@@ -278,7 +293,16 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     baseline; Nash-MD's opponents; GRAO's and IGPO's answers)."""
     reward_state = state.reward_state
     extra = {}
-    if rounds > 1:  # Reinforce-Ada: R rounds of G samples per prompt, drawn at once
+    if knap:  # Knapsack RL: the B·G samples split among the prompts, one row per sample
+      alloc = knapsack_lib.allocate(state.alloc_state, prompt_batch, group_size=g,
+                                    min_samples=knap.get("min_samples", 2),
+                                    max_samples=knap.get("max_samples", 0))
+      rows = knapsack_lib.gather(prompt_batch, alloc.rows)
+      ro, info = phases.rollout(model, params, rows, rng,
+                                dataclasses.replace(sampling_config, num_samples=1)), None
+      sc = score_rollout(ro, phases.repeat_extras(rows, 1), reward_state, state.shaping_state)
+      extra["knapsack"] = alloc
+    elif rounds > 1:  # Reinforce-Ada: R rounds of G samples per prompt, drawn at once
       ro, info = phases.rollout(model, params, prompt_batch, rng, pool_config), None
       pool = score_rollout(ro, phases.repeat_extras(prompt_batch, g * rounds), reward_state,
                            state.shaping_state)
@@ -338,7 +362,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     adaptive = extra.get("adaptive")
     adv, adv_state = (phases.estimate(estimator, sc, ro, sig, state.adv_state, extra.get("greedy"),
                                       prompt_means=None if adaptive is None
-                                      else adaptive.prompt_means)
+                                      else adaptive.prompt_means,
+                                      group_ids=extra["knapsack"].rows if knap else None)
                       if info is None else
                       multiturn.estimate(estimator, sc, ro, sig, state.adv_state, info,
                                          answer_probs=extra.get("answer_probs")))
@@ -354,7 +379,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       ro, extra["kept"] = phases.filter_samples(ro, sc, jax.random.fold_in(rng_sample, 3),
                                                 group_size=g, **dict(settings.sample_filter))
     beta = state.kl_state.beta
-    sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta, group_size=g,
+    sig = phases.signals(model, state.ref_params, ro, sc.rewards, beta,
+                         group_size=1 if knap else g,
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
                          value_params=state.value_params, vocab_limit=vocab_limit,
                          policy_params=policy if old_vocab_mean else None,
@@ -367,7 +393,13 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     trained, aux = learn_lib.learn(obj, settings, optimizer, value_optimizer, carry, data,
                                    ro.prompt_len, beta, rng_perm,
                                    normalizer=None if pref is None else pref.normalizer)
-    metrics = dict(step_metrics(ro, sc, sig, aux, g), **variant_metrics(info, extra), **more)
+    metrics = dict(step_metrics(ro, sc, sig, aux, g,
+                                group_ids=extra["knapsack"].rows if knap else None),
+                   **variant_metrics(info, extra), **more)
+    if knap:  # the success rates the records' next allocation reads
+      state = state.replace(alloc_state=knapsack_lib.update(
+          state.alloc_state, prompt_batch, sc.rewards, extra["knapsack"].rows,
+          threshold=knap.get("threshold", 0.5)))
     return bookkeep(state, trained, sc, adv_state, metrics)
 
   if not jit:

@@ -185,7 +185,9 @@ class Setup(NamedTuple):
       states.append(online.init_state(
           policy, self.optimizer, jax.random.fold_in(rng, 1), settings, ref_params=ref,
           value_params=value_params, value_optimizer=value_opt, unroll_layers=unroll_layers,
-          reward_shaping=config.get("reward_shaping"), num_rewards=len(self.rewards)))
+          reward_shaping=config.get("reward_shaping"), num_rewards=len(self.rewards),
+          # every seed's records (record_index is offset per seed): Knapsack RL's table
+          num_records=sum(len(r.task.train) for r in self.runs)))
     return value_model, value_opt, (states[0] if len(states) == 1 else seeds_lib.stack(states))
 
   def make_update(self, config, value_model, value_opt, out_shardings=None):

@@ -330,7 +330,7 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
 # Inputs an estimator may declare that the single-turn step computes (`values` only with
 # a value model; `greedy_rewards` costs one greedy decode per prompt).
 STEP_INPUTS = ("group_size", "mask", "lengths", "values", "greedy_rewards", "answer_ids",
-               "vocab_mean_log_ratio", "prompt_means", "lm_head_influence")
+               "vocab_mean_log_ratio", "prompt_means", "lm_head_influence", "group_ids")
 
 
 def answer_ids(completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
@@ -387,11 +387,14 @@ class Estimator:
   def __call__(self, scores: Scores, ro: Rollout, sig: Signals, state,
                greedy_rewards: Optional[jax.Array] = None,
                turn_inputs: Optional[Mapping[str, jax.Array]] = None,
-               prompt_means: Optional[jax.Array] = None):
+               prompt_means: Optional[jax.Array] = None,
+               group_ids: Optional[jax.Array] = None):
     """(advantages [N] or [N, T], new state).
 
     `prompt_means` [N // G]: the mean reward of every sample drawn for each prompt
     (Reinforce-Ada's pool, `rl.adaptive_sampling`); default: each group's mean.
+    `group_ids` [N]: each sample's prompt (Knapsack RL's ragged groups, `rl.knapsack`);
+    default: G consecutive samples per prompt.
 
     `turn_inputs` (multi-turn rollouts): the turn-level inputs ("step_rewards",
     "anchor_ids", "step_mask") and "token_turn" [N, T]; a "step" estimator's per-turn
@@ -411,6 +414,10 @@ class Estimator:
       inputs["lm_head_influence"] = sig.lm_head_influence
     if "answer_ids" in self.needs:
       inputs["answer_ids"] = answer_ids(ro.completion_ids, ro.completion_mask)
+    if "group_ids" in self.needs:
+      n = ro.loss_mask.shape[0]
+      inputs["group_ids"] = (jnp.arange(n, dtype=jnp.int32) // self.group_size
+                             if group_ids is None else group_ids)
     if "prompt_means" in self.needs:
       inputs["prompt_means"] = (jnp.mean(scores.rewards.reshape(-1, self.group_size), axis=1)
                                 if prompt_means is None else prompt_means)
@@ -443,6 +450,7 @@ class Estimator:
 def estimate(estimator: Estimator, scores: Scores, ro: Rollout, sig: Signals, adv_state,
              greedy_rewards: Optional[jax.Array] = None,
              turn_inputs: Optional[Mapping[str, jax.Array]] = None,
-             prompt_means: Optional[jax.Array] = None):
+             prompt_means: Optional[jax.Array] = None, group_ids: Optional[jax.Array] = None):
   """The estimate phase: `(advantages, new adv_state)` (see `Estimator.__call__`)."""
-  return estimator(scores, ro, sig, adv_state, greedy_rewards, turn_inputs, prompt_means)
+  return estimator(scores, ro, sig, adv_state, greedy_rewards, turn_inputs, prompt_means,
+                   group_ids)

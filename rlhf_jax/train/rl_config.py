@@ -22,6 +22,7 @@ OBJECTIVES = ("policy_gradient", "preference")
 PAIRINGS = ("best_worst", "all_pairs", "rso")
 SAMPLE_FILTER_KEYS = ("num_best", "num_worst", "num_random")
 ADAPTIVE_KEYS = ("rounds", "threshold", "balanced")
+KNAPSACK_KEYS = ("min_samples", "max_samples", "threshold")
 
 
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
@@ -81,6 +82,12 @@ class RLSettings:
     "num_worst": 1} (best-worst), {"num_best": 1, "num_random": 1} (best-random) or
     {"num_best": 1} (best-of-N): per group, only the kept samples are trained on
     (`advantages.allocation.pf_ppo_filter`); the estimator still sees all G. Empty: off.
+  knapsack: Knapsack RL's budget allocation, e.g. {"min_samples": 2, "max_samples": 16,
+    "threshold": 0.5}: the step's B·G samples are split among the B prompts by
+    `advantages.allocation.knapsack_allocate` on each prompt's success rate (reward >
+    threshold) when its record was last trained on (`state.alloc_state`,
+    `rlhf_jax.train.knapsack`); groups are then ragged, so the estimator must read
+    `group_ids` (`rl.advantage="grpo_ragged"`). Empty: off (G samples per prompt).
   """
   group_size: int = 4
   advantage: str = "grpo"
@@ -118,6 +125,7 @@ class RLSettings:
   token_reward_prompt_ids: Tuple[Tuple[int, ...], ...] = ()
   sample_filter: Tuple[Tuple[str, Any], ...] = ()
   adaptive_sampling: Tuple[Tuple[str, Any], ...] = ()
+  knapsack: Tuple[Tuple[str, Any], ...] = ()
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "RLSettings":
@@ -127,7 +135,7 @@ class RLSettings:
     if unknown:
       raise ValueError(f"unknown rl config keys {unknown}; known keys: {sorted(fields)}")
     for key in ("advantage_kwargs", "surrogate_kwargs", "preference_loss_kwargs",
-                "sample_filter", "adaptive_sampling"):
+                "sample_filter", "adaptive_sampling", "knapsack"):
       if key in cfg:
         cfg[key] = _freeze(cfg[key])
     if cfg.get("token_reward_prompts") is not None:
@@ -188,6 +196,7 @@ class RLSettings:
         raise ValueError(f"rl.ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
     self._validate_sample_filter()
     self._validate_adaptive()
+    self._validate_knapsack()
     advantages_lib.declaration(self.advantage).check_kwargs(dict(self.advantage_kwargs),
                                                             key="rl.advantage_kwargs")
     losses_lib.declaration(self.surrogate).check_kwargs(dict(self.surrogate_kwargs),
@@ -234,6 +243,35 @@ class RLSettings:
       if on:
         raise ValueError(f"rl.adaptive_sampling (Reinforce-Ada) selects each prompt's samples "
                          f"itself; it does not combine with rl.{key}: remove one")
+
+  def _validate_knapsack(self) -> None:
+    if not self.knapsack:
+      return
+    kw = dict(self.knapsack)
+    unknown = sorted(set(kw) - set(KNAPSACK_KEYS))
+    if unknown:
+      raise ValueError(f"rl.knapsack has unknown keys {unknown}; Knapsack RL's allocation reads "
+                       f"{', '.join(KNAPSACK_KEYS)}")
+    lo, hi = kw.get("min_samples", 2), kw.get("max_samples", 0)
+    if (any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi))
+        or not 1 <= lo <= self.group_size or (hi and hi < self.group_size)):
+      raise ValueError(f"rl.knapsack={kw}: min_samples is an int in [1, rl.group_size="
+                       f"{self.group_size}] and max_samples 0 (no cap) or an int >= "
+                       "rl.group_size (the budget is rl.group_size samples per prompt)")
+    if not isinstance(kw.get("threshold", 0.5), (int, float)):
+      raise ValueError(f"rl.knapsack={kw}: threshold is a number (a success has reward > "
+                       "threshold)")
+    if "group_ids" not in advantages_lib.declaration(self.advantage).needs:
+      raise ValueError(f"rl.knapsack gives prompts different numbers of samples, which "
+                       f"rl.advantage={self.advantage!r} does not read (it assumes groups of "
+                       "rl.group_size); use rl.advantage='grpo_ragged'")
+    for key, on in (("dynamic_sampling", self.dynamic_sampling > 1),
+                    ("sample_filter", bool(self.sample_filter)),
+                    ("adaptive_sampling", bool(self.adaptive_sampling)),
+                    ("objective='preference'", self.objective == "preference")):
+      if on:
+        raise ValueError(f"rl.knapsack allocates each prompt's samples itself; it does not "
+                         f"combine with rl.{key}: remove one")
 
   @property
   def adaptive_rounds(self) -> int:
