@@ -152,8 +152,10 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("IGPO", "B", G, "online", _pg(advantage="igpo"), ("advantage", "igpo"),
           note="multi-turn: information gain of each turn (`multiturn.answer_probs`)",
           config_file="experiments/agentic_calculator.py"),
-    Entry("B-Coder", "B", G, None, {}, ("loss", "bcoder"), "tests/test_losses_value.py",
-          "value-based loss in the library; no value-based training step"),
+    Entry("B-Coder", "B", G, "online", dict(_pg(surrogate="bcoder"), value={"optim": None}),
+          ("loss", "bcoder"),
+          note="Q = α(ℓ − max ℓ) + V from the policy's logits and the value model; the "
+               "reference is the frozen LM of the conservative target (tests/test_bcoder_step.py)"),
     Entry("CISPO", "B", G, "online", _pg(surrogate="cispo"), ("loss", "cispo")),
     Entry("SAPO", "B", G, "online", _pg(surrogate="sapo"), ("loss", "sapo")),
     # 3. Reward models

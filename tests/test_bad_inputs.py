@@ -86,7 +86,7 @@ CONFIG_CASES = [
     ("rl_unknown_advantage", "online", {"rl.advantage": "grpoo"}, ValueError,
      r"rl\.advantage='grpoo' is unknown; choose one of"),
     ("rl_surrogate_not_pg", "online", {"rl.surrogate": "dpo"}, ValueError,
-     r"rl\.surrogate='dpo' is not a policy-gradient loss"),
+     r"rl\.surrogate='dpo' is not a policy-gradient or value-based loss"),
     ("unknown_reward", "online", {"rewards": ["exact"]}, ValueError,
      r"config\.rewards has unknown reward 'exact' \(did you mean 'exact_match'\?\); known"),
     ("unknown_task", "online", {"task.name": "algebra"}, ValueError,

@@ -58,6 +58,8 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
+  if settings.value_based:
+    return _value_based_objective(model, settings, value_model, value_fn, vocab_limit)
   vocab_mean = surrogate_vocab_mean(settings)
   kl_fn = losses_lib.get(settings.kl_estimator)
   # Minibatches keep whole groups only when the batch is not shuffled into several.
@@ -85,15 +87,7 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
       inputs["vocab_mean_log_ratio"] = jnp.zeros_like(vm) if old is None else vm - old
     pg, extras = surrogate(lp, mb["old_logps"], mb["advantages"], mask, **inputs,
                            **surrogate_kwargs)
-    per_token = pg
-    kl = kl_fn(lp, mb["ref_logps"], mask)
-    if not settings.kl_in_reward:
-      per_token = per_token + beta * kl
-    if settings.entropy_coef:
-      per_token = per_token - settings.entropy_coef * ent
-    agg = lambda x: aggregate_lib.aggregate(x, mask, mode=settings.aggregation,  # noqa: E731
-                                            normalizer=normalizer)
-    loss = agg(per_token)
+    kl, agg, loss = _regularised(settings, kl_fn, pg, lp, ent, mb, normalizer, beta)
     aux = {"pg_loss": agg(pg), "kl": agg(jax.lax.stop_gradient(kl)),
            "entropy": agg(jax.lax.stop_gradient(ent)),
            "clip_fraction": agg(extras.clipped.astype(jnp.float32))}
@@ -108,9 +102,68 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   return objective
 
 
+def _regularised(settings: RLSettings, kl_fn, per_token, lp, ent, mb, normalizer, beta):
+  """(kl [n, T], the aggregation, the loss): the surrogate's per-token loss + β·KL to the
+  reference (unless the KL is in the reward) − the entropy bonus, aggregated under the
+  minibatch's normaliser."""
+  mask = mb["mask"]
+  kl = kl_fn(lp, mb["ref_logps"], mask)
+  if not settings.kl_in_reward:
+    per_token = per_token + beta * kl
+  if settings.entropy_coef:
+    per_token = per_token - settings.entropy_coef * ent
+  agg = lambda x: aggregate_lib.aggregate(x, mask, mode=settings.aggregation,  # noqa: E731
+                                          normalizer=normalizer)
+  return kl, agg, agg(per_token)
+
+
+def _value_based_objective(model, settings: RLSettings, value_model, value_fn, vocab_limit):
+  """B-Coder's objective: the value-based surrogate on the policy's logits (the Q function's
+  advantage part) and the value model (V), with the reference's logits as the frozen LM of
+  the conservative target; + β·KL − entropy bonus as for the policy-gradient surrogates.
+
+  mb additionally holds "token_rewards" [n, T] (`Signals.token_rewards`) and
+  "frozen_logits" [n, T, V] (`Signals.ref_logits`). The value model trains through the
+  surrogate's TD loss (no clipped PPO value loss).
+  """
+  surrogate = losses_lib.get(settings.surrogate)
+  surrogate_kwargs = dict(settings.surrogate_kwargs)
+  if value_fn is None and value_model is None:
+    raise ValueError(f"rl.surrogate={settings.surrogate!r} learns Q(s, a) = α(ℓ − max ℓ) + V(s): "
+                     "it needs a value model for V (config.value = dict(optim=None), or "
+                     "make_update(..., value_model=...))")
+  if value_fn is None:
+    value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
+        vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
+  kl_fn = losses_lib.get(settings.kl_estimator)
+
+  def objective(params, value_params, mb, normalizer, beta):
+    p = mb["prompt_len"]
+    logits = model.apply(params, mb["ids"], attention_mask=mb["attn"])[:, p - 1:-1]
+    if vocab_limit is not None:
+      logits = logits[..., :vocab_limit]
+    logits = logits.astype(jnp.float32)
+    actions, mask = mb["ids"][:, p:], mb["mask"]
+    values = value_fn(value_params, mb)
+    q_loss, extras = surrogate(logits, values, actions, mb["token_rewards"], mask,
+                               frozen_logits=mb["frozen_logits"], **surrogate_kwargs)
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logp_all, actions[..., None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    kl, agg, loss = _regularised(settings, kl_fn, q_loss, lp, ent, mb, normalizer, beta)
+    sg = jax.lax.stop_gradient
+    aux = {"pg_loss": agg(q_loss), "kl": agg(sg(kl)), "entropy": agg(sg(ent)),
+           "clip_fraction": jnp.zeros((), jnp.float32), "td_loss": agg(extras.td_loss),
+           "value_loss": agg(extras.td_loss), "loss": loss}
+    return loss, aux
+  return objective
+
+
 def surrogate_vocab_mean(settings: RLSettings) -> bool:
   """Whether the surrogate declares the vocabulary-mean log-ratio (ROVER); raises
   ValueError for any other declared input, which the learn phase does not compute."""
+  if settings.value_based:
+    return False
   needs = losses_lib.declaration(settings.surrogate).needs
   unknown = [n for n in needs if n != "vocab_mean_log_ratio"]
   if unknown:

@@ -184,6 +184,8 @@ def learn_data(ro: Rollout, sig: Signals, advantages) -> Dict[str, jax.Array]:
           "ref_logps": sig.ref_logps, "advantages": advantages}
   if sig.old_vocab_mean_logps is not None:
     data["old_vocab_mean_logps"] = sig.old_vocab_mean_logps
+  if sig.ref_logits is not None:  # a value-based surrogate (B-Coder)
+    data.update(frozen_logits=sig.ref_logits, token_rewards=sig.token_rewards)
   if sig.values is not None:
     adv_tok = advantages if advantages.ndim == 2 else advantages[:, None] * ro.loss_mask
     data.update(old_values=sig.values, returns=(adv_tok + sig.values) * ro.loss_mask)
@@ -384,7 +386,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
                          kl_in_reward=settings.kl_in_reward, value_model=value_model,
                          value_params=state.value_params, vocab_limit=vocab_limit,
                          policy_params=policy if old_vocab_mean else None,
-                         influence_params=policy if "lm_head_influence" in needs else None)
+                         influence_params=policy if "lm_head_influence" in needs else None,
+                         ref_logits=settings.value_based)
     data, adv_state, more = estimate_or_pair(state, ro, info, sc, sig, extra, rng_perm, policy)
     carry = learn_lib.Trainable(state.params, state.value_params, state.opt_state,
                                 state.value_opt_state, guards.is_finite_tree(sc.rewards))

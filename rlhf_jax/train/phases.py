@@ -251,6 +251,8 @@ class Signals:
   lm_head_influence: [N, T] each token's LM-head gradient inner product with its group's
     responses above the group mean (`advantages.hidden_reward.lm_head_influence`; THR's
     input; None otherwise).
+  ref_logits: [N, T, V] the reference's logits at the completion positions (the frozen LM
+    of a value-based surrogate, B-Coder; None otherwise).
   """
   ref_logps: jax.Array
   kl: jax.Array
@@ -258,6 +260,7 @@ class Signals:
   values: Optional[jax.Array] = None
   old_vocab_mean_logps: Optional[jax.Array] = None
   lm_head_influence: Optional[jax.Array] = None
+  ref_logits: Optional[jax.Array] = None
 
 
 def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
@@ -298,10 +301,11 @@ def head_influence(model, params, ro: Rollout, rewards: jax.Array, *, group_size
 def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
             group_size: int, kl_in_reward: bool, value_model=None,
             value_params=None, vocab_limit: Optional[int] = None,
-            policy_params=None, influence_params=None) -> Signals:
+            policy_params=None, influence_params=None, ref_logits: bool = False) -> Signals:
   """Reference log-probs, the sampler-vs-reference KL, token rewards and values; with
   `policy_params` (the sampling policy) also its vocabulary-mean log-probs; with
-  `influence_params` (the sampling policy) the tokens' LM-head influence (THR)."""
+  `influence_params` (the sampling policy) the tokens' LM-head influence (THR); with
+  `ref_logits` the reference's logits at the completion positions (B-Coder)."""
   ids, attn = ro.ids, ro.attn
   ref_logps, _ = completion_logps(model, ref_params, ids, attn, ro.prompt_len, group_size,
                                   vocab_limit)
@@ -321,8 +325,13 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
   influence = (None if influence_params is None else
                head_influence(model, influence_params, ro, rewards, group_size=group_size,
                               vocab_limit=vocab_limit))
+  frozen = None
+  if ref_logits:
+    frozen = jax.lax.stop_gradient(model.apply(ref_params, ids, attention_mask=attn)[
+        :, ro.prompt_len - 1:-1])
+    frozen = (frozen if vocab_limit is None else frozen[..., :vocab_limit]).astype(jnp.float32)
   return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values,
-                 old_vocab_mean_logps=old_vm, lm_head_influence=influence)
+                 old_vocab_mean_logps=old_vm, lm_head_influence=influence, ref_logits=frozen)
 
 
 # ----------------------------------------------------------------------------- estimate

@@ -35,7 +35,9 @@ class RLSettings:
 
   group_size: samples per prompt (G).
   advantage / advantage_kwargs: a name from `rlhf_jax.advantages.names()`.
-  surrogate / surrogate_kwargs: a policy-gradient loss from `rlhf_jax.losses`.
+  surrogate / surrogate_kwargs: a policy-gradient loss from `rlhf_jax.losses`, or a
+    value-based one (`bcoder`: Q = α(ℓ − max ℓ) + V from the policy's logits and a value
+    model, a conservative target from the reference's greedy tokens; needs config.value).
   kl_coef, kl_estimator ("k1", "k2", "k3", "low_var_kl", "abs_kl"), kl_in_reward:
     the KL penalty to the reference, in the loss (default) or in the reward.
   kl_target, kl_horizon: when kl_target is set, β adapts (Ziegler et al.) from
@@ -160,11 +162,12 @@ class RLSettings:
       raise ValueError(f"rl.advantage={self.advantage!r} is unknown; choose one of "
                        f"{', '.join(advantages_lib.names())}")
     fam = losses_lib.REGISTRY.family(self.surrogate) if self.surrogate in losses_lib.REGISTRY else None
-    if fam != "policy_gradient":
+    if fam not in ("policy_gradient", "value"):
       hint = (f" ({self.surrogate!r} is a preference loss: set rl.objective='preference' and "
               f"rl.preference_loss={self.surrogate!r})" if fam == "preference" else "")
-      raise ValueError(f"rl.surrogate={self.surrogate!r} is not a policy-gradient loss{hint}; "
-                       f"choose one of {', '.join(losses_lib.names('policy_gradient'))}")
+      raise ValueError(f"rl.surrogate={self.surrogate!r} is not a policy-gradient or value-based "
+                       f"loss{hint}; choose one of "
+                       f"{', '.join([*losses_lib.names('policy_gradient'), *losses_lib.names('value')])}")
     self._validate_objective()
     if self.kl_estimator not in losses_lib.names("kl"):
       raise ValueError(f"rl.kl_estimator={self.kl_estimator!r} is unknown; choose one of "
@@ -272,6 +275,12 @@ class RLSettings:
       if on:
         raise ValueError(f"rl.knapsack allocates each prompt's samples itself; it does not "
                          f"combine with rl.{key}: remove one")
+
+  @property
+  def value_based(self) -> bool:
+    """The surrogate is a value-based loss (B-Coder): the learn phase trains Q from the
+    policy's logits and a value model, against the reference's logits."""
+    return losses_lib.REGISTRY.family(self.surrogate) == "value"
 
   @property
   def adaptive_rounds(self) -> int:
