@@ -106,8 +106,12 @@ CATALOGUE: Tuple[Entry, ...] = (
     Entry("TRPA", "B", P, "online", _pref("trpa"), ("loss", "trpa"),
           note="levels = distinct rewards in the group"),
     Entry("POWER-DL", "B", P, "online", _pref("power_dl"), ("loss", "power_dl")),
-    Entry("RA-DPO", "B", P, None, {}, ("loss", "ra_dpo_relabel"), "tests/test_losses_preference_list.py",
-          "relabelling needs goal-conditioned prompts"),
+    Entry("RA-DPO", "B", P, "offline",
+          _off("dpo", **{"data.relabel": "ra_dpo", "data.max_prompt_length": 24,
+                         "data.max_length": 36}),
+          ("loss", "ra_dpo_relabel"),
+          note="each scored pair becomes two pairs conditioned on a goal score before the "
+               "prompt (data.goal_template), then DPO (tests/test_relabel.py)"),
     # 2. Policy gradient and advantage estimators
     Entry("PPO (GAE, value model)", "A", G, "online",
           dict(_pg(advantage="gae", kl_in_reward=True), value={"optim": None}), ("advantage", "gae")),

@@ -42,7 +42,8 @@ OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and t
     "max_length": int, "max_prompt_length": int, "truncation": str, "skip_invalid": bool,
     "packing": bool, "num_responses": int, "passthrough": None, "precheck": bool,
     "path": str, "eval_path": (str, _NONE), "format": str,
-    "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE)}
+    "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE),
+    "relabel": (str, _NONE), "goal_template": str}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, rewards=None, reward_shaping=None, rl=None, seeds=(int, _NONE), value={"optim": None},

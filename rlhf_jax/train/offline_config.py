@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from rlhf_jax import config_utils
+from rlhf_jax.train import relabel
 
 FAST_ARGS = ("runlocal", "fast")
 
@@ -44,7 +45,8 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
                 min_len=1, max_len=8, prompt_len=6, **(task or {}))
   c.data = dict(source="synthetic", train_size=2048, eval_size=256, max_length=20,
                 max_prompt_length=8, eval_batch_size=64, truncation="error",
-                skip_invalid=False, packing=False, num_responses=0, passthrough=())
+                skip_invalid=False, packing=False, num_responses=0, passthrough=(),
+                relabel="", goal_template=relabel.GOAL_TEMPLATE)
   c.loss = loss or ""
   c.loss_kwargs = dict(loss_kwargs or {})
   c.precompute_ref = False

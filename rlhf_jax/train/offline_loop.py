@@ -46,6 +46,7 @@ from rlhf_jax.train.placement import check_batch_size, fetch, host_arrays, place
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
 from rlhf_jax.train import loss_inputs, offline_heads
+from rlhf_jax.train import relabel as relabel_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.runner import Runner
 
@@ -87,6 +88,11 @@ def _check_config(config, paradigm: str) -> None:
                      "layout); unset one of them")
   if config.get("precompute_ref") and config.get("reference_free"):
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
+  relabel_lib.check(config.data.get("relabel"), _goal_template(config), paradigm)
+
+
+def _goal_template(config) -> str:
+  return config.data.get("goal_template") or relabel_lib.GOAL_TEMPLATE
 
 
 def _declares_targets(paradigm: str, loss) -> bool:
@@ -249,6 +255,9 @@ def train(config) -> Dict[str, Any]:
   precompute = bool(config.get("precompute_ref"))
   keep_ref = paradigm == "preference" and not config.get("reference_free", False)
   train_records, eval_records = load_records(config)
+  if config.data.get("relabel"):  # RA-DPO: two goal-conditioned pairs per scored pair
+    train_records = relabel_lib.ra_dpo(train_records, _goal_template(config), what="training")
+    eval_records = relabel_lib.ra_dpo(eval_records, _goal_template(config), what="eval")
   batches, make_eval_iter, train_parts, eval_parts = _sources(
       config, paradigm, unpaired, train_records, eval_records, tok)
   info = _check_data_sizes(config, batches, make_eval_iter, train_parts[0], eval_parts[0],
