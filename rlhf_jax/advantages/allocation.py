@@ -113,8 +113,8 @@ def grpo_ragged(rewards: jax.Array, *, group_ids: jax.Array, eps: float = 1e-6,
   `grpo`. Knapsack RL (Li et al., 2025) trains GRPO on its ragged groups.
   Shapes: rewards [N], group_ids [N] int in [0, N) -> [N].
   """
-  check_rank(rewards, 1, "rewards")
   check_nonnegative("grpo_ragged", eps=eps)
+  check_rank(rewards, 1, "rewards")
   if group_ids.shape != rewards.shape:
     raise ValueError(f"grpo_ragged: group_ids {group_ids.shape} must match rewards "
                      f"{rewards.shape}")
