@@ -98,6 +98,14 @@ def test_lm_head_influence_ignores_padding_and_runs_under_jit():
   assert not np.any(np.asarray(padded)[:, -2:])
 
 
+def test_correct_token_weights_mark_the_responses_above_their_group_mean():
+  r = jnp.asarray([1.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0, 2.0])  # second group: all equal
+  mask = jnp.asarray(np.arange(3)[None] < np.asarray([3, 2, 1, 3, 3, 3, 3, 3])[:, None])
+  w = np.asarray(hidden_reward.correct_token_weights(r, mask, group_size=G))
+  want = np.asarray([1, 0, 0, 1, 0, 0, 0, 0], np.float32)[:, None] * np.asarray(mask)
+  np.testing.assert_array_equal(w, want)
+
+
 @pytest.mark.parametrize("p,min_abs", [(0.3, 0.0), (-0.5, 0.05), (0.0, 0.0)])
 def test_grpo_thr_matches_a_float64_reference(p, min_abs):
   n, t = 8, 4

@@ -17,17 +17,14 @@ variables, reference update, non-finite guard and metrics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from rlhf_jax import guards
-from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
-from rlhf_jax.rewards import transforms
 from rlhf_jax.train import adapters as adapters_lib
 from rlhf_jax.train import knapsack as knapsack_lib
 from rlhf_jax.train import learn as learn_lib
@@ -35,102 +32,9 @@ from rlhf_jax.train import multiturn, phases, preference_step, shaping_inputs
 from rlhf_jax.train.phases import Rollout, Scores, Signals, score, score_each  # noqa: F401
 from rlhf_jax.train.step_metrics import step_metrics, variant_metrics
 from rlhf_jax.train.rl_config import RLSettings
+from rlhf_jax.train.rl_state import RLState, as_shaping, init_state  # noqa: F401  (re-exported)
 
 RewardFn = Callable[..., jax.Array]
-
-
-@flax.struct.dataclass
-class RLState:
-  """Everything one RL update reads and writes (a pytree; donated to the step).
-
-  ref_params: the reference policy: fixed, or a lagged / EMA copy of the policy
-    (`rl.ref_update_every` / `rl.ref_ema_decay`, `rlhf_jax.train.reference`).
-  value_params / value_opt_state: the PPO value model (None without one).
-  kl_state: the KL controller state (`rlhf_jax.losses.kl` controllers).
-  adv_state: estimator state such as BNPO moments (None when stateless).
-  reward_state: constrained RLHF's Lagrange multipliers (None without constraints).
-  guard: `guards.NonFiniteState` counting skipped (non-finite) updates.
-  iterate_params: the kept iterate π_t of online preference methods (INPO;
-    `rl.iterate_every`), None otherwise.
-  shaping_state: the state of stateful reward transforms (`config.reward_shaping`).
-  alloc_state: Knapsack RL's success rate per dataset record (`rl.knapsack`,
-    `rlhf_jax.train.knapsack.AllocState`), None otherwise.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ref_params: Any
-  kl_state: Any
-  rng: jax.Array
-  value_params: Any = None
-  value_opt_state: Any = None
-  adv_state: Any = None
-  guard: Any = None
-  reward_state: Any = None
-  iterate_params: Any = None
-  shaping_state: Any = None
-  alloc_state: Any = None
-
-
-def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
-               settings: RLSettings, *, ref_params=None, value_params=None,
-               value_optimizer: Optional[optax.GradientTransformation] = None,
-               adv_state=None, unroll_layers: bool = True, reward_shaping=None,
-               num_rewards: int = 1, num_records: Optional[int] = None) -> RLState:
-  """Builds the initial `RLState`; the reference defaults to a copy of `params`.
-
-  `reward_shaping` (a `transforms.Shaping` or `config.reward_shaping` specs) and
-  `num_rewards` (the reward columns K) initialise the state of stateful reward transforms.
-  `num_records` (the training records `record_index` points into) sizes Knapsack RL's
-  success-rate table (`rl.knapsack`).
-
-  With `unroll_layers` (the default) decoder params and the reference are kept per layer
-  (`models.unstack_layers`): the sampler, the reference pass and the gradient then read
-  each layer's weights in place instead of slicing a stacked array inside every decode
-  step and layer loop. Unrolling makes compilation grow with depth; with
-  `unroll_layers=False` they stay stacked (`models.stack_layers`, the checkpoint / Hugging
-  Face layout) and the reference and training passes scan over the layers: for a 24-layer
-  model (hidden 128) on 2 CPU cores, compilation 25 -> 14 s and a 25% slower step. The
-  sampler unrolls the layers in both cases.
-  """
-  kl_controller = settings.kl_controller()
-  dual = settings.reward_constraints()
-  if adv_state is None:
-    adv_state = settings.initial_adv_state()
-  layout = models_lib.unstack_layers if unroll_layers else models_lib.stack_layers
-  params = _with_layout(params, layout)
-  ref = (settings.reference_update().init(params) if ref_params is None
-         else _with_layout(ref_params, layout))
-  iterate = settings.iterate_update()
-  if settings.knapsack and not num_records:
-    raise ValueError("rl.knapsack keeps a success rate per training record: pass "
-                     "init_state(..., num_records=<the number of training records>)")
-  vopt = None
-  if value_params is not None:
-    if value_optimizer is None:
-      raise ValueError("value_params were given without a value_optimizer")
-    vopt = value_optimizer.init(value_params)
-  return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                 ref_params=ref, kl_state=kl_controller.init(), rng=rng,
-                 value_params=value_params, value_opt_state=vopt, adv_state=adv_state,
-                 reward_state=None if dual is None else dual.init(),
-                 iterate_params=None if iterate is None else iterate.init(params),
-                 shaping_state=_shaping(reward_shaping).init(num_rewards),
-                 alloc_state=knapsack_lib.init(num_records) if settings.knapsack else None,
-                 guard=jax.tree.map(jnp.copy, guards.nonfinite_init(window=1)))  # window=1: orbax
-  # cannot save size-0 arrays; copies: distinct (donatable) buffers
-
-
-def _shaping(reward_shaping) -> transforms.Shaping:
-  if isinstance(reward_shaping, transforms.Shaping):
-    return reward_shaping
-  return transforms.Shaping.from_config(reward_shaping)
-
-
-def _with_layout(params, layout):
-  if isinstance(params, Mapping) and "layers" in params:
-    return layout(params)
-  return params
 
 
 def make_bookkeep(settings: RLSettings):
@@ -238,7 +142,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     raise ValueError(f"rl.advantage={settings.advantage!r} needs a greedy single-turn decode, "
                      "which a multi-turn environment does not have; choose another estimator")
   weights = reward_weights or settings.reward_weights or None
-  shaping = _shaping(reward_shaping)
+  shaping = as_shaping(reward_shaping)
   score_rollout = phases.make_score(reward_fns, weights, settings.reward_constraints(),
                                     len(settings.constraint_thresholds), shaping, g)
   if "ref_rewards" in shaping.needs and env is not None:

@@ -25,6 +25,13 @@ ADAPTIVE_KEYS = ("rounds", "threshold", "balanced")
 KNAPSACK_KEYS = ("min_samples", "max_samples", "threshold")
 
 
+def _check_keys(name: str, kw: Mapping[str, Any], known: Tuple[str, ...], reader: str) -> None:
+  """Raises ValueError naming `rl.<name>`'s keys that `reader` does not read."""
+  unknown = sorted(set(kw) - set(known))
+  if unknown:
+    raise ValueError(f"rl.{name} has unknown keys {unknown}; {reader} reads {', '.join(known)}")
+
+
 def _freeze(d: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
   return tuple(sorted(dict(d or {}).items()))
 
@@ -209,10 +216,7 @@ class RLSettings:
     if not self.sample_filter:
       return
     kw = dict(self.sample_filter)
-    unknown = sorted(set(kw) - set(SAMPLE_FILTER_KEYS))
-    if unknown:
-      raise ValueError(f"rl.sample_filter has unknown keys {unknown}; PF-PPO's filter reads "
-                       f"{', '.join(SAMPLE_FILTER_KEYS)}")
+    _check_keys("sample_filter", kw, SAMPLE_FILTER_KEYS, "PF-PPO's filter")
     counts = [kw.get(k, 0) for k in SAMPLE_FILTER_KEYS]
     if any(not isinstance(c, int) or c < 0 for c in counts) or not sum(counts):
       raise ValueError(f"rl.sample_filter={kw}: num_best / num_worst / num_random are "
@@ -228,10 +232,7 @@ class RLSettings:
     if not self.adaptive_sampling:
       return
     kw = dict(self.adaptive_sampling)
-    unknown = sorted(set(kw) - set(ADAPTIVE_KEYS))
-    if unknown:
-      raise ValueError(f"rl.adaptive_sampling has unknown keys {unknown}; Reinforce-Ada's "
-                       f"sampling reads {', '.join(ADAPTIVE_KEYS)}")
+    _check_keys("adaptive_sampling", kw, ADAPTIVE_KEYS, "Reinforce-Ada's sampling")
     rounds = kw.get("rounds")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
       raise ValueError(f"rl.adaptive_sampling.rounds={rounds!r}: give an int >= 2 (the most "
@@ -240,21 +241,14 @@ class RLSettings:
         kw.get("balanced", True), bool):
       raise ValueError(f"rl.adaptive_sampling={kw}: threshold is a number (a positive sample "
                        "has reward > threshold) and balanced a bool")
-    for key, on in (("dynamic_sampling", self.dynamic_sampling > 1),
-                    ("sample_filter", bool(self.sample_filter)),
-                    ("objective='preference'", self.objective == "preference")):
-      if on:
-        raise ValueError(f"rl.adaptive_sampling (Reinforce-Ada) selects each prompt's samples "
-                         f"itself; it does not combine with rl.{key}: remove one")
+    self._exclusive("rl.adaptive_sampling (Reinforce-Ada) selects each prompt's samples itself",
+                    "dynamic_sampling", "sample_filter", "objective")
 
   def _validate_knapsack(self) -> None:
     if not self.knapsack:
       return
     kw = dict(self.knapsack)
-    unknown = sorted(set(kw) - set(KNAPSACK_KEYS))
-    if unknown:
-      raise ValueError(f"rl.knapsack has unknown keys {unknown}; Knapsack RL's allocation reads "
-                       f"{', '.join(KNAPSACK_KEYS)}")
+    _check_keys("knapsack", kw, KNAPSACK_KEYS, "Knapsack RL's allocation")
     lo, hi = kw.get("min_samples", 2), kw.get("max_samples", 0)
     if (any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi))
         or not 1 <= lo <= self.group_size or (hi and hi < self.group_size)):
@@ -268,13 +262,19 @@ class RLSettings:
       raise ValueError(f"rl.knapsack gives prompts different numbers of samples, which "
                        f"rl.advantage={self.advantage!r} does not read (it assumes groups of "
                        "rl.group_size); use rl.advantage='grpo_ragged'")
-    for key, on in (("dynamic_sampling", self.dynamic_sampling > 1),
-                    ("sample_filter", bool(self.sample_filter)),
-                    ("adaptive_sampling", bool(self.adaptive_sampling)),
-                    ("objective='preference'", self.objective == "preference")):
-      if on:
-        raise ValueError(f"rl.knapsack allocates each prompt's samples itself; it does not "
-                         f"combine with rl.{key}: remove one")
+    self._exclusive("rl.knapsack allocates each prompt's samples itself", "dynamic_sampling",
+                    "sample_filter", "adaptive_sampling", "objective")
+
+  def _exclusive(self, what: str, *keys: str) -> None:
+    """Raises ValueError when any of the sample-selection `keys` is on alongside `what`."""
+    on = {"dynamic_sampling": self.dynamic_sampling > 1,
+          "sample_filter": bool(self.sample_filter),
+          "adaptive_sampling": bool(self.adaptive_sampling),
+          "objective": self.objective == "preference"}
+    for key in keys:
+      if on[key]:
+        shown = "objective='preference'" if key == "objective" else key
+        raise ValueError(f"{what}; it does not combine with rl.{shown}: remove one")
 
   @property
   def value_based(self) -> bool:
