@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import allocation as allocation_lib
 
-KEYS = ("min_samples", "max_samples", "threshold")
 UNSEEN_RATE = 0.5
 
 

@@ -26,7 +26,7 @@ from rlhf_jax import guards
 from rlhf_jax import losses as losses_lib
 from rlhf_jax.losses import aggregate as aggregate_lib
 from rlhf_jax.losses import policy_gradient as pg_lib
-from rlhf_jax.train.phases import completion_logps
+from rlhf_jax.train.policy_passes import completion_logits, completion_logps
 from rlhf_jax.train.rl_config import RLSettings
 
 
@@ -58,8 +58,11 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
+  if value_fn is None and value_model is not None:
+    value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
+        vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
   if settings.value_based:
-    return _value_based_objective(model, settings, value_model, value_fn, vocab_limit)
+    return _value_based_objective(model, settings, value_fn, vocab_limit)
   vocab_mean = surrogate_vocab_mean(settings)
   kl_fn = losses_lib.get(settings.kl_estimator)
   # Minibatches keep whole groups only when the batch is not shuffled into several.
@@ -69,9 +72,6 @@ def make_objective(model, settings: RLSettings, value_model=None, *,
     policy_logps = lambda params, mb: completion_logps(  # noqa: E731
         model, params, mb["ids"], mb["attn"], mb["prompt_len"], group, vocab_limit,
         vocab_mean=vocab_mean)
-  if value_fn is None and value_model is not None:
-    value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
-        vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
 
   def objective(params, value_params, mb, normalizer, beta):
     outs = policy_logps(params, mb)
@@ -117,7 +117,7 @@ def _regularised(settings: RLSettings, kl_fn, per_token, lp, ent, mb, normalizer
   return kl, agg, agg(per_token)
 
 
-def _value_based_objective(model, settings: RLSettings, value_model, value_fn, vocab_limit):
+def _value_based_objective(model, settings: RLSettings, value_fn, vocab_limit):
   """B-Coder's objective: the value-based surrogate on the policy's logits (the Q function's
   advantage part) and the value model (V), with the reference's logits as the frozen LM of
   the conservative target; + β·KL − entropy bonus as for the policy-gradient surrogates.
@@ -128,21 +128,15 @@ def _value_based_objective(model, settings: RLSettings, value_model, value_fn, v
   """
   surrogate = losses_lib.get(settings.surrogate)
   surrogate_kwargs = dict(settings.surrogate_kwargs)
-  if value_fn is None and value_model is None:
+  if value_fn is None:
     raise ValueError(f"rl.surrogate={settings.surrogate!r} learns Q(s, a) = α(ℓ − max ℓ) + V(s): "
                      "it needs a value model for V (config.value = dict(optim=None), or "
                      "make_update(..., value_model=...))")
-  if value_fn is None:
-    value_fn = lambda vp, mb: value_model.apply(  # noqa: E731
-        vp, mb["ids"], attention_mask=mb["attn"])[:, mb["prompt_len"] - 1:-1]
   kl_fn = losses_lib.get(settings.kl_estimator)
 
   def objective(params, value_params, mb, normalizer, beta):
     p = mb["prompt_len"]
-    logits = model.apply(params, mb["ids"], attention_mask=mb["attn"])[:, p - 1:-1]
-    if vocab_limit is not None:
-      logits = logits[..., :vocab_limit]
-    logits = logits.astype(jnp.float32)
+    logits = completion_logits(model, params, mb["ids"], mb["attn"], p, vocab_limit)
     actions, mask = mb["ids"][:, p:], mb["mask"]
     values = value_fn(value_params, mb)
     q_loss, extras = surrogate(logits, values, actions, mb["token_rewards"], mask,

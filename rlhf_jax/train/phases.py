@@ -25,11 +25,11 @@ import jax.numpy as jnp
 
 from rlhf_jax import advantages as advantages_lib
 from rlhf_jax.advantages import allocation as allocation_lib
-from rlhf_jax.advantages import hidden_reward as hidden_reward_lib
 from rlhf_jax.advantages import turn as turn_lib
-from rlhf_jax import models as models_lib
 from rlhf_jax import sampling as sampling_lib
 from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.train.policy_passes import (completion_logits, completion_logps,  # noqa: F401
+                                          head_influence)
 
 RewardFn = Callable[..., jax.Array]
 
@@ -263,41 +263,6 @@ class Signals:
   ref_logits: Optional[jax.Array] = None
 
 
-def completion_logps(model, params, ids, attn, prompt_len: int, group: int,
-                     vocab_limit: Optional[int] = None, vocab_mean: bool = False):
-  """Completion log-probs / entropies of [prompt, completion] rows.
-
-  When consecutive groups of `group` rows share their prompt (as sampled), each prompt
-  runs through the model once (`models.completion_logps`); otherwise every row is run in
-  full. Both give the same values. `vocab_limit`: over the real vocabulary only, as the
-  sampler's `SamplingConfig.vocab_limit` (a padded model vocabulary). With `vocab_mean`
-  a third output: the vocabulary mean of the log-softmax at each completion position.
-  """
-  if group > 1 and ids.shape[0] % group == 0:
-    return models_lib.completion_logps(
-        model, params, ids[::group, :prompt_len], attn[::group, :prompt_len],
-        ids[:, prompt_len:], attn[:, prompt_len:], group_size=group, vocab_limit=vocab_limit,
-        vocab_mean=vocab_mean)
-  outs = models_lib.token_logps(model, params, ids, attn, vocab_limit=vocab_limit,
-                                vocab_mean=vocab_mean)
-  return tuple(x[:, prompt_len:] for x in outs)
-
-
-def head_influence(model, params, ro: Rollout, rewards: jax.Array, *, group_size: int,
-                   vocab_limit: Optional[int] = None) -> jax.Array:
-  """[N, T] `lm_head_influence` of every completion token under `params` (the sampling
-  policy), towards the responses above their group's mean reward: one forward pass for the
-  final-norm hidden states and the LM head's logits (gradient-free)."""
-  params = jax.lax.stop_gradient(params)
-  h = model.hidden(params, ro.ids, ro.attn)[:, ro.prompt_len - 1:-1]
-  logits = model.logits_from_hidden(params, h)
-  if vocab_limit is not None:
-    logits = logits[..., :vocab_limit]
-  weights = hidden_reward_lib.correct_token_weights(rewards, ro.loss_mask, group_size=group_size)
-  return hidden_reward_lib.lm_head_influence(h, logits, ro.completion_ids, ro.loss_mask, weights,
-                                             group_size=group_size)
-
-
 def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array, *,
             group_size: int, kl_in_reward: bool, value_model=None,
             value_params=None, vocab_limit: Optional[int] = None,
@@ -327,9 +292,8 @@ def signals(model, ref_params, ro: Rollout, rewards: jax.Array, beta: jax.Array,
                               vocab_limit=vocab_limit))
   frozen = None
   if ref_logits:
-    frozen = jax.lax.stop_gradient(model.apply(ref_params, ids, attention_mask=attn)[
-        :, ro.prompt_len - 1:-1])
-    frozen = (frozen if vocab_limit is None else frozen[..., :vocab_limit]).astype(jnp.float32)
+    frozen = jax.lax.stop_gradient(completion_logits(model, ref_params, ids, attn,
+                                                     ro.prompt_len, vocab_limit))
   return Signals(ref_logps=ref_logps, kl=kl_tok, token_rewards=token_rewards, values=values,
                  old_vocab_mean_logps=old_vm, lm_head_influence=influence, ref_logits=frozen)
 
