@@ -183,8 +183,11 @@ CATALOGUE: Tuple[Entry, ...] = (
           "tests/test_exp_regret_preference.py", "gridworld reproduction"),
     Entry("STARC", "B", R, "experiment", {}, None, "tests/test_exp_starc.py",
           "reward distances: experiments/starc"),
-    Entry("VPL", "B", R, None, {}, ("loss", "vpl"), "tests/test_reward_model.py",
-          "needs a user encoder head (mean, log_var) rm_head does not build"),
+    Entry("VPL", "B", R, "offline",
+          {"loss": "vpl", "rm_head": {"name": "vpl", "latent_dim": 4},
+           "task.user_targets": "ab"}, ("loss", "vpl"),
+          note="records carry user_id; a user's pairs in the batch are the encoder's context "
+               "(tests/test_vpl_head.py)"),
     Entry("MaxMin-RLHF", "B", R, "experiment", {}, ("loss", "maxmin_em"),
           "tests/test_exp_maxmin_rlhf.py", "EM mixture: experiments/maxmin_rlhf"),
     Entry("RM ensembles WCO / UWO", "B", R, "online",

@@ -469,12 +469,14 @@ def test_cpl_discounted_token_inputs_reference():
 
 
 def test_every_name_registered():
-  want = ("dpo cdpo rdpo ipo hinge rso_sample simpo orpo kto rpo vpo cpl pro copg dno inpo "
-          "nash_md spo_rewards sspo osp treg grao trpa power_dl ra_dpo_relabel nca bco_pair "
+  want = ("dpo cdpo rdpo ipo hinge simpo orpo kto rpo vpo cpl pro copg dno inpo "
+          "nash_md sspo osp treg grao trpa power_dl nca bco_pair "
           "sppo_hard apo_zero apo_down discopop exo aot").split()
+  helpers = ["rso_sample", "spo_rewards", "ra_dpo_relabel"]  # sampling / relabelling, not losses
   have = set(losses.names())
-  assert not [n for n in want if n not in have]
+  assert not [n for n in want + helpers if n not in have]
   assert set(want) <= set(losses.names("preference"))
+  assert set(helpers) == set(losses.names("preference_data"))
 
 
 def test_helpers_jit_and_vmap():

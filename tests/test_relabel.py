@@ -68,3 +68,15 @@ def test_records_without_scores_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"training record 0 has no 'chosen_reward'"):
     offline_loop.train(c)
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("helper", ["ra_dpo_relabel", "rso_sample", "spo_rewards"])
+def test_relabelling_and_sampling_helpers_are_not_losses(tmp_path, helper):
+  c = config("preference", tmp_path / "w", "dpo")
+  c.loss = helper
+  with pytest.raises(ValueError, match=rf"config\.loss='{helper}' is not a 'preference' loss"):
+    offline_loop.train(c)
+  assert not os.path.exists(tmp_path / "w")
+  from rlhf_jax.train.rl_config import RLSettings  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=rf"rl\.preference_loss='{helper}' is not a preference"):
+    RLSettings.from_config(dict(objective="preference", preference_loss=helper, group_size=4))

@@ -190,13 +190,22 @@ class PreferenceTask(_Task):
   of length in [min_len, max_len]. Each pair has distinct true rewards; chosen has the
   higher one, except that with probability `flip_rate` the labels are swapped
   (`flipped=True`), modelling label noise epsilon.
+
+  `user_targets` (e.g. "ab"): a population of users with different preferences. Each
+  record gets a uniformly drawn `user_id` u and is labelled by user u's reward, which
+  counts `user_targets[u]` instead of `target` (latent-user reward models such as VPL).
   """
 
   def __init__(self, *, alphabet: str = "abcd", target: str = "a", length_penalty: float = 0.25,
                min_len: int = 1, max_len: int = 8, prompt_len: int = 6,
-               flip_rate: float = 0.0, test_fraction: float = 0.1):
+               flip_rate: float = 0.0, test_fraction: float = 0.1, user_targets: str = ""):
     if target not in alphabet or len(target) != 1:
       raise ValueError(f"target must be one letter of alphabet={alphabet!r}, got {target!r}")
+    bad = [u for u in user_targets if u not in alphabet]
+    if bad or len(set(user_targets)) != len(user_targets):
+      raise ValueError(f"user_targets must be distinct letters of alphabet={alphabet!r}, got "
+                       f"{user_targets!r}")
+    self.user_targets = "".join(user_targets)
     if not 0.0 <= flip_rate <= 1.0:
       raise ValueError(f"flip_rate must be in [0, 1], got {flip_rate}")
     if not 1 <= min_len <= max_len:
@@ -206,9 +215,10 @@ class PreferenceTask(_Task):
     self.flip_rate, self.test_fraction = flip_rate, test_fraction
     self.name = f"preference_{alphabet}_{target}"
 
-  def reward(self, completion: str) -> float:
-    """The ground-truth reward of a completion."""
-    return completion.count(self.target) - self.length_penalty * len(completion)
+  def reward(self, completion: str, user: int | None = None) -> float:
+    """The ground-truth reward of a completion (for `user`, with `user_targets`)."""
+    target = self.target if user is None else self.user_targets[user]
+    return completion.count(target) - self.length_penalty * len(completion)
 
   def score(self, prompt: str, completion: str) -> float:
     del prompt  # the reward depends on the completion only
@@ -219,10 +229,11 @@ class PreferenceTask(_Task):
 
   def _sample(self, rng):
     prompt = self._string(rng, self.prompt_len) + ">"
+    user = int(rng.integers(len(self.user_targets))) if self.user_targets else None
     while True:
       a, b = (self._string(rng, int(rng.integers(self.min_len, self.max_len + 1)))
               for _ in range(2))
-      ra, rb = self.reward(a), self.reward(b)
+      ra, rb = self.reward(a, user), self.reward(b, user)
       if abs(ra - rb) > 1e-9:
         break
     if ra < rb:
@@ -230,8 +241,11 @@ class PreferenceTask(_Task):
     flipped = bool(rng.random() < self.flip_rate)
     if flipped:
       a, b, ra, rb = b, a, rb, ra
-    return {"prompt": prompt, "chosen": a, "rejected": b, "chosen_reward": ra,
-            "rejected_reward": rb, "flipped": flipped}
+    rec = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_reward": ra,
+           "rejected_reward": rb, "flipped": flipped}
+    if user is not None:
+      rec["user_id"] = user
+    return rec
 
 
 TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "preference": PreferenceTask}

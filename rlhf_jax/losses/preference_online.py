@@ -2,7 +2,9 @@
 RSO rejection sampling and RA-DPO relabelling.
 
 Pairwise losses use the interface of `rlhf_jax.losses.preference`; the
-sampling and relabelling helpers return arrays (they are not losses).
+sampling and relabelling helpers return arrays (they are not losses) and are
+registered in the family "preference_data", so `config.loss` and
+`rl.preference_loss` refuse them by name.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def nash_md(logps, ref_logps, preference_probs, *, tau: float = 0.008):
   return -coef * logps, NashMDExtras(coef, sg(lr))
 
 
-@register("spo_rewards", family="preference")
+@register("spo_rewards", family="preference_data")
 def spo_rewards(preference_matrix, mask):
   """SPO self-play rewards: each sample's mean win-probability against the rest of its group.
 
@@ -167,7 +169,7 @@ class RSOSample(NamedTuple):
   valid: jax.Array
 
 
-@register("rso_sample", family="preference")
+@register("rso_sample", family="preference_data")
 def rso_sample(rng, rewards, mask=None, *, num_samples: int, beta: float = 0.5):
   """RSO statistical rejection sampling from π_r ∝ π_sft exp(r/β) over K candidates.
 
@@ -222,7 +224,7 @@ class RelabelledPairs(NamedTuple):
   source: jax.Array
 
 
-@register("ra_dpo_relabel", family="preference")
+@register("ra_dpo_relabel", family="preference_data")
 def ra_dpo_relabel(chosen_rewards, rejected_rewards):
   """RA-DPO reward-augmented relabelling: condition each pair on both responses' scores.
 

@@ -3,7 +3,8 @@
 - `ArmoRMHead`: multi-objective regression heads + a gating network (ArmoRM).
 - `GPMHead`: skew-symmetric preference embeddings + prompt-dependent λ(x) (GPM).
 - `EnsembleHead`: K independent heads (combine with `rlhf_jax.rewards.ensemble`).
-- `VPLEncoder` / `VPLRewardHead`: the latent-user encoder and z-conditioned RM (VPL).
+- `VPLEncoder` / `VPLRewardHead`: the latent-user encoder and z-conditioned RM (VPL);
+  `VPLHead` puts them together over a batch of pairs with per-row user contexts.
 - `ridge_regression`: ArmoRM stage-1 closed-form fit on frozen features.
 
 Features h are e.g. the decoder's last-token hidden states.
@@ -176,3 +177,46 @@ class VPLRewardHead(nn.Module):
     if z.ndim != 2 or z.shape[0] != h.shape[0]:
       raise ValueError(f"z must be [{h.shape[0]}, Z], got {z.shape}")
     return MLP(tuple(self.hidden) + (1,), name="mlp")(jnp.concatenate([h, z], -1))[:, 0]
+
+
+class VPLHead(nn.Module):
+  """VPL over a batch of B pairs: row b's user context is a [B] mask over the batch's pairs.
+
+  `encode(hc, hr, context)`: features [B, D] and a [B, B] context mask (row b reads
+  the pairs its mask marks, e.g. the pairs of b's user) -> (mean, log_var) [B, Z].
+  `rewards(h, z)`: every sequence's reward under every row's latent, [P, D] x [B, Z]
+  -> [B, P]. "Personalizing RLHF with Variational Preference Learning" (Poddar et al.
+  2024).
+  """
+  latent_dim: int = 8
+  hidden: int = 64
+  reward_hidden: Sequence[int] = (64,)
+  num_heads: int = 1
+
+  def setup(self):
+    self.encoder = VPLEncoder(self.latent_dim, self.hidden, self.num_heads)
+    self.reward = VPLRewardHead(tuple(self.reward_hidden))
+
+  def encode(self, hc: jax.Array, hr: jax.Array, context: jax.Array):
+    _check_features(hc, "chosen features")
+    _check_features(hr, "rejected features")
+    b = hc.shape[0]
+    if context.shape != (b, b):
+      raise ValueError(f"context must be a [{b}, {b}] mask over the batch, got {context.shape}")
+    tile = lambda h: jnp.broadcast_to(h[None], (b,) + h.shape)  # noqa: E731
+    return self.encoder(tile(hc), tile(hr), context)
+
+  def rewards(self, h: jax.Array, z: jax.Array) -> jax.Array:
+    _check_features(h)
+    b, p, d = z.shape[0], h.shape[0], h.shape[1]
+    hh = jnp.broadcast_to(h[None], (b, p, d)).reshape(b * p, d)
+    zz = jnp.broadcast_to(z[:, None], (b, p, z.shape[1])).reshape(b * p, z.shape[1])
+    return self.reward(hh, zz).reshape(b, p)
+
+  def own_rewards(self, h: jax.Array, z: jax.Array) -> jax.Array:
+    """Row b's sequence under row b's latent: [B, D] x [B, Z] -> [B]."""
+    return self.reward(h, z)
+
+  def __call__(self, hc: jax.Array, hr: jax.Array, context: jax.Array):
+    mean, log_var = self.encode(hc, hr, context)
+    return self.rewards(hc, mean), self.rewards(hr, mean), mean, log_var

@@ -340,8 +340,12 @@ def make_step(paradigm: str, model, loss_fn: Optional[Callable],
   batch_loss = make_batch_loss(paradigm, model, loss_fn, loss_kwargs, packed=packed)
   grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
+  # A stochastic objective (VPL's sampled z) draws from fold_in(state.rng, step): exact on resume.
+  kw = ((lambda state: {"rng": jax.random.fold_in(state.rng, state.step)})
+        if getattr(batch_loss, "stochastic", False) else (lambda state: {}))
+
   def step(state: OfflineState, batch: Dict[str, jax.Array]):
-    (loss, metrics), grads = grad_fn(state.params, state.ref_params, batch)
+    (loss, metrics), grads = grad_fn(state.params, state.ref_params, batch, **kw(state))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

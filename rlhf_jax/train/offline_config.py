@@ -42,7 +42,7 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
   c.tokenizer = "char"
   c.model = dict(hf_config=tiny_llama())
   c.task = dict(name="preference", alphabet="abcd", target="a", length_penalty=0.25,
-                min_len=1, max_len=8, prompt_len=6, **(task or {}))
+                min_len=1, max_len=8, prompt_len=6, user_targets="", **(task or {}))
   c.data = dict(source="synthetic", train_size=2048, eval_size=256, max_length=20,
                 max_prompt_length=8, eval_batch_size=64, truncation="error",
                 skip_invalid=False, packing=False, num_responses=0, passthrough=(),

@@ -89,6 +89,8 @@ def _check_config(config, paradigm: str) -> None:
   if config.get("precompute_ref") and config.get("reference_free"):
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
   relabel_lib.check(config.data.get("relabel"), _goal_template(config), paradigm)
+  if config.get("rm_head") or config.get("loss") == "vpl":
+    offline_heads.check_config(od.plain(config.get("rm_head")), config.get("loss") or "")
 
 
 def _goal_template(config) -> str:
@@ -124,6 +126,8 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   if (od.plain(config.get("rm_head")).get("name") == "hl_gauss"
       or _declares_targets(paradigm, config.get("loss"))):
     passthrough += offline_heads.TARGET_KEYS
+  if od.plain(config.get("rm_head")).get("name") == "vpl":
+    passthrough += (offline_heads.USER_KEY,)
   if paradigm == "sft":
     train_records, eval_records = od.to_sft(train_records), od.to_sft(eval_records)
   train_src = od.to_unpaired(train_records) if unpaired else train_records
@@ -258,6 +262,8 @@ def train(config) -> Dict[str, Any]:
   if config.data.get("relabel"):  # RA-DPO: two goal-conditioned pairs per scored pair
     train_records = relabel_lib.ra_dpo(train_records, _goal_template(config), what="training")
     eval_records = relabel_lib.ra_dpo(eval_records, _goal_template(config), what="eval")
+  for what, recs in (("training", train_records), ("eval", eval_records)):
+    offline_heads.check_records(od.plain(config.get("rm_head")), recs, what)
   batches, make_eval_iter, train_parts, eval_parts = _sources(
       config, paradigm, unpaired, train_records, eval_records, tok)
   info = _check_data_sizes(config, batches, make_eval_iter, train_parts[0], eval_parts[0],
