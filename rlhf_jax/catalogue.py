@@ -93,8 +93,10 @@ CATALOGUE: Tuple[Entry, ...] = (
           "tabular Nash Mirror Prox (`losses.nash_tabular`); experiments/nash_md_mp"),
     Entry("SPO (self-play)", "B", P, "online", {"reward_shaping": ("spo_win_rate",)},
           ("transform", "spo_win_rate"), note="win-rate rewards, then any policy gradient"),
-    Entry("SSPO", "B", P, None, {}, ("loss", "sspo"), "tests/test_losses_preference.py",
-          "needs a preference-degree head (degree_logits) no model provides"),
+    Entry("SSPO", "B", P, "offline",
+          _off("sspo", **{"data.degrees": {"max_removed": 2, "key": "a"}}), ("loss", "sspo"),
+          note="variants of the chosen response with k key parts removed; the policy's "
+               "logits at the class tokens classify k (tests/test_degrees.py)"),
     Entry("OSP", "B", P, "online", _pref("osp"), ("loss", "osp"),
           note="strength σ((r_w − r_l)/T) from the reward gap"),
     Entry("T-REG", "B", P, "online",

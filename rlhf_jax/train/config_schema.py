@@ -43,7 +43,7 @@ OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and t
     "packing": bool, "num_responses": int, "passthrough": None, "precheck": bool,
     "path": str, "eval_path": (str, _NONE), "format": str,
     "name": str, "split": str, "eval_split": str, "fields": None, "data_dir": (str, _NONE),
-    "relabel": (str, _NONE), "goal_template": str}
+    "relabel": (str, _NONE), "goal_template": str, "degrees": None}
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, rewards=None, reward_shaping=None, rl=None, seeds=(int, _NONE), value={"optim": None},

@@ -33,7 +33,7 @@ Chosen and rejected sequences go through the model as one [2B, T] batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -42,6 +42,7 @@ import optax
 
 from rlhf_jax import guards
 from rlhf_jax import models as models_lib
+from rlhf_jax.train import degrees
 from rlhf_jax.train.loss_inputs import (call_with_available, is_list_loss,  # noqa: F401
                                         is_unpaired_loss)
 
@@ -179,11 +180,26 @@ def _pair_logps(model, params, ref_params, batch):
   return c, r, rc, rr, lc, lr
 
 
-def _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss):
+def _degree_inputs(model, params, batch, degree_tokens):
+  """SSPO's degree_logits / degree_labels / degree_mask (`rlhf_jax.train.degrees`)."""
+  _check_keys(batch, degrees.BATCH_KEYS, "preference-degree (config.data.degrees)")
+  logits = degrees.degree_logits(model, params, batch, degree_tokens)
+  labels, valid = batch["degree_labels"], batch["degree_valid"]
+  hit = (jnp.argmax(logits, axis=-1) == labels) & valid
+  acc = jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+  return ({"degree_logits": logits, "degree_labels": labels, "degree_mask": valid},
+          {"degree_accuracy": acc.astype(jnp.float32)})
+
+
+def _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss, degree_tokens=()):
   def batch_loss(params, ref_params, batch):
     _check_keys(batch, PAIRED_KEYS, "paired preference")
     c, r, rc, rr, lc, lr = _pair_logps(model, params, ref_params, batch)
     metrics = pair_metrics(c, r, rc, rr, lc, lr)
+    degree_in = {}
+    if degree_tokens:
+      degree_in, degree_metrics = _degree_inputs(model, params, batch, degree_tokens)
+      metrics.update(degree_metrics)
     if unpaired_loss:  # evaluate an unpaired loss on pairs: chosen desirable, z = 0
       available = {"logps": jnp.concatenate([c, r]), "ref_logps": _cat_or_none(rc, rr),
                    "lengths": jnp.concatenate([lc, lr]), "reference_point": 0.0,
@@ -191,7 +207,8 @@ def _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss):
                                                  jnp.zeros_like(r, bool)])}
     else:
       available = {"chosen_logps": c, "rejected_logps": r, "ref_chosen_logps": rc,
-                   "ref_rejected_logps": rr, "chosen_lengths": lc, "rejected_lengths": lr}
+                   "ref_rejected_logps": rr, "chosen_lengths": lc, "rejected_lengths": lr,
+                   **degree_in}
       available.update(_numeric_fields(batch, available))
     losses, extras = call_with_available(loss_fn, available, loss_kwargs, what)
     cr = getattr(extras, "chosen_rewards", None)
@@ -299,11 +316,14 @@ def _reward_model(model, loss_fn, loss_kwargs, what):
 
 
 def make_batch_loss(paradigm: str, model, loss_fn: Optional[Callable], loss_kwargs=None, *,
-                    packed: bool = False, unpaired: Optional[bool] = None):
+                    packed: bool = False, unpaired: Optional[bool] = None,
+                    degree_tokens: Tuple[int, ...] = ()):
   """Returns `batch_loss(params, ref_params, batch) -> (loss, metrics)` for a paradigm.
 
   `unpaired` (preference only): the batch is unpaired (KTO-style); default: whether
   the loss has an unpaired signature. Pass False to evaluate an unpaired loss on pairs.
+  `degree_tokens` (paired preference, SSPO): the class tokens' ids; the batch's degree
+  variants are classified by the policy's logits at them (`rlhf_jax.train.degrees`).
   """
   loss_kwargs = dict(loss_kwargs or {})
   if paradigm not in PARADIGMS:
@@ -324,20 +344,22 @@ def make_batch_loss(paradigm: str, model, loss_fn: Optional[Callable], loss_kwar
   unpaired_loss = is_unpaired_loss(loss_fn)
   if unpaired_loss if unpaired is None else unpaired:
     return _unpaired_preference(model, loss_fn, loss_kwargs, what)
-  return _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss)
+  return _paired_preference(model, loss_fn, loss_kwargs, what, unpaired_loss,
+                            tuple(degree_tokens))
 
 
 def make_step(paradigm: str, model, loss_fn: Optional[Callable],
               optimizer: optax.GradientTransformation, *, loss_kwargs=None, packed: bool = False,
               jit: bool = True, donate: bool = True, skip_nonfinite: bool = True,
-              out_shardings=None):
+              out_shardings=None, degree_tokens: Tuple[int, ...] = ()):
   """Returns `step(state, batch) -> (state, metrics)`: one optimiser update.
 
   A step whose loss or gradients are not finite leaves the state unchanged
   (`skipped` = 1 in the metrics; `guard` counts consecutive and total skips).
   `out_shardings` (e.g. the state's shardings) is passed to `jax.jit`.
   """
-  batch_loss = make_batch_loss(paradigm, model, loss_fn, loss_kwargs, packed=packed)
+  batch_loss = make_batch_loss(paradigm, model, loss_fn, loss_kwargs, packed=packed,
+                               degree_tokens=degree_tokens)
   grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
   # A stochastic objective (VPL's sampled z) draws from fold_in(state.rng, step): exact on resume.
@@ -362,14 +384,15 @@ def make_step(paradigm: str, model, loss_fn: Optional[Callable],
 
 
 def make_eval(paradigm: str, model, loss_fn: Optional[Callable], *, loss_kwargs=None,
-              packed: bool = False):
+              packed: bool = False, degree_tokens: Tuple[int, ...] = ()):
   """Returns a jitted `evaluate(state, batch) -> metrics` (no update).
 
   Preference evaluation always reads paired batches (held-out pairs), also for
   unpaired losses, whose eval loss then uses chosen = desirable and z = 0.
   """
   batch_loss = make_batch_loss(paradigm, model, loss_fn, loss_kwargs, packed=packed,
-                               unpaired=False if paradigm == "preference" else None)
+                               unpaired=False if paradigm == "preference" else None,
+                               degree_tokens=degree_tokens)
 
   @jax.jit
   def evaluate(state: OfflineState, batch):

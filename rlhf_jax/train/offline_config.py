@@ -47,6 +47,7 @@ def synthetic_config(paradigm: str, *, loss: str | None = None, loss_kwargs=None
                 max_prompt_length=8, eval_batch_size=64, truncation="error",
                 skip_invalid=False, packing=False, num_responses=0, passthrough=(),
                 relabel="", goal_template=relabel.GOAL_TEMPLATE)
+  config_utils.optional_blocks(c.data, "degrees")
   c.loss = loss or ""
   c.loss_kwargs = dict(loss_kwargs or {})
   c.precompute_ref = False

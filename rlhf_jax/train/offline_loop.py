@@ -41,11 +41,12 @@ import numpy as np
 
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.data import batching
 from rlhf_jax.train import config_schema
 from rlhf_jax.train.placement import check_batch_size, fetch, host_arrays, placement
 from rlhf_jax.train import build, offline, optim
 from rlhf_jax.train import offline_data as od
-from rlhf_jax.train import loss_inputs, offline_heads
+from rlhf_jax.train import degrees, loss_inputs, offline_heads
 from rlhf_jax.train import relabel as relabel_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.runner import Runner
@@ -59,13 +60,16 @@ def load_records(config):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(paradigm: str, model, loss: str, loss_kwargs: str, optim_cfg: str, packed: bool):
+def _compiled(paradigm: str, model, loss: str, loss_kwargs: str, optim_cfg: str, packed: bool,
+              degree_tokens: tuple = ()):
   """Jitted (step, eval, ref_logps) shared by runs with the same settings (compiled once)."""
   loss_fn = losses_lib.get(loss) if loss else None
   kw = json.loads(loss_kwargs)
   optimizer = optim.make_optimizer(json.loads(optim_cfg))
-  step = offline.make_step(paradigm, model, loss_fn, optimizer, loss_kwargs=kw, packed=packed)
-  evaluate = offline.make_eval(paradigm, model, loss_fn, loss_kwargs=kw, packed=packed)
+  step = offline.make_step(paradigm, model, loss_fn, optimizer, loss_kwargs=kw, packed=packed,
+                           degree_tokens=degree_tokens)
+  evaluate = offline.make_eval(paradigm, model, loss_fn, loss_kwargs=kw, packed=packed,
+                               degree_tokens=degree_tokens)
   ref = offline.make_ref_logps(model) if paradigm == "preference" else None
   return optimizer, step, evaluate, ref
 
@@ -89,6 +93,10 @@ def _check_config(config, paradigm: str) -> None:
   if config.get("precompute_ref") and config.get("reference_free"):
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
   relabel_lib.check(config.data.get("relabel"), _goal_template(config), paradigm)
+  loss = config.get("loss")
+  degrees.check(config.data.get("degrees"), paradigm,
+                bool(loss) and loss in losses_lib.names() and "degree_logits" in dict(
+                    loss_inputs.parameters(losses_lib.get(loss))))
   if config.get("rm_head") or config.get("loss") == "vpl":
     offline_heads.check_config(od.plain(config.get("rm_head")), config.get("loss") or "")
 
@@ -134,6 +142,15 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
   if precompute:
     train_src = od.with_index(train_src)
   train_fns = od.batch_fns(kind, tok, d, passthrough=passthrough)
+  deg = degrees.settings(d.get("degrees"))
+  if deg:  # SSPO: the chosen response's preference-degree variants ride along
+    train_src = degrees.attach(train_src, deg, int(config.seed))
+    eval_records = degrees.attach(eval_records, deg, int(config.seed))
+    encode = batching.make_response_encoder(
+        tok, max_prompt_length=int(d.max_prompt_length), max_length=int(d.max_length),
+        truncation=d.get("truncation", "error"))
+    wrap = lambda fns: degrees.wrap(*fns, encode, tok.pad_id, int(d.max_length))  # noqa: E731
+    train_fns = wrap(train_fns)
   seed = int(config.seed)
   pack = int(d.max_length) if d.get("packing") else None
   batches = od.iterator(train_src, *train_fns, batch_size=int(config.train.batch_size),
@@ -142,6 +159,8 @@ def _sources(config, paradigm: str, unpaired: bool, train_records, eval_records,
                                                 "preference")
   eval_src = od.with_index(eval_records) if precompute else eval_records
   eval_fns = od.batch_fns(eval_kind, tok, d, passthrough=passthrough)
+  if deg:
+    eval_fns = wrap(eval_fns)
   eval_bs = int(d.get("eval_batch_size") or config.train.batch_size)
   make_eval_iter = lambda: od.iterator(eval_src, *eval_fns, batch_size=eval_bs,  # noqa: E731
                                        seed=seed, train=False)
@@ -255,7 +274,8 @@ def train(config) -> Dict[str, Any]:
   check_batch_size(config, "train.batch_size")
   optimizer, step_fn, eval_fn, ref_fn = _compiled(
       paradigm, model, loss, json.dumps(od.plain(config.get("loss_kwargs")), sort_keys=True),
-      json.dumps(od.plain(config.optim), sort_keys=True), bool(config.data.get("packing")))
+      json.dumps(od.plain(config.optim), sort_keys=True), bool(config.data.get("packing")),
+      degrees.class_ids(tok, degrees.settings(config.data.get("degrees")).get("class_tokens", ())))
   precompute = bool(config.get("precompute_ref"))
   keep_ref = paradigm == "preference" and not config.get("reference_free", False)
   train_records, eval_records = load_records(config)
