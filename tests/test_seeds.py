@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import demo
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.train import online, online_loop, seeds
 from test_online import prompts, setup
 
@@ -36,6 +37,59 @@ def test_vmapped_step_of_four_seeds_equals_four_single_steps():
                       jax.tree.leaves(states[i].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert swept._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_seeds_over_the_mesh_data_axis_equal_seeds_on_one_device():
+  """4 seeds over data=2 (2 per data slice), each seed's state over fsdp=2 x tensor=2 and its
+  prompts over fsdp: the same metrics and parameters as the unsharded vmapped step."""
+  assert jax.device_count() == 8
+  model, settings, sc, opt, rewards, state = setup()
+  states = [jax.tree.map(lambda x, s=s: x + 0.01 * s if x.dtype == np.float32 else x, state)
+            for s in range(4)]
+  keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in range(4)])
+  batches = [prompts(n=4, seed=s) for s in range(4)]
+  batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  plain = seeds.vmapped(online.make_update(model, rewards, opt, settings, sc, jit=False),
+                        donate=False)
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  put_state, put_batch, out_sh = seeds.mesh_placement(mesh, seeds.stack(states))
+  swept = seeds.vmapped(online.make_update(model, rewards, opt, settings, sc, jit=False),
+                        donate=False, out_shardings=out_sh)
+  want, got = seeds.stack(states), put_state(seeds.stack(states))
+  assert all(x.sharding.spec[0] == "data" for x in jax.tree.leaves(got.params))
+  assert any({"fsdp", "tensor"} & set(x.sharding.spec[1:]) for x in jax.tree.leaves(got.params))
+  for _ in range(2):
+    want, m_want = plain(want, batch, keys)
+    got, m_got = swept(got, put_batch(batch), keys)
+    for k in ("reward_mean", "pg_loss", "kl", "entropy", "grad_norm"):
+      np.testing.assert_allclose(np.asarray(m_got[k]), np.asarray(m_want[k]), atol=1e-5,
+                                 err_msg=k)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert all(x.sharding.spec[0] == "data" for x in jax.tree.leaves(got.params))
+  assert swept._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_loop_runs_seeds_over_the_mesh(tmp_path):
+  c = _cfg(tmp_path, "mesh", seeds=2, mesh=dict(data=2, fsdp=4, tensor=1))
+  c.train.steps, c.sft.steps = 1, 0
+  out = online_loop.train(c)
+  assert len(out["accuracy_after"]) == 2
+  assert sorted({r["seed"] for r in _rows(tmp_path / "mesh")}) == [0, 1]
+  assert all(x.sharding.spec[0] == "data" and len(x.sharding.device_set) == 8
+             for x in jax.tree.leaves(out["state"].params))
+
+
+@pytest.mark.parametrize("n,prompts_per_step,match", [
+    (3, 32, r"data axis, whose size 2 must divide config\.seeds"),
+    (2, 6, r"train\.prompts_per_step=6 is not divisible by the mesh's fsdp = 4"),
+])
+def test_seeds_on_a_mesh_that_does_not_fit_are_named(tmp_path, n, prompts_per_step, match):
+  c = _cfg(tmp_path, "bad", seeds=n, mesh=dict(data=2, fsdp=4, tensor=1))
+  c.train.prompts_per_step = prompts_per_step
+  with pytest.raises(ValueError, match=match):
+    online_loop.train(c)
+  assert not (tmp_path / "bad").exists()
 
 
 def _cfg(tmp_path, name, **kw):

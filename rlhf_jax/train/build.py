@@ -198,7 +198,8 @@ def check_online(config, model, settings, train_records) -> None:
         f"the task has {len(train_records)} training prompts, fewer than one step's "
         f"train.prompts_per_step={nprompts}; lower train.prompts_per_step or add prompts "
         "(data.train_size for a synthetic task)")
-  placement.check_batch_size(config, "train.prompts_per_step")
+  if (config.get("seeds") or 1) == 1:  # seed sweeps: rlhf_jax.train.seeds checks their mesh
+    placement.check_batch_size(config, "train.prompts_per_step")
   sft = config.get("sft")
   if sft and int(sft.get("steps") or 0) > 0:
     if not sft.get("optim"):

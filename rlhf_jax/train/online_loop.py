@@ -32,7 +32,7 @@ from rlhf_jax.train import optim, phases
 from rlhf_jax.train import seeds as seeds_lib
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.online_setup import sft_warmup  # noqa: F401  (re-exported)
-from rlhf_jax.train.placement import placement
+from rlhf_jax.train.placement import mesh_of, placement
 from rlhf_jax.train.rl_config import RLSettings
 from rlhf_jax.train.runner import Runner
 
@@ -199,7 +199,8 @@ class Setup(NamedTuple):
                                 env=first.env, env_spec=first.env_spec,
                                 out_shardings=out_shardings, jit=len(self.runs) == 1,
                                 reward_shaping=config.get("reward_shaping"), lora=self.lora)
-    return update if len(self.runs) == 1 else seeds_lib.vmapped(update)
+    return update if len(self.runs) == 1 else seeds_lib.vmapped(update,
+                                                                 out_shardings=out_shardings)
 
 
 def setup(config) -> Setup:
@@ -270,7 +271,9 @@ def train(config) -> Dict[str, Any]:
   else:
     state = run.state
     summary["resumed_from"] = run.start_step
-  put_state, put_batch, out_shardings = placement(config, model, state)
+  put_state, put_batch, out_shardings = (
+      seeds_lib.mesh_placement(mesh_of(config), state) if n > 1 and config.get("mesh")
+      else placement(config, model, state))
   state = put_state(state)
   update = built.make_update(config, value_model, value_opt, out_shardings)
   rng = rngs[0] if n == 1 else jnp.stack(rngs)

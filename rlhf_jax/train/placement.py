@@ -42,7 +42,7 @@ def batch_key(config) -> str:
   return "train.prompts_per_step" if "prompts_per_step" in train else "train.batch_size"
 
 
-def _mesh(config):
+def mesh_of(config):
   """The mesh of `config.mesh` (None without one); a bad shape names `config.mesh`."""
   mesh_cfg = config.get("mesh")
   if not mesh_cfg:
@@ -58,7 +58,7 @@ def check_batch_size(config, key: str | None = None) -> None:
   """Raises ValueError (before anything is built on the mesh) when one step's batch rows,
   `config[key]` (default `batch_key(config)`), do not divide over the mesh's data x fsdp
   devices, or when `config.mesh` does not fit the devices."""
-  mesh = _mesh(config)
+  mesh = mesh_of(config)
   if mesh is None:
     return
   key = key or batch_key(config)
@@ -80,7 +80,7 @@ def placement(config, model, state, *, batch_key_name: str | None = None):
   `batch_key_name` is the config key that sets the batch rows, named when they do not
   divide (default `batch_key(config)`).
   """
-  mesh = _mesh(config)
+  mesh = mesh_of(config)
   if mesh is None:
     return (lambda s: s), (lambda b: {k: jnp.asarray(v) for k, v in b.items()}), None
   del model  # parameters are found by their paths in the state

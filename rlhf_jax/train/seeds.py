@@ -9,6 +9,12 @@ axis and ONE jitted `vmap` of the update steps them all (purejaxrl style), so th
 metrics equal N single-seed runs (tested to 1e-5) at a fraction of their wall time.
 `metrics.jsonl` rows carry `seed`; TensorBoard gets one run per seed (`tb/seed_<i>`); the
 plot draws the mean ± std over seeds.
+
+With `config.mesh` the seeds run side by side on the devices: the seed axis goes over the
+mesh's "data" axis (its size must divide `config.seeds`), and within a seed the state is
+placed by the logical-axis rules over "fsdp" x "tensor" and the prompts over "fsdp"
+(`mesh_placement`). The seeds never communicate, so each "data" slice of the mesh steps
+its own seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from typing import Any, Dict, List, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.train import placement as placement_lib
 
 
 def num_seeds(config) -> int:
@@ -29,8 +39,17 @@ def num_seeds(config) -> int:
     raise ValueError(f"config.seeds={n!r}: the number of seeds to run in one program must be an "
                      "integer >= 1 (1: a single run)")
   if n > 1 and config.get("mesh"):
-    raise ValueError(f"config.seeds={n} with config.mesh: seed sweeps run on one device; unset "
-                     "config.mesh or run the seeds one by one")
+    mesh = placement_lib.mesh_of(config)
+    data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+    if n % data:
+      raise ValueError(f"config.seeds={n} with config.mesh={dict(mesh.shape)}: the seeds go over "
+                       f"the mesh's data axis, whose size {data} must divide config.seeds; set "
+                       f"config.seeds to a multiple of {data} or change config.mesh")
+    rows = int(config.train.prompts_per_step)
+    if rows % fsdp:
+      raise ValueError(f"train.prompts_per_step={rows} is not divisible by the mesh's fsdp = "
+                       f"{fsdp} devices, over which each seed's prompts go (config.seeds={n}, "
+                       f"config.mesh={dict(mesh.shape)}); set it to a multiple of {fsdp}")
   return n
 
 
@@ -51,9 +70,36 @@ def unstack(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
 
 
-def vmapped(update_fn, *, donate: bool = True):
+def vmapped(update_fn, *, donate: bool = True, out_shardings=None):
   """`jit(vmap(update))` over (state, batch, rng), all with a leading seed axis."""
-  return jax.jit(jax.vmap(update_fn), donate_argnums=(0,) if donate else ())
+  return jax.jit(jax.vmap(update_fn), donate_argnums=(0,) if donate else (),
+                 out_shardings=out_shardings)
+
+
+# Within a seed, prompts (logical "batch") go over fsdp only: the seeds hold "data".
+SEED_RULES = tuple((name, "fsdp") if name == "batch" else (name, axis)
+                   for name, axis in sharding_lib.DEFAULT_RULES)
+
+
+def mesh_placement(mesh, state):
+  """(put_state, put_batch, out_shardings) for stacked seeds on `mesh` (`config.mesh`).
+
+  Each leaf's sharding is "data" on the seed axis followed by the spec the logical-axis
+  rules (`SEED_RULES`) give one seed's leaf; batch fields [N, B, ...] go over
+  ("data", "fsdp").
+  """
+  one = jax.eval_shape(lambda s: unstack(s, 0), state)
+  inner = placement_lib.state_shardings(one, mesh, SEED_RULES)
+  shardings = jax.tree.map(lambda sh: NamedSharding(mesh, P("data", *sh.spec)), inner)
+
+  def put_batch(batch):
+    out = {}
+    for k, v in batch.items():
+      spec = P("data", "fsdp") if v.ndim > 1 else P("data")
+      out[k] = jax.make_array_from_callback(v.shape, NamedSharding(mesh, spec),
+                                            lambda idx, v=v: v[idx])
+    return out
+  return (lambda st: jax.device_put(st, shardings)), put_batch, (shardings, None)
 
 
 class StackedBatches:
