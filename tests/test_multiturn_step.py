@@ -54,3 +54,52 @@ def test_no_observation_token_receives_gradient():
   grad = np.asarray(jax.grad(lambda p: objective(p, None, mb, jnp.sum(ro.loss_mask), 0.1)[0])(lp))
   assert np.all(grad[obs] == 0.0)
   assert np.all(grad[np.asarray(ro.loss_mask) > 0] != 0.0)
+
+
+def test_ordered_host_tool_under_vmapped_seeds_equals_single_seed_steps():
+  """JAX cannot vmap a while loop holding an ordered host callback; the step runs the seeds'
+  rollouts one after another (`multiturn.in_sequence_under_vmap`) and equals single steps."""
+  from rlhf_jax import envs
+  from rlhf_jax.train import seeds
+  from test_multiturn import CALC_MODEL, EOS, TOK, _calculator_user
+  from rlhf_jax.sampling import SamplingConfig
+  calls = []
+
+  def tool(call):
+    calls.append((call.prompt, call.action, call.turn, call.row))
+    return envs.python_calculator(call)
+  env, spec = envs.make("host", TOK, tool=tool, max_turns=2, turn_tokens=18, obs_tokens=8,
+                        stop_strings=["</calc>"])
+  assert env.ordered
+  sampling = SamplingConfig(max_new_tokens=1, temperature=0.5, eos_ids=(EOS,), num_samples=G)
+  settings = RLSettings.from_config(dict(group_size=G, advantage="turn_returns"))
+  opt = optax.adam(1e-3)
+  make = lambda jit: online.make_update(CALC_MODEL, [multiturn.env_reward()], opt,  # noqa: E731
+                                        settings, sampling, env=env, env_spec=spec,
+                                        donate=False, jit=jit)
+  params = _calculator_user()
+  states = [online.init_state(params, opt, jax.random.PRNGKey(s), settings) for s in (0, 1)]
+  prompts = [["23*45=", "7+8="], ["7+8=", "23*45="]]
+  batches = [{k: jnp.asarray(v) for k, v in envs.prompt_batch(
+      TOK, [{"prompt": p} for p in ps]).items()} for ps in prompts]
+  keys = [jax.random.PRNGKey(10 + s) for s in (0, 1)]
+  single = make(True)
+  want, single_calls = [], []
+  for st, b, k in zip(states, batches, keys):
+    calls.clear()
+    want.append(jax.block_until_ready(single(st, b, k)))
+    single_calls += calls
+  calls.clear()
+  swept = seeds.vmapped(make(False), donate=False)
+  stacked, metrics = swept(seeds.stack(states), seeds.stack(batches), jnp.stack(keys))
+  jax.block_until_ready(metrics)
+  for i, (st, m) in enumerate(want):
+    for k in ("reward_mean", "num_turns", "pg_loss", "grad_norm"):
+      np.testing.assert_allclose(np.asarray(metrics[k])[i], np.asarray(m[k]), atol=1e-5,
+                                 err_msg=k)
+    for a, b in zip(jax.tree.leaves(seeds.unstack(stacked.params, i)),
+                    jax.tree.leaves(st.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert float(np.max(metrics["num_turns"])) > 1.0  # the tool was called and answered
+  # The host saw the same calls in the same order: seed 0's turns, then seed 1's.
+  assert calls == single_calls and {c[2] for c in calls} == {0, 1}

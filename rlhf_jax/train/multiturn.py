@@ -30,11 +30,12 @@ sequence the trainer later recomputes: the sampler's log-probs of model tokens e
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 from rlhf_jax import models as models_lib
 from rlhf_jax.envs import base as env_base
@@ -137,6 +138,29 @@ def _check_env_out(env, spec, out, n):
   if reward.shape != (n,) or done.shape != (n,):
     raise env_base.EnvSpecError(f"{type(env).__name__}.step must return reward and done of "
                                 f"shape [{n}], got {reward.shape} and {done.shape}")
+
+
+def in_sequence_under_vmap(fn: Callable) -> Callable:
+  """`fn` whose `vmap` runs it once per mapped element (`lax.map`) instead of batching it.
+
+  JAX cannot `vmap` a `while_loop` that holds an ordered host callback. Seed sweeps vmap the
+  whole step, so a rollout against an ordered host environment (`HostEnv(ordered=True)`)
+  runs its seeds one after another inside the program; each turn is still one ordered host
+  call, now per seed. Unbatched calls go to `fn` directly.
+  """
+
+  @custom_batching.custom_vmap
+  def mapped(*args):
+    return fn(*args)
+
+  @mapped.def_vmap
+  def _one_by_one(axis_size, in_batched, *args):
+    args = jax.tree.map(lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape),
+                        list(args), list(in_batched))
+    out = jax.lax.map(lambda xs: mapped(*xs), tuple(args))
+    return out, jax.tree.map(lambda _: True, out)
+
+  return mapped
 
 
 def rollout_multiturn(model, params, prompt_batch: Mapping[str, jax.Array], rng: jax.Array,

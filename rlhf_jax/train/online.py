@@ -179,8 +179,11 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
     """The rollout phase: single-turn sampling, or multi-turn with the environment."""
     if env is None:
       return phases.rollout(model, params, prompt_batch, rng, sampling_config), None
-    return multiturn.rollout_multiturn(model, params, prompt_batch, rng, sampling_config, env,
-                                       env_spec)
+    episodes = lambda p, b, r: multiturn.rollout_multiturn(  # noqa: E731
+        model, p, b, r, sampling_config, env, env_spec)
+    if getattr(env, "ordered", False):  # an ordered host callback: seeds run one by one
+      episodes = multiturn.in_sequence_under_vmap(episodes)
+    return episodes(params, prompt_batch, rng)
 
   def reference_rewards(state, prompt_batch, rng):
     """The rewards [N, G, K] of G reference-policy samples of each row's prompt."""
