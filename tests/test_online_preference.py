@@ -373,3 +373,14 @@ def test_treg_config_errors_are_named():
     _settings(preference_loss="treg", token_reward_prompts=("a", "no!")).with_prompt_ids(_Tok())
   with pytest.raises(ValueError, match=r"rl\.token_reward_prompts is read only"):
     RLSettings.from_config(dict(group_size=4, token_reward_prompts=("a", "b")))
+
+
+@pytest.mark.parametrize("loss, shaping, match", [
+    ("grao", ("lsc",), r"also scores the prompts' reference answers.*\['ref_rewards'\]"),
+    ("nash_md", ({"name": "spo_win_rate"},), r"also scores one opponent per sample"),
+])
+def test_shaping_the_extra_scored_rows_cannot_read_is_named(loss, shaping, match):
+  model, _, sc, opt, rewards, _ = setup()
+  with pytest.raises(ValueError, match=match):
+    online.make_update(model, rewards, opt, _settings(preference_loss=loss), sc,
+                       reward_shaping=shaping)

@@ -145,6 +145,12 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   shaping = as_shaping(reward_shaping)
   score_rollout = phases.make_score(reward_fns, weights, settings.reward_constraints(),
                                     len(settings.constraint_thresholds), shaping, g)
+  if pref is not None and (pref.reference_answer or pref.opponent) and shaping.needs:
+    what = "the prompts' reference answers" if pref.reference_answer else "one opponent per sample"
+    raise ValueError(f"rl.preference_loss={settings.preference_loss!r} also scores {what}, "
+                     f"which config.reward_shaping's {sorted(shaping.needs)} (reference samples, "
+                     "groups or model passes of the sampled rows) do not apply to; remove those "
+                     "transforms or choose another preference loss")
   if "ref_rewards" in shaping.needs and env is not None:
     raise ValueError("config.reward_shaping: lsc / par score reference-policy samples, which "
                      "the multi-turn rollout does not draw; remove them with config.env")
