@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from rlhf_jax.train import learn, multiturn, online
 from rlhf_jax.train.rl_config import RLSettings
@@ -56,8 +57,9 @@ def test_no_observation_token_receives_gradient():
   assert np.all(grad[np.asarray(ro.loss_mask) > 0] != 0.0)
 
 
-def test_ordered_host_tool_under_vmapped_seeds_equals_single_seed_steps():
-  """JAX cannot vmap a while loop holding an ordered host callback; the step runs the seeds'
+@pytest.mark.parametrize("ordered", [True, False])
+def test_host_tool_under_vmapped_seeds_equals_single_seed_steps(ordered):
+  """JAX cannot vmap the decode loop holding a host callback; the step runs the seeds'
   rollouts one after another (`multiturn.in_sequence_under_vmap`) and equals single steps."""
   from rlhf_jax import envs
   from rlhf_jax.train import seeds
@@ -69,8 +71,8 @@ def test_ordered_host_tool_under_vmapped_seeds_equals_single_seed_steps():
     calls.append((call.prompt, call.action, call.turn, call.row))
     return envs.python_calculator(call)
   env, spec = envs.make("host", TOK, tool=tool, max_turns=2, turn_tokens=18, obs_tokens=8,
-                        stop_strings=["</calc>"])
-  assert env.ordered
+                        stop_strings=["</calc>"], ordered=ordered)
+  assert env.ordered == ordered and env.host_callbacks
   sampling = SamplingConfig(max_new_tokens=1, temperature=0.5, eos_ids=(EOS,), num_samples=G)
   settings = RLSettings.from_config(dict(group_size=G, advantage="turn_returns"))
   opt = optax.adam(1e-3)

@@ -3,7 +3,7 @@
 `HostEnv(tool, tokenizer, obs_tokens=...)` keeps each row's prompt (and any prompt-batch
 fields named in `extras_keys`) in its JAX state. Its `step` calls the host once per turn
 with `jax.experimental.io_callback(..., ordered=True)` (`ordered=False` allows the
-program to reorder calls, and to be `vmap`ped): the host decodes every live row's prompt
+program to reorder calls): the host decodes every live row's prompt
 and turn, calls `tool(ToolCall) -> ToolResult` with a time limit, encodes the
 observation and hands back `(obs_ids [N, O], obs_mask [N, O], reward [N], done [N])`.
 
@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -182,6 +182,9 @@ class HostEnv:
   ordered: bool = True
   name: str = "host tool"
   chat_roles: str = "auto"
+  # Declared for the online step: its rollout calls the host from inside the decode loop,
+  # which JAX cannot vmap (over seeds), so the step maps the seeds one after another.
+  host_callbacks: ClassVar[bool] = True
 
   def __post_init__(self):
     if self.on_error not in ON_ERROR:

@@ -143,10 +143,11 @@ def _check_env_out(env, spec, out, n):
 def in_sequence_under_vmap(fn: Callable) -> Callable:
   """`fn` whose `vmap` runs it once per mapped element (`lax.map`) instead of batching it.
 
-  JAX cannot `vmap` a `while_loop` that holds an ordered host callback. Seed sweeps vmap the
-  whole step, so a rollout against an ordered host environment (`HostEnv(ordered=True)`)
-  runs its seeds one after another inside the program; each turn is still one ordered host
-  call, now per seed. Unbatched calls go to `fn` directly.
+  JAX cannot `vmap` a `while_loop` that holds an ordered host callback, nor an unordered one
+  whose loop predicate is batched (each seed's episodes end on their own). Seed sweeps vmap
+  the whole step, so a rollout against a host environment (`HostEnv`) runs its seeds one
+  after another inside the program; each turn is still one host call, now per seed.
+  Unbatched calls go to `fn` directly.
   """
 
   @custom_batching.custom_vmap

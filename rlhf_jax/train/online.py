@@ -187,7 +187,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
       return phases.rollout(model, params, prompt_batch, rng, sampling_config), None
     episodes = lambda p, b, r: multiturn.rollout_multiturn(  # noqa: E731
         model, p, b, r, sampling_config, env, env_spec)
-    if getattr(env, "ordered", False):  # an ordered host callback: seeds run one by one
+    if getattr(env, "host_callbacks", False):  # a host environment: seeds run one by one
       episodes = multiturn.in_sequence_under_vmap(episodes)
     return episodes(params, prompt_batch, rng)
 
