@@ -93,10 +93,8 @@ def _check_config(config, paradigm: str) -> None:
   if config.get("precompute_ref") and config.get("reference_free"):
     raise ValueError("config.precompute_ref and config.reference_free are exclusive")
   relabel_lib.check(config.data.get("relabel"), _goal_template(config), paradigm)
-  loss = config.get("loss")
   degrees.check(config.data.get("degrees"), paradigm,
-                bool(loss) and loss in losses_lib.names() and "degree_logits" in dict(
-                    loss_inputs.parameters(losses_lib.get(loss))))
+                _declares(config.get("loss"), "degree_logits"))
   if config.get("rm_head") or config.get("loss") == "vpl":
     offline_heads.check_config(od.plain(config.get("rm_head")), config.get("loss") or "")
 
@@ -105,12 +103,16 @@ def _goal_template(config) -> str:
   return config.data.get("goal_template") or relabel_lib.GOAL_TEMPLATE
 
 
+def _declares(loss, *inputs: str) -> bool:
+  """Whether the registered loss `loss` declares any of `inputs` (False for no/unknown loss)."""
+  if not loss or loss not in losses_lib.names():
+    return False
+  return bool(set(inputs) & set(loss_inputs.parameter_names(losses_lib.get(loss))))
+
+
 def _declares_targets(paradigm: str, loss) -> bool:
   """A reward-model loss whose declaration takes the records' scores as regression targets."""
-  if paradigm != "reward_model" or not loss:
-    return False
-  names = loss_inputs.parameter_names(losses_lib.get(loss))
-  return "chosen_targets" in names or "rejected_targets" in names
+  return paradigm == "reward_model" and _declares(loss, "chosen_targets", "rejected_targets")
 
 
 def _is_ranked(records) -> bool:
