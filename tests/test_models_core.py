@@ -261,3 +261,9 @@ def test_roundtrip_save_load_is_exact(saved_llama):
 def test_error_unsupported_rope_type():
   with pytest.raises(ValueError, match=r"rope_type 'yarn'.*default, linear, llama3"):
     M.from_config(dict(LLAMA, rope_parameters=dict(rope_type="yarn", factor=4.0)))
+
+
+def test_last_index_is_each_rows_last_real_token():
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(jax.jit(M.last_index)(jnp.asarray(mask)), [2, 4, 3, 0])
+  np.testing.assert_array_equal(M.last_index(jnp.asarray(mask, bool)), [2, 4, 3, 0])

@@ -183,3 +183,15 @@ def test_tiny_decoder_sharded_forward_matches_unsharded():
     out = jax.jit(model.apply)(p_sh, S.shard_batch(ids, mesh),
                                attention_mask=S.shard_batch(mask, mesh))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_global_batch_places_each_field_with_its_sharding():
+  from jax.sharding import NamedSharding
+  from rlhf_jax.train.placement import global_batch
+  mesh = S.make_mesh(data=4, fsdp=2, tensor=1)
+  batch = {"a": np.arange(32, dtype=np.int32).reshape(8, 4), "b": np.arange(8.0)}
+  out = global_batch(batch, lambda v: NamedSharding(mesh, P("data", "fsdp") if v.ndim > 1
+                                                    else P("data")))
+  assert out["a"].sharding.spec == P("data", "fsdp") and out["b"].sharding.spec == P("data")
+  for k, v in batch.items():
+    np.testing.assert_array_equal(np.asarray(out[k]), v)

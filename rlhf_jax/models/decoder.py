@@ -282,6 +282,12 @@ class Block(nn.Module):
     return h, new_cache
 
 
+def last_index(attention_mask: jax.Array) -> jax.Array:
+  """[B, T] mask -> [B] int: the position of each row's last non-pad token (0 if none)."""
+  t = attention_mask.shape[1]
+  return jnp.argmax(jnp.arange(t) * attention_mask.astype(jnp.int32), axis=-1)
+
+
 class Decoder(nn.Module):
   """Embeddings -> scanned layers -> final norm; plus LM and scalar heads.
 
@@ -386,9 +392,7 @@ class Decoder(nn.Module):
     values = self.scores_from_hidden(h)
     if self.head == "value":
       return values
-    t = attention_mask.shape[1]
-    last = jnp.argmax(jnp.arange(t) * attention_mask.astype(jnp.int32), axis=-1)
-    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(values, last_index(attention_mask)[:, None], axis=1)[:, 0]
 
   def __call__(self, input_ids, attention_mask):
     return self.head_output(self.hidden(input_ids, attention_mask), attention_mask)

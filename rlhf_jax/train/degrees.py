@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models as models_lib
 from rlhf_jax.data.tokenizer import pad_sequences
 from rlhf_jax.train.offline_data import _View
 
@@ -165,8 +166,7 @@ def degree_logits(model, params, batch: Mapping[str, jax.Array],
   ids = batch["degree_ids"].reshape(b * m, t)
   mask = batch["degree_mask"].reshape(b * m, t)
   h = model.hidden(params, ids, mask)
-  last = jnp.argmax(jnp.arange(t) * mask.astype(jnp.int32), axis=1)
-  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B*M, 1, D]
+  h_last = jnp.take_along_axis(h, models_lib.last_index(mask)[:, None, None], axis=1)  # [B*M, 1, D]
   logits = model.logits_from_hidden(params, h_last)[:, 0]      # [B*M, V]
   picked = jnp.take(logits, jnp.asarray(class_token_ids, jnp.int32), axis=-1)
   return picked.astype(jnp.float32).reshape(b, m, len(class_token_ids))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models as models_lib
 from rlhf_jax.losses import reward_model_latent
 from rlhf_jax.models import reward_heads
 
@@ -101,8 +102,7 @@ class HeadedRewardModel:
   def features(self, params, ids, mask, loss_mask):
     """(h at the last non-pad token, h at the last prompt token), each [B, D]."""
     h = self.backbone.hidden(params["backbone"], ids, mask)
-    t = ids.shape[1]
-    last = jnp.argmax(jnp.arange(t) * mask.astype(jnp.int32), axis=1)
+    last = models_lib.last_index(mask)
     prompt_last = jnp.maximum(jnp.argmax(loss_mask.astype(jnp.int32), axis=1) - 1, 0)
     take = lambda i: jnp.take_along_axis(h, i[:, None, None], axis=1)[:, 0]  # noqa: E731
     return take(last), take(prompt_last)

@@ -70,6 +70,13 @@ def check_batch_size(config, key: str | None = None) -> None:
                      f"(config.mesh={dict(mesh.shape)}); set {key} to a multiple of {n}")
 
 
+def global_batch(batch, sharding_of):
+  """Each host array of `batch` as a global array with sharding `sharding_of(array)`; every
+  process materialises only its own shards."""
+  return {k: jax.make_array_from_callback(v.shape, sharding_of(v), lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
 def placement(config, model, state, *, batch_key_name: str | None = None):
   """(put_state, put_batch, out_shardings) for `config.mesh`; identity without a mesh.
 
@@ -89,12 +96,9 @@ def placement(config, model, state, *, batch_key_name: str | None = None):
 
   def put_batch(batch):
     n = sharding_lib.batch_shard_count(mesh)
-    out = {}
     for k, v in batch.items():
       if v.shape[0] % n:
         raise ValueError(f"batch field {k!r} has {v.shape[0]} rows, not divisible by "
                          f"mesh data x fsdp = {n}; set {key} to a multiple of {n}")
-      out[k] = jax.make_array_from_callback(
-          v.shape, sharding_lib.batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
-    return out
+    return global_batch(batch, lambda v: sharding_lib.batch_sharding(mesh, v.ndim))
   return (lambda s: jax.device_put(s, shardings)), put_batch, (shardings, None)

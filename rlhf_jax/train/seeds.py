@@ -92,13 +92,8 @@ def mesh_placement(mesh, state):
   inner = placement_lib.state_shardings(one, mesh, SEED_RULES)
   shardings = jax.tree.map(lambda sh: NamedSharding(mesh, P("data", *sh.spec)), inner)
 
-  def put_batch(batch):
-    out = {}
-    for k, v in batch.items():
-      spec = P("data", "fsdp") if v.ndim > 1 else P("data")
-      out[k] = jax.make_array_from_callback(v.shape, NamedSharding(mesh, spec),
-                                            lambda idx, v=v: v[idx])
-    return out
+  put_batch = lambda batch: placement_lib.global_batch(  # noqa: E731
+      batch, lambda v: NamedSharding(mesh, P("data", "fsdp") if v.ndim > 1 else P("data")))
   return (lambda st: jax.device_put(st, shardings)), put_batch, (shardings, None)
 
 
