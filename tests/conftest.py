@@ -3,16 +3,11 @@
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
-# Tests import `experiments` and `benchmarks` as packages of the repository root. `python -m
-# pytest` (from the root) puts the root on sys.path; a bare `pytest` does not.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-import env_testlib  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest import)
+# The repository root (for `experiments` and `benchmarks`) is on sys.path through setup.cfg's
+# `pythonpath`; tests/ through pytest's rootdir conftest import.
+import env_testlib
 
 # Must be set before jax is imported anywhere: 8 fake devices and fast compiles
 # (tests/env_testlib.py).

@@ -4,7 +4,6 @@ devices (same mesh data=2), and only process 0 writes metrics."""
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 import numpy as np
@@ -14,11 +13,10 @@ from multihost_testlib import launch
 
 _WORKER = textwrap.dedent("""
     import sys
-    port, pid, nproc, loop, workdir, tests = sys.argv[1:7]
+    port, pid, nproc, loop, workdir = sys.argv[1:6]
     pid, nproc = int(pid), int(nproc)
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    sys.path.insert(0, tests)
     if loop == "offline":
       from offline_testlib import config
       c = config("preference", workdir, "dpo")
@@ -44,11 +42,10 @@ _WORKER = textwrap.dedent("""
 def test_two_processes_equal_one(tmp_path, loop, keys):
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
-  here = os.path.dirname(os.path.abspath(__file__))
   rows = {}
   for nproc, devices in ((1, 2), (2, 1)):
     workdir = tmp_path / f"run{nproc}"
-    launch(script, nproc, devices, args=(loop, workdir, here))
+    launch(script, nproc, devices, args=(loop, workdir))
     with open(workdir / "metrics.jsonl") as f:
       rows[nproc] = [json.loads(l) for l in f if f'"{keys[0]}"' in l and '"step"' in l]
   assert len(rows[1]) == len(rows[2]) > 0  # process 1 wrote nothing: no duplicate rows
