@@ -34,7 +34,10 @@ def get_config(arg=None):
                obs_tokens=8, max_value=c.max_value, turn_penalty=c.turn_penalty)
   c.prompt = f"guess 1-{c.max_value}:\n"
   model = dict(demo.get_config().model.hf_config)
-  model["max_position_embeddings"] = 72  # the prompt, the turns, the demonstrations' "correct\n"
+  # The prompt, every turn's guess and answer, the demonstrations' "correct\n" (72 covers
+  # the README's 4- and 5-turn variants; longer budgets get what their episodes need).
+  episode = len(c.prompt) + c.max_turns * (c.env["turn_tokens"] + c.env["obs_tokens"])
+  model["max_position_embeddings"] = max(72, episode + 8)
   if not full:  # smoke sizes
     model.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
   c.model = dict(hf_config=model)

@@ -45,6 +45,17 @@ def centred(r: jax.Array) -> jax.Array:
   return shifted - jnp.mean(shifted, axis=-1, keepdims=True)
 
 
+def masked_normalise(x: jax.Array, mask: jax.Array, axis, *, eps: float) -> jax.Array:
+  """(x − mean) / (std + eps) over the masked elements of `axis` (population std), 0 where
+  the mask is off; the statistics are kept for broadcasting. An all-off slice gives zeros."""
+  m = mask.astype(x.dtype)
+  count = jnp.maximum(jnp.sum(m, axis=axis, keepdims=True), 1.0)
+  mean = jnp.sum(x * m, axis=axis, keepdims=True) / count
+  c = (x - mean) * m
+  std = safe_sqrt(jnp.sum(c ** 2, axis=axis, keepdims=True) / count)
+  return c / (std + eps)
+
+
 def safe_div(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
   """`num / (den + eps)`; the caller guarantees `num == 0` wherever `den == 0`."""
   return num / (den + eps)

@@ -71,12 +71,7 @@ def reinforce_pp(rewards: jax.Array, *, mask: jax.Array, gamma: float = 1.0,
   check_unit_interval("reinforce_pp", gamma=gamma)
   check_nonnegative("reinforce_pp", eps=eps)
   g = discounted_returns(rewards, mask, gamma=gamma)
-  m = mask.astype(rewards.dtype)
-  count = jnp.maximum(jnp.sum(m), 1.0)
-  mean = jnp.sum(g * m) / count
-  c = (g - mean) * m
-  std = base.safe_sqrt(jnp.sum(c ** 2) / count)
-  return c / (std + eps)
+  return base.masked_normalise(g, mask, None, eps=eps)
 
 
 def _stats_by_key(x: jax.Array, keys: jax.Array, valid: jax.Array, unbiased: bool):

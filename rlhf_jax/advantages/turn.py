@@ -194,12 +194,8 @@ def igpo(rewards: jax.Array, *, answer_probs: jax.Array, step_mask: jax.Array, g
   check_rank(answer_probs, 2, "answer_probs")
   check_float(answer_probs, "answer_probs")
   r = igpo_turn_rewards(rewards, answer_probs, step_mask)
-  m = step_mask.astype(r.dtype)
   rg = grouped(r, group_size, "turn rewards")  # [B, G, K]
-  mg = grouped(m, group_size, "turn masks")
-  count = jnp.maximum(jnp.sum(mg, axis=(1, 2), keepdims=True), 1.0)
-  mean = jnp.sum(rg * mg, axis=(1, 2), keepdims=True) / count
-  std = jnp.sqrt(jnp.sum(((rg - mean) * mg) ** 2, axis=(1, 2), keepdims=True) / count)
-  normed = (((rg - mean) / (std + eps)) * mg).reshape(r.shape)
+  mg = grouped(step_mask, group_size, "turn masks")
+  normed = base.masked_normalise(rg, mg, (1, 2), eps=eps).reshape(r.shape)
   return jnp.where(step_mask.astype(bool), discounted_returns(normed, step_mask, gamma=gamma),
                    0.0)
