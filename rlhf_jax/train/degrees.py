@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models as models_lib
-from rlhf_jax.data.tokenizer import pad_sequences
-from rlhf_jax.train.offline_data import _View
+from rlhf_jax.train.offline_data import _View, pad_lists
 
 KEYS = ("max_removed", "key", "class_tokens")
 FIELD = "degree_responses"
@@ -145,14 +144,8 @@ def wrap(example_fn: Callable, collate: Callable, encode: Callable, pad_id: int,
   def coll(examples):
     taken = ("degree_ids", "degree_loss_mask", "degree_valid")
     base = collate([{k: v for k, v in e.items() if k not in taken} for e in examples])
-    b, m = len(examples), len(examples[0]["degree_ids"])
-    for name, pad in (("ids", pad_id), ("loss_mask", 0)):
-      arr, mask = pad_sequences([s for e in examples for s in e[f"degree_{name}"]],
-                                length=max_length, pad_id=pad, padding_side="right")
-      base[f"degree_{name}"] = arr.reshape(b, m, max_length)
-      if name == "ids":
-        base["degree_mask"] = mask.reshape(b, m, max_length)
-    base["degree_valid"] = np.asarray([e["degree_valid"] for e in examples], bool)
+    base.update(pad_lists(examples, "degree", pad_id=pad_id, max_length=max_length))
+    b, m = base["degree_valid"].shape
     base["degree_labels"] = np.broadcast_to(np.arange(m, dtype=np.int32), (b, m)).copy()
     return base
   return fn, coll

@@ -258,18 +258,25 @@ def make_list_example_fn(tok, *, num_responses: int, max_prompt_length: int, max
   return fn
 
 
+def pad_lists(examples: Sequence[dict], prefix: str, *, pad_id: int, max_length: int) -> dict:
+  """Right-pads each example's K sequences `{prefix}_ids` / `{prefix}_loss_mask` to
+  [B, K, T], with `{prefix}_mask` [B, K, T] (real tokens) and `{prefix}_valid` [B, K]."""
+  b, k = len(examples), len(examples[0][f"{prefix}_ids"])
+  out = {}
+  for name, pad in (("ids", pad_id), ("loss_mask", 0)):
+    flat = [seq for e in examples for seq in e[f"{prefix}_{name}"]]
+    arr, mask = pad_sequences(flat, length=max_length, pad_id=pad, padding_side="right")
+    out[f"{prefix}_{name}"] = arr.reshape(b, k, max_length)
+    if name == "ids":
+      out[f"{prefix}_mask"] = mask.reshape(b, k, max_length)
+  out[f"{prefix}_valid"] = np.asarray([e[f"{prefix}_valid"] for e in examples], bool)
+  return out
+
+
 def collate_list(examples: Sequence[dict], *, pad_id: int, max_length: int) -> dict:
   """Right-pads `responses_*` to [B, K, T]; `responses_valid` [B, K]; passthrough fields
   stacked (integer lists stay integer, e.g. TRPA's `levels` [B, K])."""
-  b, k = len(examples), len(examples[0]["responses_ids"])
-  out = {}
-  for name, pad in (("ids", pad_id), ("loss_mask", 0)):
-    flat = [seq for e in examples for seq in e[f"responses_{name}"]]
-    arr, mask = pad_sequences(flat, length=max_length, pad_id=pad, padding_side="right")
-    out[f"responses_{name}"] = arr.reshape(b, k, max_length)
-    if name == "ids":
-      out["responses_mask"] = mask.reshape(b, k, max_length)
-  out["responses_valid"] = np.asarray([e["responses_valid"] for e in examples], bool)
+  out = pad_lists(examples, "responses", pad_id=pad_id, max_length=max_length)
   known = {"responses_ids", "responses_loss_mask", "responses_valid"}
   for key in (key for key in examples[0] if key not in known):
     vals = np.asarray([e[key] for e in examples])
