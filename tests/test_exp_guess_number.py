@@ -37,6 +37,11 @@ def test_config_variants():
   assert cfg.methods["grpo"]["advantage"] == "grpo"
   assert {k: v for k, v in cfg.methods["grpo"].items() if k != "advantage"} == {
       k: v for k, v in cfg.methods["gigpo"].items() if k != "advantage"}  # same budget
+  assert cfg.model["hf_config"]["max_position_embeddings"] == 72  # the README's 4-turn runs
+  # A longer turn budget gets the positions its episodes need (the README's 7-turn run).
+  long = _toylib.load_experiment("guess_number", "full,max_value=16,max_turns=7")[0]
+  episode = len(long.prompt) + 7 * (long.env["turn_tokens"] + long.env["obs_tokens"])
+  assert long.model["hf_config"]["max_position_embeddings"] >= episode > 72
   with pytest.raises(ValueError, match="variant must be 'fast' or 'full'"):
     _toylib.load_experiment("guess_number", "ful")
   with pytest.raises(ValueError, match="'gipo' is unknown"):
