@@ -15,8 +15,8 @@ slice, a launch script or a checkpoint bucket can be checked in minutes before a
 (see "TPU pods and multi-host" in docs/scale.md). A random model earns no exact-match
 reward; the termination reward varies within groups, so the update has non-zero gradients.
 The layer count is the `:layers=N` argument (default 30); `:runlocal` is 2 layers, which
-`tests/test_scale_dryrun.py` uses, since the sampler unrolls the layers and compile time on
-CPU grows with depth.
+`tests/test_scale_dryrun.py` uses. From 16 layers on the decode scans over the stacked
+layers too (the online loop's default by depth), so the 30-layer step compiles in seconds.
 Use a new workdir for each dry run (with `resume="auto"` a finished one resumes at step 2
 and has nothing to do).
 """
@@ -61,6 +61,9 @@ def get_config(arg=None):
           rope_theta=100000.0, rms_norm_eps=1e-5),
       # Stacked layers: the reference and training passes scan over depth.
       unroll_layers=False)
+  # None: by depth (`online_loop.layer_layout`): from 16 layers the decode scans over the
+  # stacked layers too; `--config.sampling.scan_layers=False` decodes per layer.
+  c.sampling.scan_layers = None
   c.data.update(train_size=256, eval_size=8)
   c.sft.steps = 0
   c.rewards = ("exact_match", "terminated")

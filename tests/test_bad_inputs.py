@@ -100,7 +100,7 @@ CONFIG_CASES = [
     ("unknown_model_dtype", "online", {"model.dtype": "float16"}, ValueError,
      r"config\.model\.dtype='float16' is unknown; use one of \['float32', 'bfloat16'\]"),
     ("unroll_layers_not_bool", "online", {"model.unroll_layers": "no"}, TypeError,
-     r"config key 'model\.unroll_layers': expected bool, got str 'no'"),
+     r"config key 'model\.unroll_layers': expected bool or None, got str 'no'"),
     ("online_unknown_sampling_key", "online", {"sampling.temprature": 0.5}, KeyError,
      r"'sampling\.temprature'\. Did you mean 'sampling\.temperature'\?"),
     ("online_unknown_data_key", "online", {"data.eval_sise": 8}, KeyError,

@@ -34,3 +34,35 @@ def test_stacked_layers_equal_per_layer():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
   start = jax.tree.leaves(models.from_config(HF2).init(jax.random.PRNGKey(0)))
   assert max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(want, start)) > 0
+
+
+def test_layer_layout_defaults_by_depth():
+  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  layout = online_loop.layer_layout
+  deep_layers = online_loop.SCAN_FROM_LAYERS
+  shallow, deep = (models.from_config(dict(HF, num_hidden_layers=n))
+                   for n in (deep_layers - 1, deep_layers))
+  c = demo.get_config("runlocal")
+  assert layout(c, shallow, multi_turn=False) == (True, False)  # per-layer weights
+  assert layout(c, deep, multi_turn=False) == (False, True)     # stacked, scanned everywhere
+  assert layout(c, deep, multi_turn=True) == (False, False)     # multi-turn decodes per layer
+  c.model.unroll_layers = True     # the config's values win
+  c.sampling.scan_layers = False
+  assert layout(c, deep, multi_turn=False) == (True, False)
+  c.model.unroll_layers, c.sampling.scan_layers = False, True
+  assert layout(c, shallow, multi_turn=False) == (False, True)
+
+
+def test_deep_model_loop_runs_with_scanned_layers(tmp_path):
+  from test_online import demo_loop  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import online_loop  # pylint: disable=g-import-not-at-top
+  hf = dict(demo.get_config("runlocal").model.hf_config, hidden_size=16, intermediate_size=32,
+            num_attention_heads=2, num_key_value_heads=1,
+            num_hidden_layers=online_loop.SCAN_FROM_LAYERS)
+  summary, rows = demo_loop(tmp_path, model=dict(hf_config=hf))
+  layers = summary["state"].params["layers"]
+  assert isinstance(layers, dict)  # stacked: one array per weight, layers leading
+  assert jax.tree.leaves(layers)[0].shape[0] == online_loop.SCAN_FROM_LAYERS
+  assert len(rows) == 2 and all(np.isfinite(r["pg_loss"]) for r in rows)

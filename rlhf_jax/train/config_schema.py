@@ -47,7 +47,7 @@ OFFLINE_DATA = {  # docs/training.md; which keys apply depends on `source` and t
 
 SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "online": dict(_COMMON, rewards=None, reward_shaping=None, rl=None, seeds=(int, _NONE), value={"optim": None},
-                   model=dict(MODEL, unroll_layers=bool),
+                   model=dict(MODEL, unroll_layers=(bool, _NONE)),
                    data={"max_prompt_length": int, "train_size": int, "eval_size": int},
                    sft={"steps": int, "batch_size": int, "optim": None,
                         "tool_demonstrations": bool},
@@ -57,7 +57,7 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
                          "export": (str, _NONE), "init_seed": int},
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE),
-                             "compact_stages": int, "scan_layers": bool},
+                             "compact_stages": int, "scan_layers": (bool, _NONE)},
                    train={"steps": int, "prompts_per_step": int, "eval_every": (int, _NONE)}),
     "offline": dict(_COMMON, data=OFFLINE_DATA, loss=str, loss_kwargs=None, precompute_ref=bool,
                     reference_free=bool, rm_head=None,

@@ -74,6 +74,23 @@ class _Built(NamedTuple):
   env_spec: Any = None
 
 
+# From this depth on, the layers are stacked and scanned by default (`layer_layout`): at 30
+# layers (SmolLM2-135M's shape) that compiles the GRPO step in 6.5 s instead of 27-31 s, at
+# the same step time on a quiet 2-core host; at 4-6 layers per-layer weights are faster.
+SCAN_FROM_LAYERS = 16
+
+
+def layer_layout(config, model, *, multi_turn: bool) -> tuple[bool, bool]:
+  """(model.unroll_layers, sampling.scan_layers): the config's values where set; otherwise
+  per-layer weights below `SCAN_FROM_LAYERS` layers and stacked, scanned layers (training
+  passes and decode) from there on. A multi-turn rollout decodes per layer."""
+  deep = int(model.config.num_layers) >= SCAN_FROM_LAYERS
+  unroll = config_utils.get_key(config, "model.unroll_layers", None)
+  scan = config.sampling.get("scan_layers")
+  return (not deep if unroll is None else bool(unroll),
+          deep and not multi_turn if scan is None else scan)
+
+
 def _build(config) -> _Built:
   """The model, settings, prompts and evaluator of one run (one seed), built and checked
   before anything is written."""
@@ -101,7 +118,7 @@ def _build(config) -> _Built:
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
       vocab_limit=vocab_limit, compact_stages=config.sampling.get("compact_stages", 0),
-      scan_layers=config.sampling.get("scan_layers", False))
+      scan_layers=layer_layout(config, model, multi_turn=env is not None)[1])
   for key, value in (("compact_stages", sampling_cfg.compact_stages),
                      ("scan_layers", sampling_cfg.scan_layers)):
     if env is not None and value:
@@ -175,7 +192,7 @@ class Setup(NamedTuple):
   def init_states(self, config, all_params):
     """(value_model, value_optimizer, state): one state per seed (stacked for several)."""
     model, settings = self.runs[0].model, self.runs[0].settings
-    unroll_layers = config_utils.get_key(config, "model.unroll_layers", True)
+    unroll_layers = layer_layout(config, model, multi_turn=False)[0]
     states = []
     for p, rng in zip(all_params, self.rngs):
       value_model, value_params, value_opt = value_setup(config, model, p, rng)
