@@ -383,3 +383,22 @@ def test_answer_entropy_reference():
     want.append(-(p * np.log2(p)).sum())
   close(jax.jit(lambda a: reweight.answer_entropy(a, group_size=G))(jnp.asarray(ids)), want)
   close(want[2], 2.0)  # G distinct answers: log2 G
+
+
+def test_masked_normalise_against_float64_reference():
+  from rlhf_jax.advantages import base  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 4, 5)).astype(np.float32)
+  mask = rng.random((3, 4, 5)) < 0.6
+  mask[2] = False  # a group with no valid element gives zeros
+  got = np.asarray(base.masked_normalise(jnp.asarray(x), jnp.asarray(mask), (1, 2), eps=1e-6))
+  want = np.zeros_like(x, np.float64)
+  for i in range(2):
+    v = x[i][mask[i]].astype(np.float64)
+    want[i][mask[i]] = (v - v.mean()) / (v.std() + 1e-6)  # population std
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.all(got[~mask] == 0) and np.all(got[2] == 0)
+  # axis=None: one statistic over every valid element.
+  flat = np.asarray(base.masked_normalise(jnp.asarray(x), jnp.asarray(mask), None, eps=1e-6))
+  v = x[mask].astype(np.float64)
+  np.testing.assert_allclose(flat[mask], (v - v.mean()) / (v.std() + 1e-6), atol=1e-5)
