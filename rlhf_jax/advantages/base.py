@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import check_float, check_rank, grouped
+from rlhf_jax.losses.common import check_float, check_rank, grouped, masked_mean
 
 
 def group_view(rewards: jax.Array, group_size: int, name: str = "rewards") -> jax.Array:
@@ -48,12 +48,10 @@ def centred(r: jax.Array) -> jax.Array:
 def masked_normalise(x: jax.Array, mask: jax.Array, axis, *, eps: float) -> jax.Array:
   """(x − mean) / (std + eps) over the masked elements of `axis` (population std), 0 where
   the mask is off; the statistics are kept for broadcasting. An all-off slice gives zeros."""
-  m = mask.astype(x.dtype)
-  count = jnp.maximum(jnp.sum(m, axis=axis, keepdims=True), 1.0)
-  mean = jnp.sum(x * m, axis=axis, keepdims=True) / count
-  c = (x - mean) * m
-  std = safe_sqrt(jnp.sum(c ** 2, axis=axis, keepdims=True) / count)
-  return c / (std + eps)
+  keep = (lambda s: s) if axis is None else (lambda s: jnp.expand_dims(s, axis))
+  m = mask.astype(bool)
+  c = jnp.where(m, x - keep(masked_mean(x, m, axis=axis)), 0.0)
+  return c / (keep(safe_sqrt(masked_mean(c ** 2, m, axis=axis))) + eps)
 
 
 def safe_div(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
