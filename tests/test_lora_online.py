@@ -72,6 +72,30 @@ def test_reference_is_the_base_model_and_stays_bit_identical(run):
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_sampler_reads_attached_adapters_as_merged_weights(run):
+  """The step's policy has its adapters attached (no merged kernels); sampling from it
+  draws the same tokens with the same log-probs as sampling from merged kernels
+  (`sample_merged=True`), with adapters that have moved away from zero."""
+  model, spec, s2 = run["model"], run["spec"], run["s2"]
+  assert not spec.sample_merged
+  merged_spec = adapters.from_config(_cfg(sample_merged=True), model, run["settings"])
+  attached = adapters.policy(spec, s2.ref_params, s2.params)
+  assert any(k.endswith("_lora_a") for k in attached["layers"][0]["attn"])
+  assert not any(k.endswith("_lora_a")
+                 for k in adapters.policy(merged_spec, s2.ref_params, s2.params)["layers"][0]["attn"])
+  batch = {k: jnp.asarray(v) for k, v in run["batch"].items()}
+
+  @jax.jit
+  def rollouts(state):
+    return [phases.rollout(model, adapters.policy(sp, state.ref_params, state.params), batch,
+                           jax.random.PRNGKey(3), run["sc"]) for sp in (spec, merged_spec)]
+  a, m = rollouts(s2)
+  np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(m.ids))
+  np.testing.assert_allclose(np.asarray(a.logps), np.asarray(m.logps), atol=1e-5, rtol=0)
+  base = phases.rollout(model, s2.ref_params, batch, jax.random.PRNGKey(3), run["sc"])
+  assert float(jnp.max(jnp.abs(a.logps - base.logps))) > 1e-4  # the adapters act
+
+
 def test_only_adapters_train_and_hold_optimiser_state(run):
   state, s1 = run["state"], run["s1"]
   assert set(s1.params) == {"lora"}
@@ -130,6 +154,8 @@ def test_bad_lora_config_is_named(run):
     adapters.from_config(_cfg(rank=0), model, settings)
   with pytest.raises(ValueError, match=r"config\.lora\.export='hf'"):
     adapters.from_config(_cfg(export="hf"), model, settings)
+  with pytest.raises(ValueError, match=r"config\.lora\.sample_merged='yes': use True or False"):
+    adapters.from_config(_cfg(sample_merged="yes"), model, settings)
   with pytest.raises(ValueError, match=r"config\.lora has unknown keys \['ranks'\]"):
     adapters.from_config(_cfg(ranks=2), model, settings)
   moving = settings.__class__.from_config(dict(group_size=4, ref_update_every=2))

@@ -154,6 +154,19 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
   return tuple(jnp.concatenate([zero, x], 1) for x in outs)
 
 
+def _after(ids: jax.Array, dep: jax.Array) -> jax.Array:
+  """`ids` unchanged, but computed from `dep` (a bool array of < 2**31 elements).
+
+  The prompt pass of `completion_logps` needs only the prompts, so a scheduler may run it
+  (and hold its full-length KV cache) before the completions exist: within a fused step,
+  through the whole decode loop of the sampler. A data dependence keeps it after; XLA's CPU
+  pipeline drops `lax.optimization_barrier`'s ordering, and a count shifted right by 31
+  bits is 0 without XLA knowing it.
+  """
+  zero = jnp.right_shift(jnp.sum(dep, dtype=jnp.int32), 31)
+  return ids + zero.astype(ids.dtype)
+
+
 def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
                      *, group_size: int, chunk_size: int = 128,
                      vocab_limit: Optional[int] = None, vocab_chunk: Optional[int] = None,
@@ -185,6 +198,7 @@ def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, com
                      f"{group_size}.")
   pmask = prompt_mask.astype(bool)
   cmask = completion_mask.astype(bool)
+  prompt_ids = _after(prompt_ids, cmask)
   # h_last predicts completion token 0; the cache holds each prompt for its G rows.
   h_last, cache = prefill_groups(model, params, prompt_ids, pmask, extra_slots=t,
                                  group_size=group_size)

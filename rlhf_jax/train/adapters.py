@@ -9,9 +9,12 @@ With `config.lora` the `RLState` of `rlhf_jax.train.online` holds
   ref_params = the base weights     the frozen base AND the fixed reference policy (the
                                     policy with adapters off): one copy serves both.
 
-The policy is `lora.apply_params(ref_params, params["lora"], alpha)` (W + alpha / r * A @ B
-on every target kernel): the sampler decodes from it and the learn phase differentiates
-the objective through it with respect to the adapters only (`wrap_objective`). Fresh
+The policy is the base with the adapters attached (`lora.attach`: x W + (x A)(alpha / r · B)
+on every target kernel, the same function as merging W + alpha / r * A @ B): the sampler
+decodes from it and the learn phase differentiates the objective through it with respect
+to the adapters only (`wrap_objective`). No merged copy of the target kernels exists in
+the step; `sample_merged=True` has the sampler decode from merged kernels instead (fewer,
+larger matmuls per token, at the memory of one copy of every target kernel). Fresh
 adapters have B = 0, so the first policy equals the base model. A moving reference
 (`rl.ref_update_every`, `rl.ref_ema_decay`) is rejected: the reference is the base.
 
@@ -36,17 +39,19 @@ from rlhf_jax.models import lora as lora_lib
 
 KEY = "lora"
 EXPORTS = (None, "peft", "merged", "both")
-KEYS = ("rank", "alpha", "targets", "export", "init_seed")
+KEYS = ("rank", "alpha", "targets", "export", "init_seed", "sample_merged")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-  """What `config.lora` sets: rank r, alpha, target kernel names, the export, the seed."""
+  """What `config.lora` sets: rank r, alpha, target kernel names, the export, the seed,
+  and whether the sampler decodes from merged kernels."""
   rank: int = 8
   alpha: float = 16.0
   targets: Tuple[str, ...] = ("q_kernel", "v_kernel")
   export: Optional[str] = None
   init_seed: int = 0
+  sample_merged: bool = False
 
 
 def from_config(config, model, settings=None) -> Optional[LoraSpec]:
@@ -78,8 +83,11 @@ def from_config(config, model, settings=None) -> Optional[LoraSpec]:
     raise ValueError("config.lora trains adapters against the base model as the fixed "
                      "reference; unset rl.ref_update_every, rl.ref_ema_decay and "
                      "rl.iterate_every")
+  sample_merged = cfg.get("sample_merged", False)
+  if not isinstance(sample_merged, bool):
+    raise ValueError(f"config.lora.sample_merged={sample_merged!r}: use True or False")
   return LoraSpec(rank=int(rank), alpha=float(alpha), targets=names, export=export,
-                  init_seed=int(cfg.get("init_seed", 0)))
+                  init_seed=int(cfg.get("init_seed", 0)), sample_merged=sample_merged)
 
 
 def init_adapters(spec: LoraSpec, model, base_params) -> dict:
@@ -96,6 +104,12 @@ def init_adapters(spec: LoraSpec, model, base_params) -> dict:
 def merge(spec: LoraSpec, base_params, params):
   """The policy's parameters: the base with `params["lora"]` merged in (pure, jit-able)."""
   return lora_lib.apply_params(base_params, params[KEY], spec.alpha, spec.rank)
+
+
+def policy(spec: LoraSpec, base_params, params):
+  """The parameters the step's sampler and policy passes read: the adapters attached
+  (`attach`), or merged when `spec.sample_merged`."""
+  return (merge if spec.sample_merged else attach)(spec, base_params, params)
 
 
 def attach(spec: LoraSpec, base_params, params):

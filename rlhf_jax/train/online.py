@@ -115,7 +115,7 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   also sample G completions per prompt from the reference policy and score them.
   With `lora` (an `adapters.LoraSpec`; state.params = `adapters.init_adapters(...)`,
   state.ref_params = the base weights) only the adapters train; the sampler decodes from
-  the merged policy and the base is the reference (`rlhf_jax.train.adapters`).
+  the policy with its adapters attached (`adapters.policy`) and the base is the reference (`rlhf_jax.train.adapters`).
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
@@ -287,8 +287,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   def update(state: RLState, prompt_batch: Dict[str, jax.Array], rng: jax.Array):
     rng_sample, rng_perm = jax.random.split(jax.random.fold_in(rng, state.step))
     settings.check_batch(prompt_batch["prompt_ids"].shape[0] // settings.oversample)
-    policy = state.params if lora is None else adapters_lib.merge(lora, state.ref_params,
-                                                                   state.params)
+    policy = state.params if lora is None else adapters_lib.policy(lora, state.ref_params,
+                                                                    state.params)
     ro, info, sc, extra = sample_and_score(policy, state, prompt_batch, rng_sample)
     if settings.sample_filter:  # PF-PPO: train on the kept samples of each group only
       ro, extra["kept"] = phases.filter_samples(ro, sc, jax.random.fold_in(rng_sample, 3),
