@@ -218,6 +218,16 @@ class Attention(nn.Module):
     new_cache = None
     if layer_cache is None:
       out = _layer_attention(cfg, q, k, v, mask, write_index, cached=False)
+    elif len(layer_cache) == 3:
+      # Every layer's cache [L, B, Hkv, S, Dh] and this layer's index (scanned layers): the
+      # new keys / values are written in place and this layer's slice is read.
+      ck, cv, i = layer_cache
+      idx = (i, 0, 0, write_index, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2)[None].astype(ck.dtype), idx)
+      cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2)[None].astype(cv.dtype), idx)
+      new_cache = (ck, cv)
+      layer = lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False).astype(dt)
+      out = _layer_attention(cfg, q, layer(ck), layer(cv), mask, write_index, cached=True)
     else:
       ck, cv = layer_cache  # [B, Hkv, S, Dh]: the layout the attention dots read directly
       idx = (0, 0, write_index, 0)
@@ -266,19 +276,31 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer layer; scanned over layers. Carry = hidden states."""
+  """Pre-norm transformer layer; scanned over layers.
+
+  Called as (h, layer_cache, ctx) -> (h, new layer cache): the carry is the hidden states
+  and the layer's (k, v) cache is scanned in and out. With a stacked cache the carry is
+  (h, k, v) holding every layer's cache [L, B, Hkv, S, Dh] and the scanned input is the
+  layer index: each layer writes its new keys / values in place, so a decode step holds
+  one cache, not the cache scanned in and the one scanned out.
+  """
   cfg: DecoderConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, layer_cache, ctx):
+    carried = isinstance(h, tuple)
+    if carried:
+      (h, ck, cv), layer_cache = h, (h[1], h[2], layer_cache)
     kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
     a, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
         Norm(**kw, name="attn_norm")(h), ctx["cos"], ctx["sin"], ctx["mask"],
         layer_cache, ctx["write_index"])
     h = h + a
     h = h + Mlp(**kw, dtype=self.dtype, name="mlp")(Norm(**kw, name="mlp_norm")(h))
+    if carried:
+      return (h, *new_cache), None
     return h, new_cache
 
 
@@ -341,10 +363,13 @@ class Decoder(nn.Module):
     layers = None if self.is_initializing() else self.variables["params"].get("layers")
     if isinstance(layers, (tuple, list)):
       h, new = self._run_unrolled(x, layers, cache, ctx)
-    else:
-      layer_cache = None if cache is None else (cache.k, cache.v)
-      h, new = self.layers(x, layer_cache, ctx)
-      new = None if new is None else KVCache(*new)
+    elif cache is None:
+      h, _ = self.layers(x, None, ctx)
+      new = None
+    else:  # the stacked cache rides in the carry and is updated in place (`Block`)
+      layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      (h, ck, cv), _ = self.layers((x, cache.k, cache.v), layer_ids, ctx)
+      new = KVCache(ck, cv)
     h = self.final_norm(h)
     return h, new
 
