@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import rlhf_jax.models as M
 from rlhf_jax.sampling import SamplingConfig, sample
@@ -48,3 +49,36 @@ def test_reference_prompt_pass_waits_for_the_decode_loop():
   fused = _temp(sampled_and_scored, params, ids, mask, rng)
   assert alone > cache and scoring > cache  # each pass holds one cache
   assert fused < max(alone, scoring) + cache // 2, (fused, alone, scoring, cache)
+
+
+def test_scanned_decode_updates_the_stacked_cache_in_place():
+  """With stacked layers the sampler's decode step writes each layer's keys / values into
+  the carried cache (`Model.decode(..., in_place=True)`): sampling holds one full-length
+  cache, as with per-layer weights, and the in-place decode equals the scanned-in /
+  scanned-out one."""
+  model = M.from_config(HF)
+  stacked = jax.eval_shape(model.init, jax.random.key(0))
+  ids = jax.ShapeDtypeStruct((B, P), jnp.int32)
+  mask = jax.ShapeDtypeStruct((B, P), jnp.bool_)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  cfg = model.config
+  cache = 2 * cfg.num_layers * B * G * cfg.num_kv_heads * (P + T) * cfg.head_dim * 4
+
+  def temp(scan):
+    sc = SamplingConfig(max_new_tokens=T, num_samples=G, scan_layers=scan)
+    return _temp(lambda p, i, m, r: sample(model, p, i, m, r, sc).completion_ids,
+                 stacked, ids, mask, rng)
+  scanned, unrolled = temp(True), temp(False)
+  assert cache < scanned < 1.5 * cache, (scanned, cache)
+  assert scanned < unrolled + cache // 4, (scanned, unrolled)
+
+  params = model.init(jax.random.key(1))
+  c0 = model.init_cache(3, 12)
+  tok = jax.random.randint(jax.random.key(2), (3, 5), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 5))
+  kv = jnp.ones((3, 12), bool)
+  outs = [model.decode(params, tok, pos, c0, write_index=2, kv_mask=kv, in_place=flag)
+          for flag in (False, True)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  assert float(jnp.abs(outs[1][1].k[:, :, :, 2:7]).max()) > 0  # the new slots are written

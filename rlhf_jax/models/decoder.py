@@ -279,10 +279,10 @@ class Block(nn.Module):
   """Pre-norm transformer layer; scanned over layers.
 
   Called as (h, layer_cache, ctx) -> (h, new layer cache): the carry is the hidden states
-  and the layer's (k, v) cache is scanned in and out. With a stacked cache the carry is
-  (h, k, v) holding every layer's cache [L, B, Hkv, S, Dh] and the scanned input is the
-  layer index: each layer writes its new keys / values in place, so a decode step holds
-  one cache, not the cache scanned in and the one scanned out.
+  and the layer's (k, v) cache is scanned in and out. In place (`Model.decode(...,
+  in_place=True)`) the carry is (h, k, v) holding every layer's cache [L, B, Hkv, S, Dh]
+  and the scanned input is the layer index: each layer writes its new keys / values in
+  place, so a decode step holds one cache, not the cache scanned in and the one scanned out.
   """
   cfg: DecoderConfig
   dtype: Any = jnp.float32
@@ -347,9 +347,10 @@ class Decoder(nn.Module):
       self.score = self.param("score", nn.initializers.normal(1.0 / math.sqrt(cfg.hidden_size + 1)),
                               (cfg.hidden_size, 1), self.param_dtype)
 
-  def _run(self, input_ids, positions, mask, cache, write_index):
+  def _run(self, input_ids, positions, mask, cache, write_index, in_place=False):
     """mask: bool [B, S] key mask of causal attention (query i at slot write_index + i),
-    or an explicit bool [B, 1, T, S] mask (then nothing else is applied)."""
+    or an explicit bool [B, 1, T, S] mask (then nothing else is applied). `in_place`: a
+    stacked cache rides in the scan's carry (`Block`); see `Model.decode`."""
     cfg = self.cfg
     x = jnp.take(self.embed, input_ids, axis=0).astype(self.dtype)
     if cfg.embed_scale:
@@ -363,13 +364,14 @@ class Decoder(nn.Module):
     layers = None if self.is_initializing() else self.variables["params"].get("layers")
     if isinstance(layers, (tuple, list)):
       h, new = self._run_unrolled(x, layers, cache, ctx)
-    elif cache is None:
-      h, _ = self.layers(x, None, ctx)
-      new = None
-    else:  # the stacked cache rides in the carry and is updated in place (`Block`)
+    elif cache is not None and in_place:  # the stacked cache rides in the carry (`Block`)
       layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
       (h, ck, cv), _ = self.layers((x, cache.k, cache.v), layer_ids, ctx)
       new = KVCache(ck, cv)
+    else:
+      layer_cache = None if cache is None else (cache.k, cache.v)
+      h, new = self.layers(x, layer_cache, ctx)
+      new = None if new is None else KVCache(*new)
     h = self.final_norm(h)
     return h, new
 
@@ -422,12 +424,19 @@ class Decoder(nn.Module):
   def __call__(self, input_ids, attention_mask):
     return self.head_output(self.hidden(input_ids, attention_mask), attention_mask)
 
-  def decode_hidden(self, input_ids, positions, cache, write_index, kv_mask):
+  def decode_hidden(self, input_ids, positions, cache, write_index, kv_mask, in_place=False):
     # Query i sits at slot write_index + i and sees slots s <= it with kv_mask[:, s].
-    return self._run(input_ids, positions, kv_mask.astype(bool), cache, write_index)
+    return self._run(input_ids, positions, kv_mask.astype(bool), cache, write_index,
+                     in_place)
 
-  def decode(self, input_ids, positions, cache, write_index, kv_mask):
-    h, cache = self.decode_hidden(input_ids, positions, cache, write_index, kv_mask)
+  def decode(self, input_ids, positions, cache, write_index, kv_mask, in_place=False):
+    h, cache = self.decode_hidden(input_ids, positions, cache, write_index, kv_mask, in_place)
     if self.head == "lm":
       return self.logits_from_hidden(h), cache
     return self.scores_from_hidden(h), cache
+
+  def decode_in_place(self, *args):
+    return self.decode(*args, in_place=True)
+
+  def decode_hidden_in_place(self, *args):
+    return self.decode_hidden(*args, in_place=True)

@@ -205,20 +205,29 @@ class Model:
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
-  def decode(self, params, input_ids, positions, cache: KVCache, *, write_index, kv_mask):
+  def decode(self, params, input_ids, positions, cache: KVCache, *, write_index, kv_mask,
+             in_place: bool = False):
     """Writes K/V of `input_ids` [B,t] at slots write_index..write_index+t-1.
 
     Each query attends to slots s with kv_mask[b, s] and s <= its own slot.
     Returns (logits [B,t,V] (or scores [B,t] for scalar heads), new cache).
+
+    `in_place=True` (for passes that are not differentiated, such as a decode loop): with
+    stacked layers the cache rides in the layer scan's carry and each layer writes its
+    keys / values in place, so the step holds one cache instead of the cache scanned in
+    and the one scanned out. Under `jax.grad` it would make every layer's saved input the
+    whole cache. Per-layer caches are separate buffers and are always updated in place.
     """
     args = self._decode_args(input_ids, positions, cache, write_index, kv_mask)
-    return self._call(params, *args, method=Decoder.decode)
+    return self._call(params, *args,
+                      method=Decoder.decode_in_place if in_place else Decoder.decode)
 
   def decode_hidden(self, params, input_ids, positions, cache: KVCache, *, write_index,
-                    kv_mask):
+                    kv_mask, in_place: bool = False):
     """As `decode`, but returns the final-norm hidden states [B,t,D] instead of logits."""
     args = self._decode_args(input_ids, positions, cache, write_index, kv_mask)
-    return self._call(params, *args, method=Decoder.decode_hidden)
+    return self._call(params, *args, method=Decoder.decode_hidden_in_place if in_place
+                      else Decoder.decode_hidden)
 
   def _decode_args(self, input_ids, positions, cache, write_index, kv_mask):
     if input_ids.ndim != 2 or positions.shape != input_ids.shape:
@@ -330,13 +339,14 @@ def stack_layers(params):
 
 
 def prefill_groups(model: "Model", params, prompt_ids, prompt_mask, *, extra_slots: int,
-                   group_size: int):
+                   group_size: int, in_place: bool = False):
   """Runs each prompt once and hands its KV cache to the G rows that continue it.
 
   prompt_ids, prompt_mask: [B, P], left-padded (the last slot holds a real token). The cache
   has P + `extra_slots` slots (the extra ones empty) and the layout of `params` (stacked or
   per layer). Returns (hidden state of each prompt's last token [B * G, 1, D], cache with
-  B * G rows); row i * G + g continues prompt i.
+  B * G rows); row i * G + g continues prompt i. `in_place`: as `Model.decode` (not under
+  `jax.grad`).
   """
   b, p = prompt_ids.shape
   mask = prompt_mask.astype(bool)
@@ -347,7 +357,7 @@ def prefill_groups(model: "Model", params, prompt_ids, prompt_mask, *, extra_slo
   kv_mask = jnp.concatenate([mask, jnp.zeros((b, extra_slots), bool)], axis=1)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
   h, cache = model.decode_hidden(params, prompt_ids, positions, cache, write_index=0,
-                                 kv_mask=kv_mask)
+                                 kv_mask=kv_mask, in_place=in_place)
   batch_axis = 0 if per_layer else 1  # stacked caches lead with the layer axis
   cache = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=batch_axis), cache)
   return jnp.repeat(h[:, -1:], group_size, axis=0), cache

@@ -164,14 +164,15 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   params = jax.lax.optimization_barrier(layout(params))
   # Prefill each prompt once, then give its cache and last logits to its G samples.
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=tnew,
-                                       group_size=group)
+                                       group_size=group, in_place=True)
   logits = model.logits_from_hidden(params, h)
   ref_logits = ref_cache = ref_params = beta = None
   if mixture is not None:
     ref_params, beta = mixture
     ref_params = jax.lax.optimization_barrier(layout(ref_params))
     h_ref, ref_cache = models_lib.prefill_groups(model, ref_params, ids, mask,
-                                                 extra_slots=tnew, group_size=group)
+                                                 extra_slots=tnew, group_size=group,
+                                                 in_place=True)
     ref_logits = model.logits_from_hidden(ref_params, h_ref)[:, -1]
   ids, mask = jnp.repeat(ids, group, axis=0), jnp.repeat(mask, group, axis=0)
   kv_mask = jnp.concatenate([mask, jnp.ones((n, tnew), bool)], axis=1)
@@ -214,14 +215,15 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
     prev = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
     pos, slot = state.positions[:, None], plen + state.step - 1
     logits, cache = model.decode(params, prev, pos, state.cache, write_index=slot,
-                                 kv_mask=state.kv_mask)
+                                 kv_mask=state.kv_mask, in_place=True)
     # The barrier keeps the LM-head matmul a library dot instead of a loop fused into the
     # softmax reductions that follow (several times slower on CPU).
     logits = jax.lax.optimization_barrier(logits[:, -1])
     state = state.replace(logits=logits, cache=cache, positions=state.positions + 1)
     if mixture is not None:
       ref_logits, ref_cache = model.decode(ref_params, prev, pos, state.ref_cache,
-                                           write_index=slot, kv_mask=state.kv_mask)
+                                           write_index=slot, kv_mask=state.kv_mask,
+                                           in_place=True)
       ref_logits = jax.lax.optimization_barrier(ref_logits[:, -1])
       state = state.replace(ref_logits=ref_logits, ref_cache=ref_cache)
     return choose(state)
