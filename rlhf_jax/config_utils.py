@@ -208,27 +208,58 @@ def parse_override(text: str, current):
   return value
 
 
-def apply_overrides(config, overrides: Sequence[tuple[str, str]]) -> None:
+def _schema_leaf(schema: Mapping | None, parts: Sequence[str]):
+  """The type spec of the dotted key `parts` in a loop schema (nested dicts of key -> type or
+  tuple of types), or None when the schema has no such leaf key."""
+  node = schema
+  for part in parts:
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  return None if isinstance(node, Mapping) or node is None else node
+
+
+def _stand_in(spec, text: str):
+  """A value of the schema type `spec` for `parse_override` to parse `text` as."""
+  types = spec if isinstance(spec, tuple) else (spec,)
+  if text.strip() == "None" and type(None) in types:
+    return None
+  for t, v in ((bool, False), (int, 0), (float, 0.0), (str, "")):
+    if t in types:
+      return v
+  return None
+
+
+def apply_overrides(config, overrides: Sequence[tuple[str, str]],
+                    schema: Mapping | None = None) -> None:
   """Sets each `(dotted key, text)` of the command line on `config` (see `parse_override`).
 
-  Raises ValueError naming the flag: a key the config does not define (closest known key
-  suggested), or a value that does not parse as the key's type.
+  `schema`: the loop's config schema (`rlhf_jax.train.config_schema`); a key the config file
+  leaves out but the schema lists (e.g. `sampling.scan_layers`) is added, parsed as the
+  schema's type, when its section is in the config.
+  Raises ValueError naming the flag: a key neither defines (closest known key suggested),
+  or a value that does not parse as the key's type.
   """
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   for key, text in overrides:
     flag = f"--config.{key}"
     node, parts = config, key.split(".")
+    spec = None
     for i, part in enumerate(parts):
       known = list(node.keys()) if hasattr(node, "keys") else []
       if part not in known:
+        spec = _schema_leaf(schema, parts) if i == len(parts) - 1 else None
+        if spec is not None and hasattr(node, "keys"):
+          break
         raise ValueError(f"{flag}: the config does not define {part!r}{_closest(part, known)}; "
-                         "an override can only change a key the config file defines: check "
-                         "the spelling, or add the key to the config file")
+                         "an override can only change a key the config file (or the loop's "
+                         "schema) defines: check the spelling, or add the key to the config "
+                         "file")
       if i < len(parts) - 1:
         node = node[part]
     last = parts[-1]
-    current = node[last]
-    if isinstance(node, config_dict.ConfigDict):
+    current = node[last] if spec is None else _stand_in(spec, text)
+    if spec is None and isinstance(node, config_dict.ConfigDict):
       field = node._fields.get(last)  # pylint: disable=protected-access
       if isinstance(field, config_dict.FieldReference):
         current = field.get()
@@ -255,13 +286,14 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
   return rest, overrides
 
 
-def run_app(make_main, argv: Sequence[str] | None = None) -> None:
+def run_app(make_main, argv: Sequence[str] | None = None, schema_of=None) -> None:
   """`absl.app.run(make_main())` with `--config.<key>=value` overrides applied by
   `apply_overrides` (so keys whose default is None, and whole sections given as dicts, can be
   set); a key the config does not define, a value of the wrong type, or a config file that
   does not exist exits with a one-line error instead of a traceback.
 
-  `make_main` defines the config flag (if not yet defined) and returns absl's `main`."""
+  `make_main` defines the config flag (if not yet defined) and returns absl's `main`;
+  `schema_of(config)`, when given, returns the loop schema for `apply_overrides`."""
   import re  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from absl import app, flags  # pylint: disable=g-import-not-at-top
@@ -279,7 +311,8 @@ def run_app(make_main, argv: Sequence[str] | None = None) -> None:
   def main_with_overrides(args):
     if overrides:
       try:
-        apply_overrides(flags.FLAGS["config"].value, overrides)
+        config = flags.FLAGS["config"].value
+        apply_overrides(config, overrides, None if schema_of is None else schema_of(config))
       except ValueError as e:
         sys.exit(str(e))
     return main(args)

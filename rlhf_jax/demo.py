@@ -90,7 +90,10 @@ def main(argv=None) -> None:
       print(f"reward curve: {s['plot']}")
     return run
 
-  config_utils.run_app(make_main, argv)
+  def schema_of(config):
+    from rlhf_jax.train import config_schema  # pylint: disable=g-import-not-at-top
+    return config_schema.schema_of(config)
+  config_utils.run_app(make_main, argv, schema_of=schema_of)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,30 @@ def test_other_requirements():
     U.require_in(cfg, "loss", ["ipo", "dpo_"])
   with pytest.raises(ValueError, match="'a'=5 must be <= 'b'=4"):
     U.require_le(cfg, "a", "b")
+
+
+def test_override_adds_a_key_the_loop_schema_lists():
+  """`--config.sampling.scan_layers=False` works on a config that leaves the key out (the
+  demo's): the online schema lists it, so the override adds it with the schema's type."""
+  from rlhf_jax import demo  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import config_schema  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  assert "scan_layers" not in c.sampling and "unroll_layers" not in c.model
+  schema = config_schema.schema_of(c)
+  U.apply_overrides(c, [("sampling.scan_layers", "False"), ("model.unroll_layers", "None"),
+                        ("model.vocab_chunk", "4096"), ("sampling.temperature", "0.5")],
+                    schema)
+  assert c.sampling.scan_layers is False and c.model.unroll_layers is None
+  assert c.model.vocab_chunk == 4096 and c.sampling.temperature == 0.5
+  config_schema.check(c, "online")
+  with pytest.raises(ValueError, match=r"--config\.sampling\.scan_layers=maybe: expected true"):
+    U.apply_overrides(c, [("sampling.scan_layers", "maybe")], schema)
+  # Neither the config nor the schema (optim is validated by its builder): the named error.
+  for key in ("sampling.scan_layer", "optim.b2", "trian.steps", "sampling.top_k.x"):
+    with pytest.raises(ValueError, match=rf"--config\.{key}: the config does not define"):
+      U.apply_overrides(c, [(key, "1")], schema)
+  # Without the schema a key the config leaves out stays an error.
+  with pytest.raises(ValueError, match=r"does not define 'compact_stages'"):
+    U.apply_overrides(demo.get_config(), [("sampling.compact_stages", "1")])
+  assert config_schema.schema_of(ml_collections.ConfigDict({"paradigm": "sft"})) is \
+      config_schema.SCHEMAS["offline"]

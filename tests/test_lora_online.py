@@ -166,7 +166,8 @@ def test_bad_lora_config_is_named(run):
 
 def test_loop_exports_and_resumes(tmp_path):
   from test_online import demo_loop  # pylint: disable=g-import-not-at-top
-  changes = dict(lora=dict(LORA, export="both"), checkpoint=dict(every_steps=1),
+  changes = dict(lora=dict(LORA, export="both", sample_merged=False),
+                 checkpoint=dict(every_steps=1),
                  sft=dict(steps=0), data=dict(eval_size=8))
   summary, rows = demo_loop(tmp_path, **changes)
   assert len(rows) == 2

@@ -15,6 +15,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True)
 
 
+def _schema_of(config):
+  from rlhf_jax.train import config_schema  # pylint: disable=g-import-not-at-top
+  return config_schema.schema_of(config)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -23,4 +28,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  config_utils.run_app(lambda: main)
+  config_utils.run_app(lambda: main, schema_of=_schema_of)

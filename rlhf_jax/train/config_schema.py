@@ -54,7 +54,7 @@ SCHEMAS: Mapping[str, Mapping[str, Any]] = {
                    env=None,
                    # rlhf_jax.train.adapters (docs/scale.md)
                    lora={"rank": int, "alpha": (int, float), "targets": None,
-                         "export": (str, _NONE), "init_seed": int},
+                         "export": (str, _NONE), "init_seed": int, "sample_merged": bool},
                    sampling={"max_new_tokens": int, "temperature": float,
                              "top_k": (int, _NONE), "top_p": (float, _NONE),
                              "compact_stages": int, "scan_layers": (bool, _NONE)},
@@ -97,6 +97,13 @@ def _check_ranges(config) -> None:
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"config key 'sampling.top_p'={top_p!r} must be in (0, 1] (the nucleus "
                      "mass; None or 1.0 keeps every token)")
+
+
+def schema_of(config) -> Mapping[str, Any]:
+  """The schema of the loop `config.paradigm` selects ("online", the default, or an offline
+  paradigm): what command-line overrides may add (`config_utils.apply_overrides`)."""
+  paradigm = config.get("paradigm", "online") if hasattr(config, "get") else "online"
+  return SCHEMAS["online" if paradigm == "online" else "offline"]
 
 
 def check(config, loop: str) -> None:
