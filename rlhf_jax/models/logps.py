@@ -155,16 +155,18 @@ def token_logps(model, params, input_ids, attention_mask=None, *, chunk_size: in
 
 
 def _after(ids: jax.Array, dep: jax.Array) -> jax.Array:
-  """`ids` unchanged, but computed from `dep` (a bool array of < 2**31 elements).
+  """`ids` [B, P] unchanged, but computed from `dep` [B * G, T] (bool; row r = i * G + g
+  belongs to prompt i): row i of `ids` depends on its own G rows only, so no data moves
+  between devices that hold different groups.
 
   The prompt pass of `completion_logps` needs only the prompts, so a scheduler may run it
   (and hold its full-length KV cache) before the completions exist: within a fused step,
   through the whole decode loop of the sampler. A data dependence keeps it after; XLA's CPU
-  pipeline drops `lax.optimization_barrier`'s ordering, and a count shifted right by 31
-  bits is 0 without XLA knowing it.
+  pipeline drops `lax.optimization_barrier`'s ordering, and a count (< 2**31) shifted right
+  by 31 bits is 0 without XLA knowing it.
   """
-  zero = jnp.right_shift(jnp.sum(dep, dtype=jnp.int32), 31)
-  return ids + zero.astype(ids.dtype)
+  count = jnp.sum(dep.reshape(ids.shape[0], -1), axis=1, dtype=jnp.int32)
+  return ids + jnp.right_shift(count, 31).astype(ids.dtype)[:, None]
 
 
 def completion_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
