@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import demo
+from rlhf_jax import demo, models
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.train import online, online_loop, seeds
+from rlhf_jax.train import adapters, online, online_loop, seeds
 from test_online import prompts, setup
 
 
@@ -37,6 +38,35 @@ def test_vmapped_step_of_four_seeds_equals_four_single_steps():
                       jax.tree.leaves(states[i].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert swept._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_vmapped_lora_step_with_scanned_layers_equals_single_steps():
+  """Two seeds of a LoRA step with stacked layers scanned in every pass (the sampler's
+  in-place stacked cache and attached adapters included): the vmapped step equals the
+  single-seed steps."""
+  model, settings, sc, opt, rewards, state = setup()
+  sc = dataclasses.replace(sc, scan_layers=True)
+  base = models.stack_layers(state.params)
+  spec = adapters.from_config({"lora": dict(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))},
+                              model, settings)
+  st = online.init_state(adapters.init_adapters(spec, model, base), opt,
+                         jax.random.PRNGKey(1), settings, ref_params=base, unroll_layers=False)
+  assert isinstance(st.ref_params["layers"], dict)  # stacked
+  single = online.make_update(model, rewards, opt, settings, sc, donate=False, lora=spec)
+  swept = seeds.vmapped(online.make_update(model, rewards, opt, settings, sc, jit=False,
+                                           lora=spec), donate=False)
+  states = [st.replace(params=jax.tree.map(lambda x, s=s: x + 0.05 * (s + 1), st.params))
+            for s in range(2)]  # moved adapters, different per seed
+  keys = [jax.random.PRNGKey(s) for s in range(2)]
+  batches = [prompts(n=4, seed=s) for s in range(2)]
+  want = [single(x, b, k)[1] for x, b, k in zip(states, batches, keys)]
+  _, metrics = swept(seeds.stack(states), {k: np.stack([b[k] for b in batches])
+                                           for k in batches[0]}, jax.numpy.stack(keys))
+  for i, m in enumerate(want):
+    for k in ("reward_mean", "pg_loss", "kl", "grad_norm"):
+      np.testing.assert_allclose(np.asarray(metrics[k])[i], np.asarray(m[k]), atol=1e-5,
+                                 err_msg=k)
+  assert float(np.asarray(want[0]["kl"])) != 0.0  # the adapters act
 
 
 def test_seeds_over_the_mesh_data_axis_equal_seeds_on_one_device():
