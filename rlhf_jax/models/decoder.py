@@ -291,8 +291,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h, layer_cache, ctx):
     carried = isinstance(h, tuple)
-    if carried:
-      (h, ck, cv), layer_cache = h, (h[1], h[2], layer_cache)
+    if carried:  # (h, every layer's k, v) and this layer's index
+      h, layer_cache = h[0], (h[1], h[2], layer_cache)
     kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
     a, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
         Norm(**kw, name="attn_norm")(h), ctx["cos"], ctx["sin"], ctx["mask"],
