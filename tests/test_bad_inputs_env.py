@@ -91,11 +91,10 @@ def test_bad_env_is_named_and_nothing_is_written(name, env, exc, msg, tmp_path):
   assert not os.path.isdir(workdir) or os.listdir(workdir) == []
 
 
-@pytest.mark.parametrize("key,value", [("compact_stages", 1), ("scan_layers", True)])
-def test_single_turn_sampler_keys_with_an_environment_are_named(key, value, tmp_path):
+def test_single_turn_sampler_keys_with_an_environment_are_named(tmp_path):
   c = _config(tmp_path / "w", {"name": "test_note"})
-  c.sampling[key] = value
-  with pytest.raises(ValueError, match=rf"config key 'sampling\.{key}'={value} applies to "
+  c.sampling["compact_stages"] = 1
+  with pytest.raises(ValueError, match=r"config key 'sampling\.compact_stages'=1 applies to "
                                        r"the single-turn sampler.*unset it"):
     online_loop.train(c)
   assert not os.path.isdir(tmp_path / "w")

@@ -181,6 +181,23 @@ def test_sampler_logps_equal_trainer_logps():
   assert np.abs(ro.logps[loss]).min() > 0  # real log-probs, not zeros
 
 
+def test_scanned_layers_decode_the_same_episodes():
+  """`sampling_config.scan_layers`: stacked layers scanned in each decode step, the stacked
+  cache written in place, give the per-layer rollout's tokens and log-probs."""
+  batch, ro, info = _scripted(0)
+  sc = dataclasses.replace(SAMPLING, scan_layers=True)
+  run = lambda p, b, k, s: multiturn.rollout_multiturn(MODEL, p, b, k, s, ScriptedEnv(), SPEC)
+  args = (M.stack_layers(PARAMS), batch, jax.random.key(0))
+  scan_eqns = lambda s: str(jax.make_jaxpr(lambda *a: run(*a, s))(*args)).count(" scan[")
+  assert scan_eqns(sc) > scan_eqns(SAMPLING)  # the decode scans over depth
+  scanned = jax.jit(lambda *a: run(*a, sc))(*args)
+  got, got_info = jax.tree.map(np.asarray, scanned)
+  np.testing.assert_array_equal(got.ids, ro.ids)
+  np.testing.assert_array_equal(got.loss_mask, ro.loss_mask)
+  np.testing.assert_allclose(got.logps, ro.logps, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got_info.reward, info.reward, atol=1e-6, rtol=0)
+
+
 def test_compiles_once_for_new_data():
   _scripted(0)
   before = len(TRACES)

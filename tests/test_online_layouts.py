@@ -44,14 +44,13 @@ def test_layer_layout_defaults_by_depth():
   shallow, deep = (models.from_config(dict(HF, num_hidden_layers=n))
                    for n in (deep_layers - 1, deep_layers))
   c = demo.get_config("runlocal")
-  assert layout(c, shallow, multi_turn=False) == (True, False)  # per-layer weights
-  assert layout(c, deep, multi_turn=False) == (False, True)     # stacked, scanned everywhere
-  assert layout(c, deep, multi_turn=True) == (False, False)     # multi-turn decodes per layer
+  assert layout(c, shallow) == (True, False)  # per-layer weights
+  assert layout(c, deep) == (False, True)      # stacked, scanned everywhere (multi-turn too)
   c.model.unroll_layers = True     # the config's values win
   c.sampling.scan_layers = False
-  assert layout(c, deep, multi_turn=False) == (True, False)
+  assert layout(c, deep) == (True, False)
   c.model.unroll_layers, c.sampling.scan_layers = False, True
-  assert layout(c, shallow, multi_turn=False) == (False, True)
+  assert layout(c, shallow) == (False, True)
 
 
 def test_deep_model_loop_runs_with_scanned_layers(tmp_path):

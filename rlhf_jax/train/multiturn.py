@@ -25,7 +25,9 @@ out of attention, and position ids count real tokens only, so the cache sees exa
 sequence the trainer later recomputes: the sampler's log-probs of model tokens equal
 `models.token_logps` of `Rollout.ids` under `Rollout.attn` (token in, token out; within
 1e-5 in float32). Done rows stop consuming (they write padding). Turns are a
-`lax.while_loop`, each with an inner decode `lax.while_loop`; both exit early.
+`lax.while_loop`, each with an inner decode `lax.while_loop`; both exit early. The decode
+reads per-layer weights, or with `sampling_config.scan_layers` scans the stacked layers and
+writes the stacked cache in place, as the single-turn sampler does.
 """
 
 from __future__ import annotations
@@ -235,9 +237,11 @@ def rollout_multiturn(model, params, prompt_batch: Mapping[str, jax.Array], rng:
   keys = row_keys(rng_tok, prompt_index, group)
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (k_max * tt,), jnp.float32))(keys)
 
-  params = jax.lax.optimization_barrier(models_lib.unstack_layers(params))
+  scan = getattr(sampling_config, "scan_layers", False)
+  layout = models_lib.stack_layers if scan else models_lib.unstack_layers
+  params = jax.lax.optimization_barrier(layout(params))
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=t_buf,
-                                       group_size=group)
+                                       group_size=group, in_place=True)
   logits = model.logits_from_hidden(params, h)[:, -1].astype(jnp.float32)
   ids, mask = jnp.repeat(ids, group, axis=0), jnp.repeat(mask, group, axis=0)
 
@@ -275,7 +279,7 @@ def rollout_multiturn(model, params, prompt_batch: Mapping[str, jax.Array], rng:
       tok = jnp.where(active, tok, pad).astype(jnp.int32)
       kv_mask = _col(c.kv_mask, active, plen + t)
       new_logits, cache = model.decode(params, tok[:, None], c.positions[:, None], c.cache,
-                                       write_index=plen + t, kv_mask=kv_mask)
+                                       write_index=plen + t, kv_mask=kv_mask, in_place=True)
       # As in the single-turn sampler: keep the LM-head matmul a library dot.
       new_logits = jax.lax.optimization_barrier(new_logits[:, -1]).astype(jnp.float32)
       c = c.replace(
@@ -304,7 +308,7 @@ def rollout_multiturn(model, params, prompt_batch: Mapping[str, jax.Array], rng:
     kv_mask = jax.lax.dynamic_update_slice(c.kv_mask, om, (0, plen + slot))
     pos = jnp.maximum(c.positions[:, None] + jnp.cumsum(om, axis=1, dtype=jnp.int32) - 1, 0)
     hid, cache = model.decode_hidden(params, obs, pos, c.cache, write_index=plen + slot,
-                                     kv_mask=kv_mask)
+                                     kv_mask=kv_mask, in_place=True)
     last = o - 1 - jnp.argmax(om[:, ::-1], axis=1)
     h_last = jnp.take_along_axis(hid, last[:, None, None], axis=1)
     new_logits = model.logits_from_hidden(params, h_last)[:, 0].astype(jnp.float32)

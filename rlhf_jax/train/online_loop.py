@@ -80,15 +80,15 @@ class _Built(NamedTuple):
 SCAN_FROM_LAYERS = 16
 
 
-def layer_layout(config, model, *, multi_turn: bool) -> tuple[bool, bool]:
+def layer_layout(config, model) -> tuple[bool, bool]:
   """(model.unroll_layers, sampling.scan_layers): the config's values where set; otherwise
   per-layer weights below `SCAN_FROM_LAYERS` layers and stacked, scanned layers (training
-  passes and decode) from there on. A multi-turn rollout decodes per layer."""
+  passes and decode, single- or multi-turn) from there on."""
   deep = int(model.config.num_layers) >= SCAN_FROM_LAYERS
   unroll = config_utils.get_key(config, "model.unroll_layers", None)
   scan = config.sampling.get("scan_layers")
   return (not deep if unroll is None else bool(unroll),
-          deep and not multi_turn if scan is None else scan)
+          deep if scan is None else scan)
 
 
 def _build(config) -> _Built:
@@ -118,13 +118,11 @@ def _build(config) -> _Built:
       top_k=config.sampling.get("top_k"), top_p=config.sampling.get("top_p"),
       eos_ids=(tok.eos_id,), pad_id=tok.pad_id, num_samples=settings.group_size,
       vocab_limit=vocab_limit, compact_stages=config.sampling.get("compact_stages", 0),
-      scan_layers=layer_layout(config, model, multi_turn=env is not None)[1])
-  for key, value in (("compact_stages", sampling_cfg.compact_stages),
-                     ("scan_layers", sampling_cfg.scan_layers)):
-    if env is not None and value:
-      raise ValueError(f"config key 'sampling.{key}'={value} applies to the single-turn "
-                       "sampler; a multi-turn rollout (config.env) decodes at a fixed batch "
-                       "with per-layer weights: unset it")
+      scan_layers=layer_layout(config, model)[1])
+  if env is not None and sampling_cfg.compact_stages:
+    raise ValueError(f"config key 'sampling.compact_stages'={sampling_cfg.compact_stages} "
+                     "applies to the single-turn sampler; a multi-turn rollout (config.env) "
+                     "decodes at a fixed batch: unset it")
   if env is not None:
     online_env.check_env(config, tok, model, params, env, env_spec, task.train, sampling_cfg)
   _check_estimator_inputs(config, settings, env, task.train)
@@ -192,7 +190,7 @@ class Setup(NamedTuple):
   def init_states(self, config, all_params):
     """(value_model, value_optimizer, state): one state per seed (stacked for several)."""
     model, settings = self.runs[0].model, self.runs[0].settings
-    unroll_layers = layer_layout(config, model, multi_turn=False)[0]
+    unroll_layers = layer_layout(config, model)[0]
     states = []
     for p, rng in zip(all_params, self.rngs):
       value_model, value_params, value_opt = value_setup(config, model, p, rng)
