@@ -41,6 +41,14 @@ def row_keys(rng: jax.Array, prompt_index: jax.Array, num_samples: int) -> jax.A
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
 
 
+def decode_params(params, scan_layers: bool):
+  """The layer layout a decode loop reads: per-layer weights (each read in place by the
+  unrolled decode step), or with `scan_layers` the stacked layers the decode step scans over.
+  The barrier materialises the layout once, shared by the prefill and every decode step."""
+  layout = models_lib.stack_layers if scan_layers else models_lib.unstack_layers
+  return jax.lax.optimization_barrier(layout(params))
+
+
 def _check_inputs(prompt_ids, prompt_mask, prompt_index):
   if prompt_ids.ndim != 2:
     raise ValueError(f"`prompt_ids` must have shape [B, P], got {prompt_ids.shape}")
@@ -157,11 +165,7 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
 
   ids, mask = left_pad(prompt_ids.astype(jnp.int32), prompt_mask.astype(bool))
 
-  # Per-layer weights and cache: the decode loop then reads each weight in place.
-  # (The barrier materialises each layer's weights once, shared by prefill and decode.)
-  # With `scan_layers` the weights stay stacked and each decode step scans over depth.
-  layout = models_lib.stack_layers if config.scan_layers else models_lib.unstack_layers
-  params = jax.lax.optimization_barrier(layout(params))
+  params = decode_params(params, config.scan_layers)
   # Prefill each prompt once, then give its cache and last logits to its G samples.
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=tnew,
                                        group_size=group, in_place=True)
@@ -169,7 +173,7 @@ def sample(model, params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: ja
   ref_logits = ref_cache = ref_params = beta = None
   if mixture is not None:
     ref_params, beta = mixture
-    ref_params = jax.lax.optimization_barrier(layout(ref_params))
+    ref_params = decode_params(ref_params, config.scan_layers)
     h_ref, ref_cache = models_lib.prefill_groups(model, ref_params, ids, mask,
                                                  extra_slots=tnew, group_size=group,
                                                  in_place=True)

@@ -41,7 +41,7 @@ from jax import custom_batching
 
 from rlhf_jax import models as models_lib
 from rlhf_jax.envs import base as env_base
-from rlhf_jax.sampling.sampler import left_pad, row_keys
+from rlhf_jax.sampling.sampler import decode_params, left_pad, row_keys
 from rlhf_jax.train import phases
 from rlhf_jax.train.phases import Rollout
 
@@ -237,9 +237,7 @@ def rollout_multiturn(model, params, prompt_batch: Mapping[str, jax.Array], rng:
   keys = row_keys(rng_tok, prompt_index, group)
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (k_max * tt,), jnp.float32))(keys)
 
-  scan = getattr(sampling_config, "scan_layers", False)
-  layout = models_lib.stack_layers if scan else models_lib.unstack_layers
-  params = jax.lax.optimization_barrier(layout(params))
+  params = decode_params(params, getattr(sampling_config, "scan_layers", False))
   h, cache = models_lib.prefill_groups(model, params, ids, mask, extra_slots=t_buf,
                                        group_size=group, in_place=True)
   logits = model.logits_from_hidden(params, h)[:, -1].astype(jnp.float32)

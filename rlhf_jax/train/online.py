@@ -115,7 +115,8 @@ def make_update(model, reward_fns: Sequence[RewardFn], optimizer: optax.Gradient
   also sample G completions per prompt from the reference policy and score them.
   With `lora` (an `adapters.LoraSpec`; state.params = `adapters.init_adapters(...)`,
   state.ref_params = the base weights) only the adapters train; the sampler decodes from
-  the policy with its adapters attached (`adapters.policy`) and the base is the reference (`rlhf_jax.train.adapters`).
+  the policy with its adapters attached (`adapters.policy`) and the base is the reference
+  (`rlhf_jax.train.adapters`).
   """
   g = settings.group_size
   if getattr(sampling_config, "num_samples", g) != g:
